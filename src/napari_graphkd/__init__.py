@@ -1,0 +1,2 @@
+"""napari-graphkd: fast instance segmentation by graph relation distillation."""
+__version__ = "0.1.0"

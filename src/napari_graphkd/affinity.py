@@ -1,0 +1,83 @@
+"""Pixel affinities: cosine similarities of embeddings at fixed offsets, and their targets.
+
+Convention (used everywhere in the package): channel k of an affinity map relates pixel ``p`` to
+pixel ``p + OFFSETS[k]``. Pairs whose partner falls outside the image are *invalid*: they are
+zero in the map and excluded by the validity mask (no wrap-around, unlike the released code).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SHIFTS: tuple[int, ...] = (1, 3, 5, 9, 27)
+OFFSETS: tuple[tuple[int, int], ...] = tuple(o for s in SHIFTS for o in ((-s, 0), (0, -s)))
+
+
+def _slices(offset: tuple[int, int], shape: tuple[int, int]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """Slices (here, partner) such that ``x[here]`` and ``x[partner]`` are the pixel pairs p, p+offset."""
+    here, there = [], []
+    for d, n in zip(offset, shape):
+        if d <= 0:
+            here.append(slice(-d, n))
+            there.append(slice(0, max(n + d, 0)))
+        else:
+            here.append(slice(0, max(n - d, 0)))
+            there.append(slice(d, n))
+    return (here[0], here[1]), (there[0], there[1])
+
+
+def validity_mask(shape: tuple[int, int], offsets=OFFSETS) -> np.ndarray:
+    """Boolean (K,H,W) mask of pixel pairs whose partner lies inside the image."""
+    valid = np.zeros((len(offsets), *shape), dtype=bool)
+    for k, off in enumerate(offsets):
+        here, _ = _slices(off, shape)
+        valid[(k, *here)] = True
+    return valid
+
+
+def embedding_affinities(embedding: torch.Tensor, offsets=OFFSETS) -> torch.Tensor:
+    """Cosine affinities (B,K,H,W) in [-1,1] of L2-normalised embeddings (B,C,H,W); 0 where invalid."""
+    e = F.normalize(embedding.float(), dim=1)
+    b, _, h, w = e.shape
+    out = e.new_zeros((b, len(offsets), h, w))
+    for k, off in enumerate(offsets):
+        here, there = _slices(off, (h, w))
+        out[:, k, here[0], here[1]] = (e[:, :, here[0], here[1]] * e[:, :, there[0], there[1]]).sum(1)
+    return out
+
+
+def label_affinities(labels: np.ndarray, offsets=OFFSETS) -> tuple[np.ndarray, np.ndarray]:
+    """Target affinities (K,H,W) float32: 1 where both pixels share a label (background is one segment).
+
+    Returns (target, valid); invalid pairs (partner outside the image, or either pixel labelled
+    < 0 = not annotated) are 0 in the target and False in ``valid``.
+    """
+    h, w = labels.shape
+    target = np.zeros((len(offsets), h, w), dtype=np.float32)
+    valid = validity_mask((h, w), offsets)
+    unknown = labels < 0
+    for k, off in enumerate(offsets):
+        here, there = _slices(off, (h, w))
+        target[(k, *here)] = labels[here] == labels[there]
+        if unknown.any():
+            valid[(k, *here)] &= ~(unknown[here] | unknown[there])
+    target[~valid] = 0
+    return target, valid
+
+
+def balance_weights(target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-sample class-balancing weights of METHOD.md §1.3 (positive fraction clipped to [0.05, 0.99])."""
+    dims = tuple(range(1, target.dim()))
+    n_valid = valid.float().sum(dims, keepdim=True).clamp_min(1.0)
+    frac = ((target * valid).sum(dims, keepdim=True) / n_valid).clamp(0.05, 0.99)
+    pos_weight = torch.where(frac > 0.5, torch.ones_like(frac), (1 - frac) / frac)
+    neg_weight = torch.where(frac > 0.5, frac / (1 - frac), torch.ones_like(frac))
+    return torch.where(target > 0.5, pos_weight, neg_weight) * valid.float()
+
+
+def affinity_loss(affinities: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Class-balanced weighted MSE of METHOD.md §1.3, summed over offsets, divided by B*H*W."""
+    weights = balance_weights(target, valid)
+    b, _, h, w = affinities.shape
+    return (weights * (affinities - target) ** 2).sum() / (b * h * w)

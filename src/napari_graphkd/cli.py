@@ -1,0 +1,385 @@
+"""``graphkd`` command line: segment, evaluate, info, train, export (headless, for folders of TIFFs)."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".tif", ".tiff")
+
+
+class CLIError(Exception):
+    """An error reported as one line and a non-zero exit."""
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """TIFF files named directly or found (non-recursively) in the named folders."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise CLIError(f"no .tif/.tiff files in folder {path}")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CLIError(f"input not found: {path}")
+    return files
+
+
+def progress(iterable, total: int, desc: str):
+    """tqdm progress bar on stderr (disabled for a single item)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=total < 2, file=sys.stderr, leave=False)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """Segment TIFF files into OUT_DIR/<stem>.tif label images."""
+    import tifffile
+    import torch
+
+    from .data import read_tiff
+    from .segment import load_segmenter, segment_any
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    files = expand_inputs(args.inputs)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = [out_dir / f"{f.stem}.tif" for f in files]
+    clashes = [t for t in targets if t.exists()]
+    if clashes and not args.overwrite:
+        raise CLIError(f"{clashes[0]} exists (and {len(clashes) - 1} more); pass --overwrite or choose another --out")
+    if len({t.name for t in targets}) != len(targets):
+        raise CLIError("two inputs share a file name; outputs would collide")
+    segmenter = load_segmenter(args.model)
+    print(f"model {segmenter.name}: {segmenter.parameters:,} parameters")
+    print(f"{'image':<40} {'objects':>7} {'network ms':>10} {'decode ms':>9}")
+    net_total = dec_total = 0.0
+    for path, target in progress(zip(files, targets), len(files), "segment"):
+        image = read_tiff(path)
+        result = segment_any(segmenter, image, diameter=args.diameter, invert=args.invert, tile=args.tile)
+        tifffile.imwrite(target, result.labels.astype(np.uint16 if result.labels.max() < 65536 else np.uint32), compression="zlib")
+        n = int(len(np.unique(result.labels)) - (0 in result.labels))
+        net_total += result.network_seconds
+        dec_total += result.decode_seconds
+        print(f"{path.name:<40} {n:>7d} {1000 * result.network_seconds:>10.0f} {1000 * result.decode_seconds:>9.0f}", flush=True)
+    k = max(1, len(files))
+    print(f"{'mean':<40} {'':>7} {1000 * net_total / k:>10.0f} {1000 * dec_total / k:>9.0f}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Metrics of predicted label images against ground truth, matched by file name."""
+    from .data import read_tiff
+    from .metrics import evaluate, mean_metrics
+
+    gt_files = {p.stem: p for p in expand_inputs([args.gt])}
+    pred_files = {p.stem: p for p in expand_inputs([args.pred])}
+    common = sorted(set(gt_files) & set(pred_files))
+    if not common:
+        raise CLIError(f"no file names in common between {args.gt} and {args.pred}")
+    missing = sorted(set(gt_files) - set(pred_files))
+    rows = {}
+    for name in common:
+        gt, pred = read_tiff(gt_files[name]), read_tiff(pred_files[name])
+        if gt.shape != pred.shape:
+            raise CLIError(f"{name}: ground truth {gt.shape} and prediction {pred.shape} differ in shape")
+        rows[name] = evaluate(gt.astype(np.int64), pred.astype(np.int64))
+    mean = mean_metrics(list(rows.values()))
+    if args.json:
+        print(json.dumps({"per_image": rows, "mean": mean, "missing_predictions": missing}, indent=1))
+        return 0
+    keys = ["acc@0.5", "f1@0.5", "pq", "dq", "sq", "aji", "sbd", "abs_dic", "n_gt", "n_pred"]
+    print(f"{'image':<32}" + "".join(f"{k:>9}" for k in keys))
+    for name, row in list(rows.items()) + [(f"mean of {len(rows)} images", mean)]:
+        print(f"{name:<32}" + "".join(f"{row[k]:>9.3f}" if k not in ("n_gt", "n_pred", "abs_dic") else f"{row[k]:>9.1f}" for k in keys))
+    if missing:
+        print(f"warning: {len(missing)} ground-truth images have no prediction (e.g. {missing[0]})", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print a model's metadata and parameter count."""
+    from .segment import load_segmenter
+
+    info = load_segmenter(args.model).describe()
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        for key in ("name", "architecture", "parameters", "path", "config", "decode", "train_diameter",
+                    "training_data", "command", "step", "metrics", "package_version"):
+            if key in info:
+                print(f"{key:>15}: {info[key]}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a teacher (or a student without distillation) with periodic validation on a tune split."""
+    from .data import AugmentConfig
+    from .evaluation import score_model
+    from .train.loop import TrainSettings
+    from .train.segmentation import train_segmentation
+
+    settings = TrainSettings(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        validate_every=args.validate_every, snapshot_every=args.validate_every,
+        augment=AugmentConfig(crop=args.crop, elastic=args.elastic),
+    )
+    bar = None
+
+    def on_progress(record):
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=record["total"], initial=record["step"] - 1, desc="train", file=sys.stderr)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+
+    def validate_factory(tune):
+        def validate(model):
+            scores = score_model(model, tune)
+            print(f"\nvalidation: f1@0.5 {scores['f1@0.5']:.3f} aji {scores['aji']:.3f}", file=sys.stderr, flush=True)
+            return scores
+        return validate
+
+    progress_record = train_segmentation(
+        args.data, args.out, args.arch, settings, n_tune=args.n_tune, init_checkpoint=args.init,
+        command="graphkd " + shlex.join(sys.argv[1:]), validate_factory=validate_factory, on_progress=on_progress,
+    )
+    if bar is not None:
+        bar.close()
+    print(f"finished at step {progress_record['step']}; best on tune split: {progress_record['best']}")
+    print(f"checkpoints in {args.out} (best.safetensors, last.safetensors)")
+    return 0
+
+
+def parse_weights(method: str, overrides: list[str], config: str | None):
+    """Term weights of a method, updated by a JSON config file and then by NAME=VALUE overrides."""
+    from dataclasses import fields, replace
+
+    from .distill import method_weights
+
+    weights = method_weights(method)
+    names = {f.name for f in fields(weights)}
+    updates: dict[str, float] = {}
+    if config:
+        try:
+            loaded = json.loads(Path(config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CLIError(f"cannot read config {config}: {exc}") from None
+        updates.update(loaded.get("weights", {}))
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise CLIError(f"--weight expects NAME=VALUE, got {item!r}")
+        try:
+            updates[name] = float(value)
+        except ValueError:
+            raise CLIError(f"--weight {name}: {value!r} is not a number") from None
+    unknown = set(updates) - names
+    if unknown:
+        raise CLIError(f"unknown loss term(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+    return replace(weights, **updates)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Distil a student from a teacher checkpoint with switchable, weighted terms."""
+    from .data import AugmentConfig
+    from .evaluation import score_model
+    from .segment import load_segmenter
+    from .train.distill import DistillSettings, distill_student
+    from .train.loop import TrainSettings
+
+    weights = parse_weights(args.method, args.weight or [], args.config)
+    teacher = load_segmenter(args.teacher)
+    if teacher.kind != "network":
+        raise CLIError("the teacher must be a network checkpoint")
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             validate_every=args.validate_every, snapshot_every=args.validate_every,
+                             augment=AugmentConfig(crop=args.crop))
+    distill = DistillSettings(method=args.method, weights=weights, memory_size=args.memory_size,
+                              memory_samples=args.memory_samples)
+    print(f"distilling {args.student} from {teacher.path} with {args.method}: {weights.active() or 'no KD terms'}", file=sys.stderr)
+    bar = None
+
+    def on_progress(record):
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=record["total"], initial=record["step"] - 1, desc="distill", file=sys.stderr)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+
+    def validate_factory(tune):
+        def validate(model):
+            scores = score_model(model, tune)
+            print(f"\nvalidation: f1@0.5 {scores['f1@0.5']:.3f} aji {scores['aji']:.3f}", file=sys.stderr, flush=True)
+            return scores
+        return validate
+
+    record = distill_student(teacher.path, args.data, args.out, args.student, settings, distill,
+                             n_tune=args.n_tune, command="graphkd " + shlex.join(sys.argv[1:]),
+                             validate_factory=validate_factory, on_progress=on_progress,
+                             on_status=lambda m: print(m, file=sys.stderr, flush=True))
+    if bar is not None:
+        bar.close()
+    print(f"finished at step {record['step']}; best on tune split: {record['best']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Tune decoder settings on the checkpoint's tune images and write a small (fp16) copy."""
+    from .data import load_folder
+    from .evaluation import network_outputs, tune_decoder
+    from .io.checkpoint import load_checkpoint, save_checkpoint
+
+    model, meta = load_checkpoint(args.checkpoint)
+    tune_names = meta.get("training_data", {}).get("tune_images")
+    extra = {}
+    if args.tune_data:
+        if not tune_names:
+            raise CLIError("checkpoint metadata lists no tune images; cannot tune the decoder")
+        samples = load_folder(args.tune_data, names=tune_names)
+        settings, scores, _ = tune_decoder(network_outputs(model, samples), samples)
+        extra = {"decode": settings.to_dict(), "tune_metrics": scores}
+        print(f"decoder tuned on {len(samples)} tune images: {settings} -> f1 {scores['f1@0.5']:.3f} aji {scores['aji']:.3f}")
+    if args.name:
+        extra["name"] = args.name
+    save_checkpoint(args.out, model, dict(meta, **extra), overwrite=args.overwrite, half=args.half)
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Segment the bundled samples with the bundled models and the classical pipeline; print metrics."""
+    import torch
+
+    from .metrics import evaluate, mean_metrics
+    from .sample_data import SAMPLE_NAMES, load_sample
+    from .segment import BUNDLED, bundled_path, load_segmenter, segment_any
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = [m for m in BUNDLED if bundled_path(m).exists()] + ["classical"]
+    samples = [load_sample(name) for name in SAMPLE_NAMES]
+    print(f"bundled BBBC039 validation samples: {', '.join(SAMPLE_NAMES)} (never used in training)")
+    print(f"{'model':<10} {'params':>10} {'network ms':>10} {'decode ms':>9} {'F1@0.5':>7} {'AJI':>6} {'PQ':>6} {'SBD':>6}")
+    for spec in models:
+        segmenter = load_segmenter(spec)
+        rows, net, dec = [], 0.0, 0.0
+        for image, labels in samples:
+            result = segment_any(segmenter, image)
+            rows.append(evaluate(labels, result.labels))
+            net, dec = net + result.network_seconds, dec + result.decode_seconds
+        m, k = mean_metrics(rows), len(samples)
+        print(f"{spec:<10} {segmenter.parameters:>10,} {1000 * net / k:>10.0f} {1000 * dec / k:>9.0f} "
+              f"{m['f1@0.5']:>7.3f} {m['aji']:>6.3f} {m['pq']:>6.3f} {m['sbd']:>6.3f}", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``graphkd``."""
+    parser = argparse.ArgumentParser(prog="graphkd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("segment", help="segment TIFF images into label images")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="TIFF files or folders of TIFFs")
+    p.add_argument("--model", default="teacher", help="teacher, student, classical, or a checkpoint path")
+    p.add_argument("--out", required=True, help="output folder (OUT/<input stem>.tif)")
+    p.add_argument("--diameter", type=float, default=None, help="typical nucleus diameter in px (rescales to the training size)")
+    p.add_argument("--invert", action="store_true", default=None, help="dark nuclei on a bright background")
+    p.add_argument("--tile", type=int, default=1024, help="tile size for large images (px)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for the network (0 = torch default)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("demo", help="segment the bundled samples with the bundled models and print metrics")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("evaluate", help="metrics of predicted labels against ground truth")
+    p.add_argument("--gt", required=True, help="folder of ground-truth label TIFFs")
+    p.add_argument("--pred", required=True, help="folder of predicted label TIFFs (same file names)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("info", help="model metadata and parameter count")
+    p.add_argument("model", help="teacher, student, classical, or a checkpoint path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train a network on a folder with images/ and labels/")
+    p.add_argument("--data", required=True, help="folder with images/*.tif and labels/*.tif")
+    p.add_argument("--out", required=True, help="run folder (resumes if it holds a run)")
+    p.add_argument("--arch", default="resunet-cpu-teacher", help="named architecture")
+    p.add_argument("--init", default=None, help="start from this checkpoint")
+    p.add_argument("--steps", type=int, default=12000)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--crop", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--elastic", action="store_true", help="add elastic deformation")
+    p.add_argument("--n-tune", type=int, default=10, help="images held out of training to validate/tune on")
+    p.add_argument("--validate-every", type=int, default=1000)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="distil a student from a teacher checkpoint")
+    p.add_argument("--teacher", default="teacher", help="teacher checkpoint (default: the bundled teacher)")
+    p.add_argument("--data", required=True, help="folder with images/*.tif and labels/*.tif")
+    p.add_argument("--out", required=True, help="run folder (resumes if it holds a run)")
+    p.add_argument("--student", default="halfres-student", help="named student architecture")
+    p.add_argument("--method", default="grd", help="grd, grd-intra, none, mimic, at, skd or cwd")
+    p.add_argument("--weight", action="append", metavar="TERM=VALUE",
+                   help="override a term weight, e.g. --weight inter_edge=0 (repeatable)")
+    p.add_argument("--config", default=None, help='JSON file {"weights": {TERM: VALUE}}')
+    p.add_argument("--memory-size", type=int, default=32)
+    p.add_argument("--memory-samples", type=int, default=12)
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--crop", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-tune", type=int, default=10)
+    p.add_argument("--validate-every", type=int, default=500)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("export", help="tune the decoder on the tune split and write a compact checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--tune-data", default=None, help="the training folder (its tune images are read from metadata)")
+    p.add_argument("--half", action="store_true", help="store fp16 weights")
+    p.add_argument("--name", default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a sub-command; expected failures print one line and exit non-zero."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .io.checkpoint import CheckpointError
+    from .preprocess import InputError
+
+    try:
+        return args.func(args)
+    except (CLIError, CheckpointError, InputError, ValueError, FileExistsError, OSError) as exc:
+        print(f"graphkd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"graphkd {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Turning network outputs (or raw images, for the classical baseline) into instance labels."""

@@ -1,0 +1,63 @@
+"""FIFO memory bank of teacher embeddings for inter-image distillation (METHOD.md §5.1, Part A.3)."""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .igd import instance_nodes
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    """One past training crop: teacher embedding, instance labels, teacher instance nodes, image id."""
+
+    embedding: torch.Tensor  # (C,H,W) float16, raw teacher embedding at the crop's resolution
+    labels: torch.Tensor  # (H,W) int32 instance labels, background 0
+    nodes: torch.Tensor  # (N,C) float32 teacher instance nodes, computed at push time
+    image_id: Hashable
+
+
+class MemoryBank:
+    """FIFO of ``size`` teacher crops; ``sample`` never returns a crop of an excluded (current) image."""
+
+    def __init__(self, size: int = 32, sample_count: int = 12):
+        if size < 1 or sample_count < 1:
+            raise ValueError("size and sample_count must be >= 1")
+        self.size = size
+        self.sample_count = sample_count
+        self._items: deque[MemoryItem] = deque(maxlen=size)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        """Drop every stored item."""
+        self._items.clear()
+
+    def items(self) -> list[MemoryItem]:
+        """Stored items, oldest first."""
+        return list(self._items)
+
+    def push(self, embeddings: torch.Tensor, labels: torch.Tensor, image_ids: Sequence[Hashable]) -> None:
+        """Store detached teacher embeddings (B,C,H,W) with labels (B,H,W); the oldest items leave first."""
+        if not (len(embeddings) == len(labels) == len(image_ids)):
+            raise ValueError("embeddings, labels and image_ids must have the same length")
+        for emb, lab, image_id in zip(embeddings.detach(), labels, image_ids):
+            nodes = instance_nodes(emb.float(), lab)
+            self._items.append(MemoryItem(emb.to(torch.float16), lab.to(torch.int32), nodes, image_id))
+
+    def sample(
+        self,
+        k: int | None = None,
+        exclude_ids: Iterable[Hashable] = (),
+        generator: torch.Generator | None = None,
+    ) -> list[MemoryItem]:
+        """Up to ``k`` (default ``sample_count``) distinct random items whose image id is not excluded."""
+        k = self.sample_count if k is None else k
+        excluded = set(exclude_ids)
+        eligible = [item for item in self._items if item.image_id not in excluded]
+        order = torch.randperm(len(eligible), generator=generator)[:k]
+        return [eligible[i] for i in order.tolist()]

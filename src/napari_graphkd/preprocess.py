@@ -1,0 +1,44 @@
+"""Input rules: channel conversion, robust normalisation, object-size rescaling."""
+from __future__ import annotations
+
+import numpy as np
+
+PERCENTILES = (1.0, 99.8)
+
+
+class InputError(ValueError):
+    """An image cannot be segmented as given (shape, values, size)."""
+
+
+def check_finite(image: np.ndarray) -> None:
+    """Raise InputError for NaN/inf values, which would silently poison every prediction."""
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise InputError("image contains NaN or infinite values")
+
+
+def to_grayscale(image: np.ndarray, invert: bool = False) -> np.ndarray:
+    """2D float32 image from a 2D grayscale, (H,W,3|4) RGB(A) or (H,W,C) multi-channel array.
+
+    RGB uses ITU-R 601 luminance; other multi-channel images take the channel mean.
+    ``invert`` flips intensities, for dark nuclei on a bright background (bright-field, H&E).
+    """
+    image = np.asarray(image)
+    check_finite(image)
+    if image.ndim == 3 and image.shape[-1] in (3, 4):
+        gray = image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    elif image.ndim == 3 and image.shape[-1] <= 8:
+        gray = image.astype(np.float32).mean(-1)
+    elif image.ndim == 2:
+        gray = image.astype(np.float32)
+    else:
+        raise InputError(f"expected a 2D image (H,W) or (H,W,C) with C<=8, got shape {image.shape}")
+    if invert:
+        gray = gray.max() - gray
+    return gray
+
+
+def normalize(image: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:
+    """Map the low/high percentiles to 0/1 (robust to hot pixels; constant images map to 0)."""
+    lo, hi = np.percentile(image, percentiles)
+    scale = hi - lo if hi > lo else 1.0
+    return ((image.astype(np.float32) - lo) / scale).astype(np.float32)

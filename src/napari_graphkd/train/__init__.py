@@ -1,0 +1,1 @@
+"""Training loops (segmentation and distillation) and their resumable state."""

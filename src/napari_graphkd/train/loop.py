@@ -1,0 +1,184 @@
+"""Resumable training loop shared by segmentation training and distillation."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..affinity import OFFSETS, affinity_loss, embedding_affinities, label_affinities
+from ..data import AugmentConfig, Sample, make_batch
+from ..io.checkpoint import load_checkpoint, save_checkpoint
+from ..models import EmbeddingUNet
+from .state import load_run_state, save_run_state
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation schedule and bookkeeping of one run."""
+
+    steps: int = 12000
+    batch_size: int = 4
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup: int = 300
+    foreground_weight: float = 1.0
+    seed: int = 0
+    save_every: int = 250
+    snapshot_every: int = 1000
+    validate_every: int = 1000
+    bf16: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly settings for checkpoint metadata."""
+        return asdict(self)
+
+
+def learning_rate(step: int, s: TrainSettings) -> float:
+    """Linear warm-up then cosine decay to 2 % of the peak."""
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    t = min(1.0, (step - s.warmup) / max(1, s.steps - s.warmup))
+    return s.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def batch_targets(labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Affinity targets, validity mask, foreground target and its mask for a (B,H,W) label batch.
+
+    Labels < 0 mark unannotated pixels (partial annotation): every pair and pixel touching them
+    is left out of the loss instead of being taught as background.
+    """
+    pairs = [label_affinities(lab, OFFSETS) for lab in labels]
+    target = torch.from_numpy(np.stack([p[0] for p in pairs]))
+    valid = torch.from_numpy(np.stack([p[1] for p in pairs]))
+    foreground = torch.from_numpy((labels > 0).astype(np.float32))[:, None]
+    known = torch.from_numpy((labels >= 0).astype(np.float32))[:, None]
+    return target, valid, foreground, known
+
+
+def segmentation_loss(
+    embedding: torch.Tensor, fg_logit: torch.Tensor | None, labels: np.ndarray, foreground_weight: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Affinity loss (METHOD.md §1.3) plus BCE of the foreground head, on annotated pixels only."""
+    target, valid, foreground, known = batch_targets(labels)
+    loss_aff = affinity_loss(embedding_affinities(embedding), target, valid)
+    parts = {"affinity": float(loss_aff.detach())}
+    loss = loss_aff
+    if fg_logit is not None and foreground_weight > 0:
+        bce = F.binary_cross_entropy_with_logits(fg_logit.float(), foreground, reduction="none")
+        loss_fg = (bce * known).sum() / known.sum().clamp_min(1.0)
+        loss = loss + foreground_weight * loss_fg
+        parts["foreground"] = float(loss_fg.detach())
+    return loss, parts
+
+
+StepLoss = Callable[[EmbeddingUNet, Any], tuple[torch.Tensor, dict[str, float]]]
+BatchFactory = Callable[[np.random.Generator], Any]
+
+
+def segmentation_batches(samples: list[Sample], settings: TrainSettings) -> BatchFactory:
+    """Batch factory of augmented (images (B,1,S,S), labels (B,S,S)) crops."""
+    return lambda rng: make_batch(samples, settings.batch_size, settings.augment, rng)
+
+
+def run_training(
+    model: EmbeddingUNet,
+    batches: BatchFactory,
+    run_dir: Path,
+    settings: TrainSettings,
+    *,
+    step_loss: StepLoss,
+    metadata: dict[str, Any],
+    extra_modules: list[torch.nn.Module] = (),
+    validate: Callable[[EmbeddingUNet], dict[str, float]] | None = None,
+    select_metric: str = "score",
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict[str, Any]:
+    """Train ``model`` on batches from ``batches(rng)`` with resumable state in ``run_dir``; return the progress.
+
+    ``run_dir`` holds ``last.safetensors`` (resume point), ``best.safetensors`` (best on the
+    validation callback's ``select_metric``), periodic ``step_NNNNNN.safetensors`` snapshots, the
+    optimiser moments and ``progress.json``. Re-running with the same ``run_dir`` resumes.
+    ``extra_modules`` (e.g. distillation adapters) are optimised too but not saved in the model file.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    params = [p for m in (model, *extra_modules) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    progress = load_run_state(run_dir, optimizer) if (run_dir / "last.safetensors").exists() else None
+    if progress is not None:
+        resumed, _ = load_checkpoint(run_dir / "last.safetensors")
+        model.load_state_dict(resumed.state_dict())
+        for i, extra in enumerate(extra_modules):
+            extra_path = run_dir / f"extra_{i}.safetensors"
+            if extra_path.exists():
+                from safetensors.torch import load_file
+
+                extra.load_state_dict(load_file(str(extra_path)))
+    else:
+        progress = {"step": 0, "history": [], "validation": [], "best": None, "seconds": 0.0}
+    model.train()
+    model.to(memory_format=torch.channels_last)
+    meta = dict(metadata, training=settings.to_dict())
+
+    def checkpoint(name: str, overwrite: bool = True) -> None:
+        model.eval()
+        save_checkpoint(run_dir / name, model, dict(meta, step=progress["step"], validation=progress["validation"][-1:]), overwrite=overwrite)
+        model.train()
+
+    def save_all() -> None:
+        checkpoint("last.safetensors")
+        for i, extra in enumerate(extra_modules):
+            from ..io.checkpoint import atomic_save_tensors
+
+            atomic_save_tensors(extra.state_dict(), run_dir / f"extra_{i}.safetensors", {}, overwrite=True)
+        save_run_state(run_dir, optimizer, progress)
+
+    t_last = time.perf_counter()
+    while progress["step"] < settings.steps:
+        if should_stop():
+            break
+        step = progress["step"]
+        rng = np.random.default_rng([settings.seed, step])
+        torch.manual_seed(settings.seed * 1_000_003 + step)
+        batch = batches(rng)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, settings)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+            loss, parts = step_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        optimizer.step()
+        now = time.perf_counter()
+        progress["seconds"] += now - t_last
+        t_last = now
+        progress["step"] = step + 1
+        record = {"step": step + 1, "loss": float(loss.detach()), **parts}
+        progress["history"].append(record)
+        if on_progress is not None:
+            on_progress(dict(record, total=settings.steps, seconds=progress["seconds"]))
+        done = progress["step"]
+        if validate is not None and (done % settings.validate_every == 0 or done == settings.steps):
+            model.eval()
+            scores = validate(model)
+            model.train()
+            progress["validation"].append({"step": done, **scores})
+            best = progress["best"]
+            if best is None or scores[select_metric] > best[select_metric]:
+                progress["best"] = {"step": done, **scores}
+                checkpoint("best.safetensors")
+        if done % settings.snapshot_every == 0:
+            checkpoint(f"step_{done:06d}.safetensors")
+        if done % settings.save_every == 0 or done == settings.steps:
+            save_all()
+    save_all()
+    model.eval()
+    return progress

@@ -1,0 +1,85 @@
+"""Affinities and the segmentation loss on hand-computed cases."""
+import numpy as np
+import pytest
+import torch
+
+from napari_graphkd.affinity import (
+    OFFSETS,
+    affinity_loss,
+    balance_weights,
+    embedding_affinities,
+    label_affinities,
+    validity_mask,
+)
+
+
+def test_offsets_are_the_ten_of_the_paper():
+    assert len(OFFSETS) == 10
+    assert sorted(max(abs(dy), abs(dx)) for dy, dx in OFFSETS) == [1, 1, 3, 3, 5, 5, 9, 9, 27, 27]
+
+
+def test_validity_mask_has_no_wraparound():
+    valid = validity_mask((4, 5), [(-1, 0), (0, -3), (2, 1)])
+    assert not valid[0, 0].any() and valid[0, 1:].all()
+    assert not valid[1, :, :3].any() and valid[1, :, 3:].all()
+    # (2, 1): partner is two rows down and one column right
+    assert valid[2, :2, :4].all() and not valid[2, 2:].any() and not valid[2, :, 4].any()
+
+
+def test_label_affinities_hand_computed():
+    labels = np.array([[0, 1, 1], [0, 2, 2]])
+    target, valid = label_affinities(labels, [(0, -1), (-1, 0)])
+    # (0,-1): left neighbour. Row 0: x=1 pairs (1,0) -> 0; x=2 pairs (1,1) -> 1.
+    np.testing.assert_array_equal(target[0], [[0, 0, 1], [0, 0, 1]])
+    np.testing.assert_array_equal(valid[0], [[0, 1, 1], [0, 1, 1]])
+    # (-1,0): upper neighbour. Row 1: (0,0) bg-bg -> 1; (2,1) -> 0; (2,1) -> 0.
+    np.testing.assert_array_equal(target[1], [[0, 0, 0], [1, 0, 0]])
+
+
+def test_embedding_affinities_are_cosines_without_wraparound():
+    emb = torch.zeros(1, 2, 1, 3)
+    emb[0, :, 0, 0] = torch.tensor([1.0, 0.0])
+    emb[0, :, 0, 1] = torch.tensor([2.0, 0.0])  # same direction, other norm
+    emb[0, :, 0, 2] = torch.tensor([0.0, -3.0])  # orthogonal
+    aff = embedding_affinities(emb, [(0, -1), (0, 2)])
+    torch.testing.assert_close(aff[0, 0, 0], torch.tensor([0.0, 1.0, 0.0]))
+    torch.testing.assert_close(aff[0, 1, 0], torch.tensor([0.0, 0.0, 0.0]))
+    emb[0, :, 0, 2] = torch.tensor([-1.0, 0.0])  # opposite
+    aff = embedding_affinities(emb, [(0, -1)])
+    torch.testing.assert_close(aff[0, 0, 0], torch.tensor([0.0, 1.0, -1.0]))
+
+
+def test_balance_weights_hand_computed():
+    # 3 valid pairs, 1 positive: f = 1/3 < 0.5 -> positives get (1-f)/f = 2, negatives 1.
+    target = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])
+    valid = torch.tensor([[[True, True, True, False]]])
+    torch.testing.assert_close(balance_weights(target, valid), torch.tensor([[[2.0, 1.0, 1.0, 0.0]]]))
+
+
+def test_affinity_loss_hand_computed():
+    target = torch.tensor([[[[1.0, 0.0, 0.0, 0.0]]]])  # B=1,K=1,H=1,W=4
+    valid = torch.tensor([[[[True, True, True, False]]]])
+    aff = torch.tensor([[[[0.5, 0.5, -1.0, 7.0]]]])
+    # weights 2,1,1,0 ; squared errors .25,.25,1,49 -> (0.5 + 0.25 + 1) / (1*1*4)
+    assert affinity_loss(aff, target, valid).item() == pytest.approx(1.75 / 4)
+
+
+def test_affinity_loss_is_zero_for_perfect_embedding_and_has_gradients():
+    labels = np.array([[1, 1, 0, 2], [1, 1, 0, 2], [0, 0, 0, 2]])
+    onehot = torch.from_numpy(np.eye(3, dtype=np.float32)[labels]).permute(2, 0, 1)[None]
+    target, valid = label_affinities(labels)
+    t, v = torch.from_numpy(target)[None], torch.from_numpy(valid)[None]
+    assert affinity_loss(embedding_affinities(onehot), t, v).item() == pytest.approx(0.0, abs=1e-7)
+    emb = torch.randn(1, 16, 3, 4, requires_grad=True)
+    loss = affinity_loss(embedding_affinities(emb), t, v)
+    loss.backward()
+    assert loss.item() > 0 and emb.grad.abs().sum() > 0
+
+
+def test_unannotated_pixels_are_left_out_of_the_targets():
+    labels = np.array([[1, 1, -1], [0, 0, -1]])
+    target, valid = label_affinities(labels, [(0, -1), (-1, 0)])
+    # left-neighbour pairs touching column 2 (unknown) are invalid, the rest keep their meaning
+    np.testing.assert_array_equal(valid[0], [[0, 1, 0], [0, 1, 0]])
+    np.testing.assert_array_equal(target[0], [[0, 1, 0], [0, 1, 0]])
+    np.testing.assert_array_equal(valid[1], [[0, 0, 0], [1, 1, 0]])

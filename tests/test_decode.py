@@ -1,0 +1,58 @@
+"""Decoding: the ground-truth round trip (sign conventions), background and fragment rules."""
+import numpy as np
+
+from conftest import relabel_equal
+from napari_graphkd.affinity import label_affinities
+from napari_graphkd.decode.mws import DecodeSettings, decode, merge_fragments, mutex_watershed, remove_background
+
+
+def test_decoding_ground_truth_affinities_returns_the_ground_truth(sample):
+    _, labels = sample
+    target, _ = label_affinities(labels)
+    decoded = decode(target, (labels > 0).astype(np.float32), DecodeSettings(min_size=0))
+    assert relabel_equal(decoded, labels)
+
+
+def test_ground_truth_round_trip_holds_for_every_stride_and_bias(crop):
+    _, labels = crop
+    target, _ = label_affinities(labels)
+    for stride in (1, 2, 4):
+        for bias in (0.0, 0.5):
+            segments = mutex_watershed(target, attractive_bias=bias, stride=stride)
+            assert relabel_equal(remove_background(segments, (labels > 0).astype(float)), labels)
+
+
+def test_flipped_sign_convention_is_caught(crop):
+    """Feeding dis-affinities (the elf convention) must not reproduce the labels."""
+    _, labels = crop
+    target, _ = label_affinities(labels)
+    decoded = decode(1.0 - target, (labels > 0).astype(np.float32), DecodeSettings(min_size=0))
+    assert not relabel_equal(decoded, labels)
+
+
+def test_background_segments_are_removed_by_foreground_probability():
+    segments = np.array([[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 3, 3]])
+    fg = np.array([[0.9, 0.8, 0.1, 0.2], [0.7, 0.9, 0.3, 0.1], [0.6, 0.6, 0.6, 0.6]])
+    out = remove_background(segments, fg, 0.5)
+    assert (out[:2, 2:] == 0).all()
+    assert len(np.unique(out[:2, :2])) == 1 and out[0, 0] > 0
+    assert (out[2] > 0).all()
+
+
+def test_small_fragments_merge_into_their_neighbour_or_vanish():
+    labels = np.zeros((10, 10), dtype=np.int64)
+    labels[2:8, 2:6] = 1  # 24 px object
+    labels[2:8, 6] = 2  # 6 px boundary sliver touching object 1
+    labels[0, 9] = 3  # isolated speck far from anything
+    out = merge_fragments(labels, min_size=10, distance=2)
+    assert (out[2:8, 2:7] == 1).all()
+    assert out[0, 9] == 0
+
+
+def test_decode_without_foreground_head_uses_the_border_segment_as_background(crop):
+    _, labels = crop
+    target, _ = label_affinities(labels)
+    decoded = decode(target, None, DecodeSettings(min_size=0))
+    # border-touching background is removed; nuclei (some touch the border) stay
+    assert (decoded[labels == 0] == 0).mean() > 0.99
+    assert len(np.unique(decoded)) > 5

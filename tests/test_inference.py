@@ -1,0 +1,77 @@
+"""Inference: input rules, seamless tiling, object-size rescaling, stacks, clear errors."""
+import numpy as np
+import pytest
+import torch
+
+from napari_graphkd.inference import prepare_image, run_network, tiled_network, _network
+from napari_graphkd.models import UNetConfig, build_model
+from napari_graphkd.preprocess import InputError, normalize, to_grayscale
+from napari_graphkd.segment import ClassicalSegmenter, ModelSegmenter, is_stack, segment_any
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return build_model(UNetConfig(widths=(4, 8, 8))).eval()
+
+
+def test_tiled_output_equals_whole_image_output_away_from_padding(net, crop):
+    image = normalize(crop[0].astype(np.float32))
+    whole_emb, whole_fg = _network(net, image)
+    tiled_emb, tiled_fg = tiled_network(net, image, tile=96, overlap=48)
+    # receptive field of this net is < 24 px: tiles overlapping by 48 px give the same numbers
+    np.testing.assert_allclose(tiled_emb, whole_emb, atol=1e-4)
+    np.testing.assert_allclose(tiled_fg, whole_fg, atol=1e-4)
+
+
+def test_tiles_cover_every_pixel(net):
+    image = np.random.default_rng(0).random((203, 157)).astype(np.float32)
+    emb, fg = tiled_network(net, image, tile=64, overlap=32)
+    assert emb.shape == (16, 203, 157) and np.isfinite(emb).all() and np.isfinite(fg).all()
+
+
+def test_input_rules_for_dtypes_and_channels(crop):
+    image = crop[0]
+    gray_u16 = prepare_image(image)
+    gray_u8 = prepare_image((image / image.max() * 255).astype(np.uint8))
+    rgb = prepare_image(np.stack([image] * 3, axis=-1))
+    assert gray_u16.dtype == np.float32 and gray_u16.shape == image.shape
+    assert np.corrcoef(gray_u16.ravel(), gray_u8.ravel())[0, 1] > 0.99
+    np.testing.assert_allclose(rgb, gray_u16, atol=1e-3)
+    inverted = to_grayscale(image.max() - image.astype(np.float32), invert=True)
+    np.testing.assert_allclose(normalize(inverted), gray_u16, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.full((64, 64), np.nan, dtype=np.float32), "NaN"),
+        (np.zeros((8, 64)), "too small"),
+        (np.zeros((2, 3, 4, 5, 6)), "expected a 2D image"),
+    ],
+)
+def test_bad_images_get_a_clear_error(image, message):
+    with pytest.raises(InputError, match=message):
+        prepare_image(image)
+
+
+def test_diameter_rescales_the_input_and_labels_come_back_at_the_original_size(tiny_checkpoint, crop):
+    seg = ModelSegmenter(tiny_checkpoint)
+    out = seg.run_network(crop[0], diameter=56.0)  # objects twice the training size -> half-size input
+    assert out.embedding.shape[1:] == (80, 100) and out.scale == pytest.approx(0.5)
+    result = seg.segment(crop[0], diameter=56.0)
+    assert result.labels.shape == crop[0].shape
+
+
+def test_stacks_are_segmented_plane_by_plane(crop):
+    stack = np.stack([crop[0], crop[0][::-1]])
+    assert is_stack(stack) and not is_stack(np.zeros((100, 100, 3)))
+    planes = []
+    result = segment_any(ClassicalSegmenter(), stack, on_plane=lambda i, n: planes.append((i, n)))
+    assert result.labels.shape == stack.shape and planes == [(1, 2), (2, 2)]
+    np.testing.assert_array_equal(result.labels[1] > 0, (result.labels[0] > 0)[::-1])
+
+
+def test_empty_image_is_rejected():
+    with pytest.raises(InputError, match="empty"):
+        segment_any(ClassicalSegmenter(), np.zeros((0, 10)))
