@@ -56,3 +56,17 @@ def test_decode_without_foreground_head_uses_the_border_segment_as_background(cr
     # border-touching background is removed; nuclei (some touch the border) stay
     assert (decoded[labels == 0] == 0).mean() > 0.99
     assert len(np.unique(decoded)) > 5
+
+
+def test_half_resolution_decoding_of_a_perfect_embedding_recovers_the_instances(crop):
+    """One-hot embeddings of the ground truth, decoded on the 2x coarser grid, give the labels back
+    up to the grid's limit: pooled boundary pixels resemble both neighbours (here 1 of 14 pairs merges)."""
+    from napari_graphkd.inference import NetworkOutput, decode_output
+    from napari_graphkd.metrics import evaluate
+
+    _, labels = crop
+    onehot = np.eye(labels.max() + 1, dtype=np.float32)[labels].transpose(2, 0, 1)
+    output = NetworkOutput(onehot, (labels > 0).astype(np.float32), labels.shape, 1.0, 0.0)
+    decoded, _ = decode_output(output, DecodeSettings(resolution="half", min_size=20))
+    scores = evaluate(labels, decoded)
+    assert scores["n_pred"] >= scores["n_gt"] - 1 and scores["f1@0.5"] >= 0.95 and scores["aji"] >= 0.85

@@ -24,6 +24,31 @@ def test_tiled_output_equals_whole_image_output_away_from_padding(net, crop):
     np.testing.assert_allclose(tiled_fg, whole_fg, atol=1e-4)
 
 
+def test_half_resolution_tiling_matches_the_whole_image_and_the_forward_pass(crop):
+    torch.manual_seed(0)
+    half = build_model(UNetConfig(widths=(4, 8, 8), stem_stride=2)).eval()
+    image = normalize(crop[0][:, :195].astype(np.float32))  # odd width
+    whole_emb, _ = _network(half, image)
+    tiled_emb, _ = tiled_network(half, image, tile=96, overlap=48)
+    assert whole_emb.shape == (16, 80, 98)
+    np.testing.assert_allclose(tiled_emb, whole_emb, atol=1e-4)
+    with torch.no_grad():
+        forward, _ = half(torch.from_numpy(image)[None, None])
+    from napari_graphkd.inference import NetworkOutput
+
+    out = NetworkOutput(whole_emb, None, image.shape, 1.0, 0.0, stride=2)
+    inner = (slice(None), slice(4, -4), slice(4, -4))
+    np.testing.assert_allclose(out.full_embedding()[inner], forward[0].numpy()[inner], atol=1e-4)
+
+
+def test_half_resolution_decoding_returns_full_size_labels(tiny_checkpoint, crop):
+    from napari_graphkd.decode.mws import DecodeSettings
+
+    seg = ModelSegmenter(tiny_checkpoint)
+    result = seg.segment(crop[0], decode=DecodeSettings(resolution="half"))
+    assert result.labels.shape == crop[0].shape and result.labels.dtype == np.int32
+
+
 def test_tiles_cover_every_pixel(net):
     image = np.random.default_rng(0).random((203, 157)).astype(np.float32)
     emb, fg = tiled_network(net, image, tile=64, overlap=32)
@@ -58,7 +83,8 @@ def test_bad_images_get_a_clear_error(image, message):
 def test_diameter_rescales_the_input_and_labels_come_back_at_the_original_size(tiny_checkpoint, crop):
     seg = ModelSegmenter(tiny_checkpoint)
     out = seg.run_network(crop[0], diameter=56.0)  # objects twice the training size -> half-size input
-    assert out.embedding.shape[1:] == (80, 100) and out.scale == pytest.approx(0.5)
+    assert out.full_embedding().shape[1:] == (80, 100) and out.scale == pytest.approx(0.5)
+    assert out.embedding.shape[1:] == (40, 50)  # the half-resolution network's native grid
     result = seg.segment(crop[0], diameter=56.0)
     assert result.labels.shape == crop[0].shape
 

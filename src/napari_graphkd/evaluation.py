@@ -5,7 +5,6 @@ import itertools
 from dataclasses import replace
 from typing import Callable, Iterable
 
-import numpy as np
 
 from .data import Sample
 from .decode.mws import DecodeSettings
@@ -19,7 +18,7 @@ def network_outputs(model: EmbeddingUNet, samples: list[Sample]) -> list[Network
     outs = []
     for s in samples:
         emb, fg = tiled_network(model, s.image)
-        outs.append(NetworkOutput(emb, fg, s.image.shape, 1.0, 0.0))
+        outs.append(NetworkOutput(emb, fg, s.image.shape, 1.0, 0.0, stride=model.config.stem_stride))
     return outs
 
 
@@ -39,8 +38,9 @@ def score_model(model: EmbeddingUNet, samples: list[Sample], settings: DecodeSet
 
 
 DECODE_GRID = {
-    "attractive_bias": (0.3, 0.5, 0.7),
-    "min_size": (30, 60, 120),
+    "resolution": ("full", "half"),
+    "attractive_bias": (0.0, 0.15, 0.3, 0.5),
+    "min_size": (40, 80, 160),
     "foreground_threshold": (0.4, 0.5, 0.6),
 }
 

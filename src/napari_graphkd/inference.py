@@ -6,7 +6,7 @@ One code path serves the CLI, the benchmarks and the napari widgets. The network
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -14,7 +14,7 @@ import torch
 from scipy import ndimage as ndi
 
 from .affinity import OFFSETS, embedding_affinities
-from .decode.mws import DecodeSettings, decode
+from .decode.mws import DecodeSettings, decode, refine_upsampled
 from .models import EmbeddingUNet
 from .preprocess import InputError, normalize, to_grayscale
 
@@ -25,17 +25,45 @@ TILE_OVERLAP = 64
 
 @dataclass
 class NetworkOutput:
-    """Network output for one 2D image, at the (possibly rescaled) working size."""
+    """Network output for one 2D image at the network's native resolution (cache it to re-decode)."""
 
-    embedding: np.ndarray  # (C,h,w) float32
-    foreground: np.ndarray | None  # (h,w) probability
+    embedding: np.ndarray  # (C,h,w) float32 at 1/stride of the working size
+    foreground: np.ndarray | None  # (h,w) probability, same grid
     image_shape: tuple[int, int]  # original (H,W) of the input
-    scale: float  # working size / original size
+    scale: float  # working size / original size (object-size rescaling)
     seconds: float
+    stride: int = 1
+    working_shape: tuple[int, int] | None = None  # size the network saw; default: image_shape
 
-    def affinities(self) -> np.ndarray:
-        """Cosine affinities (K,h,w) of the embedding at the standard offsets."""
-        return embedding_affinities(torch.from_numpy(self.embedding)[None], OFFSETS)[0].numpy()
+    @property
+    def full_shape(self) -> tuple[int, int]:
+        """Size of the network's input (after rescaling), where full-resolution decoding happens."""
+        return tuple(self.working_shape or self.image_shape)
+
+    def full_embedding(self) -> np.ndarray:
+        """Embedding bilinearly upsampled to the input size (what the network's ``forward`` returns)."""
+        return _upsample(self.embedding, self.stride, self.full_shape)
+
+    def full_foreground(self) -> np.ndarray | None:
+        """Foreground probability at the input size."""
+        if self.foreground is None:
+            return None
+        return _upsample(self.foreground[None], self.stride, self.full_shape)[0]
+
+    def affinities(self, native: bool = False) -> np.ndarray:
+        """Cosine affinities (K,h,w) at the standard offsets, at input size or on the native grid."""
+        emb = self.embedding if native else self.full_embedding()
+        return embedding_affinities(torch.from_numpy(emb)[None], OFFSETS)[0].numpy()
+
+
+def _upsample(maps: np.ndarray, stride: int, shape: tuple[int, int]) -> np.ndarray:
+    """(C,h,w) maps on a 1/stride grid, bilinearly upsampled and cropped to ``shape``."""
+    if stride == 1 and maps.shape[-2:] == tuple(shape):
+        return maps
+    t = torch.from_numpy(np.ascontiguousarray(maps))[None]
+    size = (maps.shape[-2] * stride, maps.shape[-1] * stride)
+    up = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)[0]
+    return up[:, : shape[0], : shape[1]].numpy()
 
 
 def prepare_image(image: np.ndarray, invert: bool = False) -> np.ndarray:
@@ -64,13 +92,20 @@ def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
 
 @torch.inference_mode()
 def _network(model: EmbeddingUNet, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Run the network on one whole normalised 2D image."""
+    """Native-resolution (1/stride) embedding and foreground probability of one normalised 2D image."""
+    stride = model.config.stem_stride
+    h, w = image.shape
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    m = model.size_multiple
+    ph, pw = (-h) % m, (-w) % m
+    if ph or pw:
+        x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="reflect" if h > ph and w > pw else "replicate")
     if model.config.in_channels != 1:
         x = x.repeat(1, model.config.in_channels, 1, 1)
-    emb, fg = model(x)
-    fg_np = torch.sigmoid(fg[0, 0]).numpy() if fg is not None else None
-    return emb[0].numpy(), fg_np
+    emb, fg, _ = model.forward_features(x)
+    nh, nw = -(-h // stride), -(-w // stride)
+    fg_np = torch.sigmoid(fg[0, 0, :nh, :nw]).numpy() if fg is not None else None
+    return emb[0, :, :nh, :nw].numpy(), fg_np
 
 
 def tiled_network(
@@ -80,37 +115,47 @@ def tiled_network(
     overlap: int = TILE_OVERLAP,
     on_tile: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Network output of a large image from overlapping tiles, each contributing only its centre.
+    """Native-resolution network output of a large image from overlapping tiles, each keeping its centre.
 
     Every output pixel comes from a tile in which it lies at least ``overlap/2`` px from an inner
     tile edge, so the stitched embedding has no seams; decoding then runs on the whole image, so
-    no nucleus is split at a tile border.
+    no nucleus is split at a tile border. The image is padded to the network's size multiple and
+    tiles start on multiples of its stride, so the result equals one whole-image pass.
     """
+    s = model.config.stem_stride
     h, w = image.shape
     if tile < 2 * overlap:
         raise InputError(f"tile size {tile} must be at least twice the overlap ({overlap})")
-    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+    m = model.size_multiple  # pad like the whole-image pass does, so tiles see the same borders
+    tile, overlap = max(m, tile - tile % m), overlap - overlap % s
+    ph, pw = (-h) % m, (-w) % m
+    if ph or pw:
+        image = np.pad(image, ((0, ph), (0, pw)), mode="reflect" if h > ph and w > pw else "edge")
+    H, W = image.shape
+    ys, xs = _tile_starts(H, tile, overlap), _tile_starts(W, tile, overlap)
     emb = fg = None
     n_tiles, done = len(ys) * len(xs), 0
     for iy, y in enumerate(ys):
         for ix, x in enumerate(xs):
             e, f = _network(model, image[y : y + tile, x : x + tile])
             if emb is None:
-                emb = np.empty((e.shape[0], h, w), dtype=np.float32)
-                fg = np.empty((h, w), dtype=np.float32) if f is not None else None
+                emb = np.empty((e.shape[0], H // s, W // s), dtype=np.float32)
+                fg = np.empty((H // s, W // s), dtype=np.float32) if f is not None else None
             th, tw = e.shape[1:]
-            # keep the centre: cut half the overlap on every side that borders another tile
-            y0 = 0 if iy == 0 else (ys[iy - 1] + tile - y) // 2 + 0
-            x0 = 0 if ix == 0 else (xs[ix - 1] + tile - x) // 2 + 0
-            y1 = th if iy == len(ys) - 1 else th - (y + th - ys[iy + 1]) // 2
-            x1 = tw if ix == len(xs) - 1 else tw - (x + tw - xs[ix + 1]) // 2
-            emb[:, y + y0 : y + y1, x + x0 : x + x1] = e[:, y0:y1, x0:x1]
+            # keep the centre: cut half the overlap (in native px) on every side that borders another tile
+            y0 = 0 if iy == 0 else (ys[iy - 1] + tile - y) // (2 * s)
+            x0 = 0 if ix == 0 else (xs[ix - 1] + tile - x) // (2 * s)
+            y1 = th if iy == len(ys) - 1 else th - (y + tile - ys[iy + 1]) // (2 * s)
+            x1 = tw if ix == len(xs) - 1 else tw - (x + tile - xs[ix + 1]) // (2 * s)
+            oy, ox = y // s, x // s
+            emb[:, oy + y0 : oy + y1, ox + x0 : ox + x1] = e[:, y0:y1, x0:x1]
             if fg is not None:
-                fg[y + y0 : y + y1, x + x0 : x + x1] = f[y0:y1, x0:x1]
+                fg[oy + y0 : oy + y1, ox + x0 : ox + x1] = f[y0:y1, x0:x1]
             done += 1
             if on_tile is not None:
                 on_tile(done, n_tiles)
-    return emb, fg
+    nh, nw = -(-h // s), -(-w // s)
+    return emb[:, :nh, :nw], (fg[:nh, :nw] if fg is not None else None)
 
 
 def run_network(
@@ -132,13 +177,37 @@ def run_network(
             raise InputError(f"image becomes too small ({prepared.shape}) after rescaling to diameter {diameter}")
     start = time.perf_counter()
     emb, fg = tiled_network(model, prepared, tile=tile, on_tile=on_tile)
-    return NetworkOutput(emb, fg, tuple(image.shape[:2]), scale, time.perf_counter() - start)
+    return NetworkOutput(emb, fg, tuple(image.shape[:2]), scale, time.perf_counter() - start,
+                         stride=model.config.stem_stride, working_shape=prepared.shape)
+
+
+def half_grid(output: NetworkOutput) -> tuple[np.ndarray, np.ndarray | None]:
+    """Embedding and foreground on a grid of half the input size: a half-resolution network's own
+    grid, or 2x2 average pooling of a full-resolution network's output."""
+    if output.stride == 2:
+        return output.embedding, output.foreground
+    if output.stride != 1:
+        raise ValueError(f"half-resolution decoding supports network strides 1 and 2, not {output.stride}")
+    fg = _pool2(output.foreground[None])[0] if output.foreground is not None else None
+    return _pool2(output.embedding), fg
+
+
+def _pool2(maps: np.ndarray) -> np.ndarray:
+    """2x2 average pooling of (C,H,W) maps (odd sides keep their last row/column)."""
+    return torch.nn.functional.avg_pool2d(torch.from_numpy(maps)[None], 2, ceil_mode=True)[0].numpy()
 
 
 def decode_output(output: NetworkOutput, settings: DecodeSettings = DecodeSettings()) -> tuple[np.ndarray, float]:
     """Instance labels at the original image size, and the decode time (affinities + MWS + clean-up)."""
     start = time.perf_counter()
-    labels = decode(output.affinities(), output.foreground, settings)
+    if settings.resolution == "half":
+        emb, fg = half_grid(output)
+        coarse_settings = replace(settings, min_size=max(1, settings.min_size // 4), merge_distance=max(1, settings.merge_distance // 2))
+        affinities = embedding_affinities(torch.from_numpy(emb)[None], OFFSETS)[0].numpy()
+        coarse = decode(affinities, fg, coarse_settings)
+        labels = refine_upsampled(coarse, output.full_foreground(), output.full_shape, settings)
+    else:
+        labels = decode(output.affinities(), output.full_foreground(), settings)
     if labels.shape != output.image_shape:
         zoom = [o / s for o, s in zip(output.image_shape, labels.shape)]
         labels = ndi.zoom(labels, zoom, order=0, grid_mode=True, mode="nearest")

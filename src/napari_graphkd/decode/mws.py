@@ -23,19 +23,20 @@ from ..affinity import OFFSETS
 class DecodeSettings:
     """Decoder knobs; all sizes are in pixels at the model's training scale."""
 
-    attractive_bias: float = 0.5
+    attractive_bias: float = 0.3
     long_range_stride: int = 4
     randomized_strides: bool = False
     foreground_threshold: float = 0.5
     min_size: int = 60
     merge_distance: int = 3
+    resolution: str = "full"  # "half": decode on a 2x coarser grid, place outlines at full resolution
 
     def to_dict(self) -> dict:
         """JSON-friendly dict (stored in checkpoint metadata and layer provenance)."""
         return asdict(self)
 
 
-def signed_weights(affinities: np.ndarray, offsets=OFFSETS, attractive_bias: float = 0.5) -> np.ndarray:
+def signed_weights(affinities: np.ndarray, offsets=OFFSETS, attractive_bias: float = 0.3) -> np.ndarray:
     """Affinities (K,H,W) in [-1,1] to mutex-watershed edge weights (float64)."""
     weights = np.empty(affinities.shape, dtype=np.float64)
     for k, off in enumerate(offsets):
@@ -45,7 +46,7 @@ def signed_weights(affinities: np.ndarray, offsets=OFFSETS, attractive_bias: flo
 
 
 def mutex_watershed(
-    affinities: np.ndarray, offsets=OFFSETS, attractive_bias: float = 0.5, stride: int = 4, randomized: bool = False
+    affinities: np.ndarray, offsets=OFFSETS, attractive_bias: float = 0.3, stride: int = 4, randomized: bool = False
 ) -> np.ndarray:
     """Over-complete segmentation (H,W) uint64 from affinities with mwatershed, long-range edges strided."""
     weights = signed_weights(affinities, offsets, attractive_bias)
@@ -101,6 +102,23 @@ def decode(affinities: np.ndarray, foreground: np.ndarray | None, settings: Deco
     labels = merge_fragments(labels, settings.min_size, settings.merge_distance)
     labels = fill_holes(labels)
     return relabel_sequential(labels)[0].astype(np.int32)
+
+
+def refine_upsampled(coarse: np.ndarray, foreground: np.ndarray | None, shape: tuple[int, int],
+                     settings: DecodeSettings) -> np.ndarray:
+    """Labels decoded on a coarse grid, brought to ``shape`` with full-resolution outlines.
+
+    Nearest upsampling puts object outlines on the coarse grid; the full-resolution foreground
+    probability then decides each pixel near an outline (objects grow up to 2 px into confident
+    foreground and lose pixels below the threshold), so outlines are placed at full resolution.
+    """
+    zoom = [n / c for n, c in zip(shape, coarse.shape)]
+    labels = ndi.zoom(coarse, zoom, order=0, grid_mode=True, mode="nearest")[: shape[0], : shape[1]]
+    if foreground is None:
+        return labels
+    grown = expand_labels(labels, 2)
+    labels = np.where(foreground >= settings.foreground_threshold, grown, 0)
+    return relabel_sequential(fill_holes(merge_fragments(labels, settings.min_size, settings.merge_distance)))[0].astype(np.int32)
 
 
 def remove_border_background(segments: np.ndarray) -> np.ndarray:

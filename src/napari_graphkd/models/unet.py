@@ -1,7 +1,7 @@
 """Embedding U-Nets: full-resolution ResUNet teachers and half-resolution students."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F

@@ -6,6 +6,11 @@ teacher maps, applies the same flips/rotations to all of them, and jitters the i
 the student's input only. Crop origins are multiples of 16 so cached coarse features stay
 aligned. There is no scale augmentation here (it would need the teacher re-run); every student
 row of the benchmark (no-KD included) uses this same pipeline.
+
+Label maps follow the partial-annotation convention (< 0 = not annotated, ignored by the
+segmentation loss). An unannotated pixel may also carry a pseudo-instance (e.g. one of the
+teacher's decoded nuclei) for the graph terms: pseudo-instance k is stored as -1-k
+(:func:`with_pseudo_labels`, read back by :func:`graph_labels`).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..data import AugmentConfig, Sample, jitter_intensity, load_folder, split_tune
+from ..data import Sample, jitter_intensity, load_folder, split_tune
 from ..distill import DistillationObjective, DistillWeights, MemoryBank, NetOut, make_adapter, method_weights
 from ..io.checkpoint import load_checkpoint
 from ..models import EmbeddingUNet, build_model
@@ -57,6 +62,17 @@ class DistillSettings:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly settings for checkpoint metadata."""
         return asdict(self)
+
+
+def with_pseudo_labels(labels: np.ndarray, pseudo: np.ndarray) -> np.ndarray:
+    """``labels`` whose unannotated pixels inside a pseudo-instance carry it as -1-k (ids shifted past the annotated ones)."""
+    shifted = pseudo.astype(np.int64) + max(int(labels.max(initial=0)), 0)
+    return np.where((labels < 0) & (pseudo > 0), -1 - shifted, labels).astype(np.int32)
+
+
+def graph_labels(labels: np.ndarray) -> np.ndarray:
+    """Instance ids for the graph terms: annotated ids, pseudo-instances (-1-k -> k), 0 for the rest."""
+    return np.where(labels < 0, -1 - labels, labels)
 
 
 @torch.inference_mode()
@@ -112,31 +128,23 @@ def distill_batches(samples: list[Sample], targets: list[TeacherTargets], settin
     return make
 
 
-def distill_student(
-    teacher_checkpoint: str | Path,
-    data_dir: str | Path,
+def distill_samples(
+    teacher: EmbeddingUNet,
+    student: EmbeddingUNet,
+    train: list[Sample],
     run_dir: str | Path,
-    student_architecture: str,
     settings: TrainSettings,
     distill: DistillSettings,
     *,
-    n_tune: int = 10,
-    command: str = "",
-    validate_factory: Callable[[list], Callable[[EmbeddingUNet], dict[str, float]]] | None = None,
+    metadata: dict[str, Any],
+    validate: Callable[[EmbeddingUNet], dict[str, float]] | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     on_status: Callable[[str], None] = lambda message: None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> dict[str, Any]:
-    """Distil ``student_architecture`` from a teacher checkpoint on ``data_dir`` (tune images held out)."""
-    teacher, teacher_meta = load_checkpoint(teacher_checkpoint)
+    """Distil ``student`` from a frozen ``teacher`` on in-memory samples (labels: see :func:`graph_labels`)."""
     for p in teacher.parameters():
         p.requires_grad_(False)
-    samples = load_folder(data_dir)
-    train_names, tune_names = split_tune([s.name for s in samples], n_tune, seed=0)
-    train = [s for s in samples if s.name in set(train_names)]
-    tune = [s for s in samples if s.name in set(tune_names)]
-    torch.manual_seed(settings.seed)
-    student = build_model(student_architecture)
     objective = DistillationObjective(
         distill.weights,
         MemoryBank(distill.memory_size, distill.memory_samples),
@@ -157,9 +165,39 @@ def distill_student(
         emb, fg, feats = net.forward_padded(batch.images)
         loss, parts = segmentation_loss(emb, fg, batch.labels, settings.foreground_weight)
         loss = distill.segmentation_weight * loss
-        kd, kd_parts = objective(NetOut(emb, feats), batch.teacher, np.maximum(batch.labels, 0), batch.image_ids)
+        kd, kd_parts = objective(NetOut(emb, feats), batch.teacher, graph_labels(batch.labels), batch.image_ids)
         return loss + kd, {**parts, **{f"kd_{k}": v for k, v in kd_parts.items()}}
 
+    return run_training(
+        student, distill_batches(train, targets, settings), Path(run_dir), settings,
+        step_loss=step_loss, metadata=metadata, extra_modules=extra_modules, validate=validate,
+        on_progress=on_progress, should_stop=should_stop,
+    )
+
+
+def distill_student(
+    teacher_checkpoint: str | Path,
+    data_dir: str | Path,
+    run_dir: str | Path,
+    student_architecture: str,
+    settings: TrainSettings,
+    distill: DistillSettings,
+    *,
+    n_tune: int = 10,
+    command: str = "",
+    validate_factory: Callable[[list], Callable[[EmbeddingUNet], dict[str, float]]] | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    on_status: Callable[[str], None] = lambda message: None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict[str, Any]:
+    """Distil ``student_architecture`` from a teacher checkpoint on ``data_dir`` (tune images held out)."""
+    teacher, teacher_meta = load_checkpoint(teacher_checkpoint)
+    samples = load_folder(data_dir)
+    train_names, tune_names = split_tune([s.name for s in samples], n_tune, seed=0)
+    train = [s for s in samples if s.name in set(train_names)]
+    tune = [s for s in samples if s.name in set(tune_names)]
+    torch.manual_seed(settings.seed)
+    student = build_model(student_architecture)
     digest = hashlib.sha256(Path(teacher_checkpoint).read_bytes()).hexdigest()[:16]
     metadata = {
         "name": f"{student_architecture} distilled ({distill.method})",
@@ -170,8 +208,5 @@ def distill_student(
         "train_diameter": teacher_meta.get("train_diameter", 28.0),
     }
     validate = validate_factory(tune) if (validate_factory is not None and tune) else None
-    return run_training(
-        student, distill_batches(train, targets, settings), Path(run_dir), settings,
-        step_loss=step_loss, metadata=metadata, extra_modules=extra_modules, validate=validate,
-        on_progress=on_progress, should_stop=should_stop,
-    )
+    return distill_samples(teacher, student, train, run_dir, settings, distill, metadata=metadata, validate=validate,
+                           on_progress=on_progress, on_status=on_status, should_stop=should_stop)

@@ -40,6 +40,13 @@ class TrainSettings:
         return asdict(self)
 
 
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far (MB), reported per training method."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def learning_rate(step: int, s: TrainSettings) -> float:
     """Linear warm-up then cosine decay to 2 % of the peak."""
     if step < s.warmup:
@@ -134,6 +141,7 @@ def run_training(
         model.train()
 
     def save_all() -> None:
+        progress["peak_rss_mb"] = peak_memory_mb()
         checkpoint("last.safetensors")
         for i, extra in enumerate(extra_modules):
             from ..io.checkpoint import atomic_save_tensors

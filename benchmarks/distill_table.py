@@ -1,0 +1,272 @@
+"""Does distillation help? Student rows (no-KD, baselines, GRD, ablations) against teacher and classical.
+
+Honest-benchmark rules (METHOD.md A.9): one teacher; every student row has the same architecture,
+data, augmentation and schedule (ablations: a stated shorter schedule); the rows that carry the
+claim (no-KD, GRD intra+inter) run with 3 seeds; every baseline gets a weight sweep at the short
+schedule on the tune split; checkpoints and decoder settings are chosen on the tune split (10 train
+images never used for gradient steps) and only val is reported. Resumable: every training run
+resumes from its folder and every finished row is cached as JSON, so the table can span sessions.
+
+    python benchmarks/distill_table.py --teacher src/napari_graphkd/weights/teacher.safetensors \
+        --data ../shared/data/bbbc039 --runs runs/bench            # all rows (hours on 2 cores)
+    python benchmarks/distill_table.py ... --only grd_s0 noKD_s0     # some runs only
+    python benchmarks/distill_table.py ... --report                  # table from cached rows only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from napari_graphkd.data import AugmentConfig, load_folder
+from napari_graphkd.decode.mws import DecodeSettings
+from napari_graphkd.distill import BASELINE_WEIGHTS, DistillWeights, method_weights
+from napari_graphkd.evaluation import network_outputs, score_model, tune_decoder
+from napari_graphkd.inference import decode_output, run_network
+from napari_graphkd.io.checkpoint import load_checkpoint
+from napari_graphkd.metrics import evaluate, mean_metrics
+from napari_graphkd.models import count_parameters
+from napari_graphkd.segment import ClassicalSegmenter
+from napari_graphkd.train.distill import DistillSettings, distill_student
+from napari_graphkd.train.loop import TrainSettings
+
+STUDENT = "halfres-student"
+SWEEP_FACTORS = (0.1, 1.0, 10.0)
+ABLATIONS = ("node", "edge", "affinity", "inter_affinity", "inter_edge")
+COLUMNS = ("f1@0.5", "aji", "pq", "sbd")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: a method with its weights, a seed and a schedule."""
+
+    key: str
+    method: str
+    weights: DistillWeights
+    seed: int
+    steps: int
+
+
+def plan(full: int, short: int, baseline_weights: dict[str, float]) -> dict[str, list[Run]]:
+    """Rows of the table (each a list of seeds) and the sweep/ablation runs, keyed by group."""
+    grd = method_weights("grd")
+    rows: dict[str, list[Run]] = {
+        "student, no distillation": [Run(f"noKD_s{s}", "none", method_weights("none"), s, full) for s in (0, 1, 2)],
+    }
+    for name, weight in baseline_weights.items():
+        rows[f"student + {name}"] = [Run(f"{name}_s0", name, replace(method_weights("none"), **{name: weight}), 0, full)]
+    rows["student + GRD intra-image"] = [Run("grd-intra_s0", "grd-intra", method_weights("grd-intra"), 0, full)]
+    rows["student + GRD intra+inter"] = [Run(f"grd_s{s}", "grd", grd, s, full) for s in (0, 1, 2)]
+    rows["ablation (short): GRD, all terms"] = [Run("short_grd_s0", "grd", grd, 0, short)]
+    for term in ABLATIONS:
+        rows[f"ablation (short): GRD without {term}"] = [Run(f"short_no-{term}_s0", "grd", replace(grd, **{term: 0.0}), 0, short)]
+    return rows
+
+
+def sweep_runs(short: int) -> dict[str, list[Run]]:
+    """Short-schedule weight sweep of each baseline around its published default."""
+    off = method_weights("none")
+    return {
+        name: [Run(f"sweep_{name}_x{f:g}", name, replace(off, **{name: default * f}), 0, short) for f in SWEEP_FACTORS]
+        for name, default in BASELINE_WEIGHTS.items()
+    }
+
+
+def train_run(run: Run, args) -> Path:
+    """Train (or resume) one run; returns its folder."""
+    run_dir = Path(args.runs) / run.key
+    settings = TrainSettings(steps=run.steps, batch_size=4, lr=2e-3, seed=run.seed, validate_every=max(250, run.steps // 6),
+                             snapshot_every=10**9, augment=AugmentConfig(crop=256))
+    distill = DistillSettings(method=run.method, weights=run.weights)
+    def factory(tune):
+        return lambda model: score_model(model, tune)
+
+    start = time.time()
+    distill_student(args.teacher, Path(args.data) / "train", run_dir, STUDENT, settings, distill, validate_factory=factory,
+                    command="python benchmarks/distill_table.py " + " ".join(sys.argv[1:]))
+    print(f"  {run.key}: trained/resumed in {time.time() - start:.0f} s", flush=True)
+    return run_dir
+
+
+def timed_scores(segment, images_labels, threads: int) -> tuple[dict[str, float], float, float]:
+    """Per-image mean metrics plus mean network and decode ms per image (single process)."""
+    torch.set_num_threads(threads)
+    rows, net, dec = [], 0.0, 0.0
+    for image, labels in images_labels:
+        labels_pred, t_net, t_dec = segment(image)
+        rows.append(evaluate(labels, labels_pred))
+        net, dec = net + t_net, dec + t_dec
+    n = len(images_labels)
+    return mean_metrics(rows), 1000 * net / n, 1000 * dec / n
+
+
+def network_segment(path: Path, decode: DecodeSettings):
+    """Segment function of a checkpoint with given decoder settings."""
+    model, _ = load_checkpoint(path)
+
+    def segment(image):
+        out = run_network(model, image)
+        labels, seconds = decode_output(out, decode)
+        return labels, out.seconds, seconds
+
+    return segment, count_parameters(model)
+
+
+def evaluate_checkpoint(path: Path, tune, val, threads: int) -> dict:
+    """Tune the decoder on the tune split, then score (and time) on val."""
+    model, meta = load_checkpoint(path)
+    settings, tune_scores, _ = tune_decoder(network_outputs(model, tune), tune, base=DecodeSettings(**meta.get("decode", {})))
+    segment, params = network_segment(path, settings)
+    scores, net_ms, dec_ms = timed_scores(segment, val, threads)
+    return {"metrics": scores, "network_ms": net_ms, "decode_ms": dec_ms, "parameters": params,
+            "decode": settings.to_dict(), "tune": tune_scores, "step": meta.get("step")}
+
+
+def row_result(run: Run, args, tune, val) -> dict:
+    """Cached result of one run; trains and evaluates it first if selected (``--only``) and not cached."""
+    cache = Path(args.results) / "rows" / f"{run.key}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    if args.report or (args.only is not None and run.key not in args.only):
+        return {}
+    run_dir = train_run(run, args)
+    progress = json.loads((run_dir / "progress.json").read_text())
+    best = run_dir / ("best.safetensors" if (run_dir / "best.safetensors").exists() else "last.safetensors")
+    result = evaluate_checkpoint(best, tune, val, args.threads)
+    result.update(key=run.key, method=run.method, weights=asdict(run.weights), seed=run.seed, steps=run.steps,
+                  peak_train_mb=progress.get("peak_rss_mb"), train_seconds=progress.get("seconds"))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def reference_rows(args, val) -> dict[str, dict]:
+    """Classical and teacher rows (cached)."""
+    out = {}
+    cache = Path(args.results) / "rows"
+    cache.mkdir(parents=True, exist_ok=True)
+    for key in ("classical", "teacher"):
+        path = cache / f"{key}.json"
+        if not path.exists() and not args.report:
+            if key == "classical":
+                classical = ClassicalSegmenter()
+
+                def segment(image):
+                    r = classical.segment(image)
+                    return r.labels, r.network_seconds, r.decode_seconds
+
+                scores, net, dec = timed_scores(segment, val, args.threads)
+                result = {"metrics": scores, "network_ms": net, "decode_ms": dec, "parameters": 0}
+            else:
+                _, meta = load_checkpoint(args.teacher)
+                segment, params = network_segment(Path(args.teacher), DecodeSettings(**meta.get("decode", {})))
+                scores, net, dec = timed_scores(segment, val, args.threads)
+                result = {"metrics": scores, "network_ms": net, "decode_ms": dec, "parameters": params}
+            path.write_text(json.dumps(result, indent=1))
+        if path.exists():
+            out[key] = json.loads(path.read_text())
+    return out
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    """Mean, or mean ± std over seeds."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table(rows: dict[str, list[dict]], refs: dict[str, dict]) -> str:
+    """Markdown table with gap recovered on F1 and AJI relative to the no-KD mean."""
+    nokd = [r for r in rows.get("student, no distillation", []) if r]
+    teacher = refs.get("teacher")
+
+    def gap(metric: str, results: list[dict]) -> str:
+        if not nokd or not teacher or not results:
+            return "–"
+        base = statistics.mean(r["metrics"][metric] for r in nokd)
+        span = teacher["metrics"][metric] - base
+        return fmt([100 * (r["metrics"][metric] - base) / span for r in results], 0) + " %" if span > 0 else "–"
+
+    head = ("| row | seeds | params | network ms | decode ms | F1@0.5 | AJI | PQ | SBD | gap F1 | gap AJI | peak train MB |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for key in ("classical", "teacher"):
+        if key in refs:
+            r = refs[key]
+            lines.append(f"| {key} | – | {r['parameters']:,} | {r['network_ms']:.0f} | {r['decode_ms']:.0f} | "
+                         + " | ".join(f"{r['metrics'][c]:.3f}" for c in COLUMNS) + " | – | – | – |")
+    for name, results in rows.items():
+        results = [r for r in results if r]
+        if not results:
+            lines.append(f"| {name} | 0 | | | | | | | | | | (not run yet) |")
+            continue
+        lines.append(
+            f"| {name} | {len(results)} | {results[0]['parameters']:,} | {fmt([r['network_ms'] for r in results], 0)} | "
+            f"{fmt([r['decode_ms'] for r in results], 0)} | "
+            + " | ".join(fmt([r["metrics"][c] for r in results]) for c in COLUMNS)
+            + f" | {gap('f1@0.5', results)} | {gap('aji', results)} | {fmt([r['peak_train_mb'] for r in results], 0)} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def sweep_table(sweeps: dict[str, list[dict]]) -> str:
+    """Appendix: the baseline weight sweep on the tune split (short schedule)."""
+    lines = ["| baseline | weight | tune F1@0.5 | tune AJI |", "|---|---|---|---|"]
+    for name, results in sweeps.items():
+        for r in results:
+            if r:
+                lines.append(f"| {name} | {r['weights'][name]:g} | {r['tune']['f1@0.5']:.3f} | {r['tune']['aji']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    """Run (or resume) every row, then write benchmarks/results/distill_table.md."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--data", required=True, help="folder with train/ and val/")
+    parser.add_argument("--runs", default="runs/bench")
+    parser.add_argument("--results", default="benchmarks/results")
+    parser.add_argument("--steps", type=int, default=2000, help="schedule of every full student row")
+    parser.add_argument("--short-steps", type=int, default=600, help="schedule of sweeps and ablations")
+    parser.add_argument("--threads", type=int, default=2, help="threads for timing (2 = this machine)")
+    parser.add_argument("--only", nargs="*", default=None, help="run keys to train (default: all)")
+    parser.add_argument("--report", action="store_true", help="only assemble the table from cached rows")
+    args = parser.parse_args()
+
+    tune_names = load_checkpoint(args.teacher)[1]["training_data"]["tune_images"]
+    tune = load_folder(Path(args.data) / "train", names=tune_names)
+    val_samples = load_folder(Path(args.data) / "val")
+    import tifffile
+
+    val = [(tifffile.imread(Path(args.data) / "val" / "images" / f"{s.name}.tif"), s.labels) for s in val_samples]
+
+    sweeps = {name: [row_result(r, args, tune, val) for r in runs] for name, runs in sweep_runs(args.short_steps).items()}
+    best_weights = {}
+    for name, results in sweeps.items():
+        done = [r for r in results if r]
+        best_weights[name] = max(done, key=lambda r: r["tune"]["score"])["weights"][name] if len(done) == len(SWEEP_FACTORS) else BASELINE_WEIGHTS[name]
+    refs = reference_rows(args, val)
+    rows = {name: [row_result(r, args, tune, val) for r in runs]
+            for name, runs in plan(args.steps, args.short_steps, best_weights).items()}
+    text = (f"# Does distillation help? (BBBC039 val, 50 images)\n\nCommand: `python benchmarks/distill_table.py "
+            f"{' '.join(sys.argv[1:])}`\n\nFull schedule {args.steps} steps, ablations and sweeps {args.short_steps} steps "
+            f"(batch 4, crop 256, AdamW 2e-3 cosine). Student: `{STUDENT}`. Times: per 520x696 image, {args.threads} threads.\n\n"
+            + table(rows, refs) + "\n## Appendix: baseline weight sweep (tune split, short schedule)\n\n" + sweep_table(sweeps))
+    out = Path(args.results) / "distill_table.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""napari glue of napari-graphkd (the library itself never imports napari or Qt)."""
+from ._overlays import OverlaysWidget
+from ._segment import SegmentWidget
+
+__all__ = ["OverlaysWidget", "SegmentWidget"]

@@ -1,0 +1,92 @@
+"""Base of the widgets: a magicgui Container that runs one job at a time in a napari thread_worker."""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from magicgui.widgets import Container, Label, ProgressBar, PushButton
+from napari.qt.threading import thread_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+
+
+class JobWidget(Container):
+    """Container with a progress bar, a Cancel button, and one background job at a time.
+
+    Subclasses build their controls, then call ``self.extend(self.footer())``. ``busy`` is True
+    from ``_start`` until the job's ``finished`` signal has been handled (tests wait on it).
+    """
+
+    def __init__(self, viewer, **kwargs):
+        super().__init__(**kwargs)
+        self.viewer = viewer
+        self.progress = ProgressBar(value=0, min=0, max=100, label="Progress")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.cancel_button.changed.connect(self.cancel)
+        self.report = Label(value="", label="Report")
+        self.report.native.setWordWrap(True)
+        self.actions: list[PushButton] = []  # buttons that start jobs, disabled while one runs
+        self._worker = None
+        self._cancel = threading.Event()
+        for event in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.moved):
+            event.connect(self._layers_changed)
+
+    def footer(self) -> list:
+        """Progress, Cancel and report widgets, to put at the bottom."""
+        return [self.progress, self.cancel_button, self.report]
+
+    @property
+    def busy(self) -> bool:
+        """True while a job runs (or its results are being shown)."""
+        return self._worker is not None
+
+    def cancel(self) -> None:
+        """Ask the running job to stop at the next tile or plane."""
+        self._cancel.set()
+
+    def _layers_changed(self, event=None) -> None:
+        try:
+            self.reset_choices()
+        except RuntimeError:  # the Qt widget is already deleted (viewer closing)
+            pass
+
+    def _start(self, job: Callable, request, on_done: Callable):
+        """Run ``job(request, cancel_event)`` in a thread_worker; ``on_done(result)`` gets a successful result."""
+        if self.busy:
+            show_warning("napari-graphkd is still working; wait or press Cancel")
+            return None
+        self._cancel = threading.Event()
+        worker = thread_worker(job)(request, self._cancel)
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(lambda result: self._on_returned(result, on_done))
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.progress.value = 0
+        self._set_running(True)
+        worker.start()
+        return worker
+
+    def _set_running(self, running: bool) -> None:
+        self.cancel_button.enabled = running
+        for button in self.actions:
+            button.enabled = not running
+
+    def _on_progress(self, fraction: float) -> None:
+        self.progress.value = int(round(100 * fraction))
+
+    def _on_returned(self, result, on_done: Callable) -> None:
+        if result.cancelled:
+            show_info("napari-graphkd: cancelled")
+        elif result.error is not None:
+            show_error(f"napari-graphkd: {result.error}")
+        else:
+            for warning in result.warnings:
+                show_warning(f"napari-graphkd: {warning}")
+            on_done(result)
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        self._set_running(False)
+        self._after_job()
+
+    def _after_job(self) -> None:
+        """Hook run when a job has finished (e.g. start a pending re-decode)."""

@@ -1,0 +1,264 @@
+"""Work the widgets run in a napari ``thread_worker``: segmentation, re-decoding and overlays.
+
+Jobs are generators that yield progress in [0, 1] and return a result object; they never raise
+(errors come back as a message for a notification) and they check a ``threading.Event`` to stop.
+Everything here calls the library; nothing touches the viewer.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from ..affinity import OFFSETS
+from ..graph import affinity_disagreement, agreement, at_size, edge_cosines, edge_vectors, graph_disagreement
+from ..graph import instance_embeddings, instance_graph
+from ..inference import decode_output
+from ..io.checkpoint import CheckpointError
+from ..preprocess import InputError
+from ._layers import KEY, Placement, plane_data, stack_planes, with_plane_axis
+from ._state import CACHE, MODELS
+
+log = logging.getLogger(__name__)
+OFFSET_LIST = [list(o) for o in OFFSETS]
+
+
+class Cancelled(Exception):
+    """The user pressed Cancel."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How the network is run (part of the cache key): object diameter, inversion, tile size."""
+
+    diameter: float | None = None
+    invert: bool | None = None
+    tile: int = 1024
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of ``run_network`` / ``segment``."""
+        return {"diameter": self.diameter, "invert": self.invert, "tile": self.tile}
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    """One segmentation (or re-decoding) of some planes of an image layer by some models."""
+
+    image_id: str
+    image_name: str
+    data: Any  # the layer's data; the cache checks it is still the same object
+    planes: tuple[int | None, ...]
+    models: tuple[tuple[str, str], ...]  # (role, spec): role is teacher, student or classical
+    run: RunSettings = RunSettings()
+    overrides: dict | None = None  # decoder settings replacing each model's tuned ones
+    network: bool = True  # False: re-decode cached network outputs only
+    ground_truth: Any = None  # Labels layer data to score against, or None
+    placement: Placement | None = None  # where result layers go (not used by the job)
+
+
+@dataclass
+class ModelResult:
+    """Labels of one model on the requested planes, with timings and scores."""
+
+    role: str
+    spec: str
+    name: str
+    description: dict
+    labels: np.ndarray
+    network_seconds: float
+    decode_seconds: float
+    cached: bool
+    decode: dict | None
+    ground_truth: dict | None = None
+
+
+@dataclass
+class JobResult:
+    """What a job hands back to the widget: results, or why there are none."""
+
+    request: Any
+    models: list[ModelResult] = field(default_factory=list)
+    agreement: dict | None = None
+    layers: list[tuple] = field(default_factory=list)  # napari LayerData tuples (overlays)
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    cancelled: bool = False
+
+
+def _message(exc: Exception) -> str:
+    """Notification text: our own errors explain themselves, others get their type."""
+    if isinstance(exc, (InputError, CheckpointError)):
+        return str(exc)
+    log.exception("napari-graphkd job failed")
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _guard(job, request):
+    """Run generator ``job``, turning Cancelled and errors into a JobResult."""
+    try:
+        return (yield from job)
+    except Cancelled:
+        return JobResult(request, cancelled=True)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a notification, never a crash
+        return JobResult(request, error=_message(exc))
+
+
+def _checker(cancel: threading.Event):
+    """``on_tile`` callback that stops a running network when Cancel was pressed."""
+
+    def on_tile(done: int, total: int) -> None:
+        if cancel.is_set():
+            raise Cancelled
+
+    return on_tile
+
+
+def network_output(image_id: str, data, plane, spec: str, run: RunSettings, cancel: threading.Event, allow_run: bool = True):
+    """(NetworkOutput, was_cached) of model ``spec`` on one plane, from the cache or the network."""
+    key, segmenter = MODELS.get(spec)
+
+    def compute():
+        if not allow_run:
+            raise InputError("the network output is no longer cached (memory limit or changed image); press Run again")
+        return segmenter.run_network(plane_data(data, plane), on_tile=_checker(cancel), **run.kwargs())
+
+    return CACHE.fetch((image_id, key, plane, run), data, compute)
+
+
+def segment_job(request: SegmentRequest, cancel: threading.Event):
+    """Segment (or re-decode) every requested plane with every requested model."""
+    return (yield from _guard(_segment(request, cancel), request))
+
+
+def _segment(request: SegmentRequest, cancel: threading.Event):
+    steps, done = len(request.models) * len(request.planes), 0
+    result = JobResult(request)
+    for role, spec in request.models:
+        _, segmenter = MODELS.get(spec)
+        decode = None
+        if segmenter.kind == "network":
+            decode = replace(segmenter.decode_settings, **(request.overrides or {}))
+        planes, net, dec, cached_all = [], 0.0, 0.0, True
+        for plane in request.planes:
+            if cancel.is_set():
+                raise Cancelled
+            if decode is None:
+                seg = segmenter.segment(plane_data(request.data, plane), **request.run.kwargs())
+                labels, seconds, net_seconds, cached = seg.labels, seg.decode_seconds, 0.0, False
+            else:
+                output, cached = network_output(request.image_id, request.data, plane, spec, request.run, cancel, request.network)
+                labels, seconds = decode_output(output, decode)
+                net_seconds = output.seconds
+            planes.append(labels)
+            net, dec, cached_all = net + net_seconds, dec + seconds, cached_all and cached
+            done += 1
+            yield done / steps
+        labels = stack_planes(planes, list(request.planes))
+        model = ModelResult(role, spec, segmenter.name, segmenter.describe(), labels, net, dec, cached_all,
+                            None if decode is None else decode.to_dict())
+        if request.ground_truth is not None:
+            gt = stack_planes([plane_data(request.ground_truth, p) for p in request.planes], list(request.planes))
+            if gt.shape == labels.shape:
+                model.ground_truth = agreement(gt, labels)
+            else:
+                result.warnings.append(f"ground truth {gt.shape} does not match the result {labels.shape}; not scored")
+        result.models.append(model)
+    by_role = {m.role: m for m in result.models}
+    if "teacher" in by_role and "student" in by_role:
+        result.agreement = agreement(by_role["teacher"].labels, by_role["student"].labels)
+    return result
+
+
+@dataclass(frozen=True)
+class Source:
+    """A segmentation result to draw overlays for: its labels plane and how its network was run."""
+
+    name: str
+    labels: np.ndarray  # (H,W) plane
+    image_id: str
+    image_data: Any
+    image_plane: int | None
+    spec: str
+    model: str
+    run: RunSettings
+
+
+@dataclass(frozen=True)
+class OverlayRequest:
+    """Overlays of one result (``kind`` affinity or graph) or of a teacher/student pair (disagreement)."""
+
+    kind: str
+    source: Source
+    other: Source | None
+    placement: Placement
+    stacked: bool  # the result layers are stacks: overlays get a plane axis
+    k: int = 4
+    max_distance: float | None = None
+
+
+def overlay_job(request: OverlayRequest, cancel: threading.Event):
+    """Layer data for the requested overlay."""
+    return (yield from _guard(_overlay(request, cancel), request))
+
+
+def _maps(source: Source, cancel: threading.Event) -> tuple[np.ndarray, np.ndarray]:
+    """Embedding (C,H,W) and affinities (K,H,W) of a source at the size of its labels."""
+    output, _ = network_output(source.image_id, source.image_data, source.image_plane, source.spec, source.run, cancel)
+    shape = source.labels.shape
+    return at_size(output.full_embedding(), shape), at_size(output.affinities(), shape)
+
+
+def _overlay(request: OverlayRequest, cancel: threading.Event):
+    src, other = request.source, request.other
+    pl, stacked = request.placement, request.stacked
+    meta = {"source_labels": src.name, "model": src.model, "model_spec": src.spec, "offsets": OFFSET_LIST}
+    result = JobResult(request)
+    embedding, affinities = _maps(src, cancel)
+    yield 0.5
+    if request.kind == "affinity":
+        data = affinities[:, None] if stacked else affinities
+        result.layers.append((data, {"name": f"{src.name} affinities", "colormap": "magma", "contrast_limits": (0.0, 1.0),
+                                     "metadata": {KEY: dict(meta, kind="affinities")}, **pl.kwargs(leading=1)}, "image"))
+    elif request.kind == "graph":
+        graph = instance_graph(embedding, src.labels, request.k, request.max_distance)
+        graph_meta = dict(meta, k=request.k, max_distance=request.max_distance)
+        result.layers.append(_nodes(src.name, graph, pl, stacked, dict(graph_meta, kind="graph nodes")))
+        features = {"similarity": graph.similarity, "source_id": graph.ids[graph.edges[:, 0]], "target_id": graph.ids[graph.edges[:, 1]]}
+        result.layers.append(_edges(f"{src.name} graph edges", graph, features, "similarity", "viridis", (-1.0, 1.0),
+                                    pl, stacked, dict(graph_meta, kind="graph edges")))
+    else:
+        other_embedding, other_affinities = _maps(other, cancel)
+        pair = dict(meta, other_labels=other.name, other_model=other.model, other_model_spec=other.spec)
+        diff = affinity_disagreement(affinities, other_affinities)
+        result.layers.append((diff[None] if stacked else diff,
+                              {"name": f"{src.name} vs {other.name} affinity disagreement", "colormap": "inferno",
+                               "contrast_limits": (0.0, 1.0), "metadata": {KEY: dict(pair, kind="affinity disagreement")},
+                               **pl.kwargs()}, "image"))
+        graph = instance_graph(embedding, src.labels, request.k, request.max_distance)
+        other_nodes = instance_embeddings(other_embedding, src.labels)
+        features = {"disagreement": graph_disagreement(graph, other_nodes), "cos_teacher": graph.similarity,
+                    "cos_student": edge_cosines(other_nodes, graph.edges), "source_id": graph.ids[graph.edges[:, 0]],
+                    "target_id": graph.ids[graph.edges[:, 1]]}
+        result.layers.append(_edges(f"{src.name} vs {other.name} graph disagreement", graph, features, "disagreement",
+                                    "inferno", (0.0, 1.0), pl, stacked,
+                                    dict(pair, kind="graph disagreement", k=request.k, max_distance=request.max_distance)))
+    yield 1.0
+    return result
+
+
+def _nodes(name: str, graph, pl: Placement, stacked: bool, meta: dict) -> tuple:
+    """Points layer data of graph nodes at instance centroids."""
+    return (with_plane_axis(graph.centroids, stacked),
+            {"name": f"{name} graph nodes", "features": {"id": graph.ids}, "size": 7, "face_color": "white",
+             "border_color": "black", "metadata": {KEY: meta}, **pl.kwargs()}, "points")
+
+
+def _edges(name: str, graph, features: dict, color_by: str, colormap: str, limits, pl: Placement, stacked: bool, meta: dict) -> tuple:
+    """Vectors layer data of graph edges coloured by one of their features."""
+    return (with_plane_axis(edge_vectors(graph.centroids, graph.edges), stacked),
+            {"name": name, "features": features, "edge_color": color_by, "edge_colormap": colormap,
+             "edge_contrast_limits": limits, "edge_width": 2, "vector_style": "line",
+             "metadata": {KEY: meta}, **pl.kwargs()}, "vectors")

@@ -1,0 +1,292 @@
+"""The "Segment (teacher vs student)" widget: run models on an image layer into new Labels layers."""
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, replace
+from datetime import datetime
+from pathlib import Path
+
+import napari  # noqa: F401 - the viewer annotation
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
+from napari.layers import Image, Labels
+from napari.utils.notifications import show_error, show_info, show_warning
+
+from ..decode.mws import DecodeSettings
+from ..inference import DEFAULT_TILE
+from ..io.checkpoint import CheckpointError
+from ..preprocess import InputError
+from ._base import JobWidget
+from ._jobs import JobResult, ModelResult, RunSettings, SegmentRequest, segment_job
+from ._layers import KEY, check_image_layer, placement, planes_to_run, provenance
+from ._state import MODELS
+
+SOURCES = [("bundled teacher", "teacher"), ("bundled student", "student"), ("checkpoint file...", "file")]
+DECODER_FIELDS = ("min_size", "foreground_threshold", "attractive_bias")
+
+
+def describe_model(description: dict) -> str:
+    """One line: architecture, widths, resolution and parameter count."""
+    config = description.get("config", {})
+    resolution = "half-resolution" if config.get("stem_stride") == 2 else "full-resolution"
+    widths = "-".join(str(w) for w in config.get("widths", []))
+    return (f"{description.get('architecture', '?')} ({config.get('block', 'residual')}, widths {widths}, "
+            f"{resolution}): {description.get('parameters', 0):,} parameters")
+
+
+def _mark_edited(event) -> None:
+    """A result layer painted by hand is the user's now: never re-decode or replace it."""
+    provenance(event.source)["edited"] = True
+
+
+class ModelPicker(Container):
+    """A bundled model or a checkpoint file, with its architecture and parameter count."""
+
+    def __init__(self, role: str, default: str):
+        self.role = role
+        self.source = ComboBox(label=role.title(), choices=SOURCES, value=default)
+        self.path = FileEdit(label="Checkpoint", mode="r", filter="*.safetensors", visible=False)
+        self.info = Label(value="")
+        self.info.native.setWordWrap(True)
+        super().__init__(widgets=[self.source, self.path, self.info], labels=True)
+        self.margins = (0, 0, 0, 0)
+        self.source.changed.connect(self._source_changed)
+
+    def _source_changed(self, value: str) -> None:
+        self.path.visible = value == "file"
+
+    @property
+    def spec(self) -> str:
+        """``teacher``/``student`` (bundled) or the checkpoint path; CheckpointError if none is chosen."""
+        if self.source.value != "file":
+            return self.source.value
+        path = Path(self.path.value) if self.path.value else None
+        if path is None or not path.is_file():
+            raise CheckpointError(f"choose a checkpoint file (.safetensors) for the {self.role}")
+        return str(path)
+
+    def load(self):
+        """The chosen segmenter (loaded once); CheckpointError says why it cannot be used."""
+        return MODELS.get(self.spec)[1]
+
+    @property
+    def pending(self) -> bool:
+        """True while "checkpoint file" is chosen but no file yet (nothing to complain about)."""
+        return self.source.value == "file" and str(self.path.value) in ("", ".")
+
+    def refresh(self) -> str | None:
+        """Show the model's architecture and size; return why it cannot be loaded, if it cannot."""
+        try:
+            self.info.value = describe_model(self.load().describe())
+        except CheckpointError as exc:
+            self.info.value = f"not available: {exc}"
+            return str(exc)
+        return None
+
+
+class SegmentWidget(JobWidget):
+    """Teacher and student (and a classical baseline) side by side on one image layer.
+
+    Results always go to new Labels layers (or, with "replace", to this widget's own earlier
+    layers); network outputs are cached so decoder changes re-decode the last run at once.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer):  # napari injects the viewer (matched by this annotation)
+        super().__init__(viewer, labels=True)
+        self._uid = uuid.uuid4().hex
+        self._last_request: SegmentRequest | None = None
+        self._latest: dict = {}  # role -> result layer of the last run
+        self._redecode_pending = False
+        self._syncing = False
+        self.last_result: JobResult | None = None
+
+        self.image = ComboBox(label="Image", choices=self._image_choices)
+        self.ground_truth = ComboBox(label="Ground truth", choices=self._labels_choices, nullable=True, value=None)
+        self.pickers = {"teacher": ModelPicker("teacher", "teacher"), "student": ModelPicker("student", "student")}
+        self.diameter = FloatSpinBox(label="Nucleus diameter (px, 0 = as trained)", value=0.0, min=0.0, max=1000.0, step=1.0)
+        self.invert = CheckBox(text="Dark nuclei on a bright background")
+        self.all_planes = CheckBox(text="All planes of a stack (else the current plane)")
+        self.tile = SpinBox(label="Tile size (px)", value=DEFAULT_TILE, min=128, max=8192, step=128)
+        self.own_settings = CheckBox(text="Each model's tuned decoder settings", value=True)
+        defaults = DecodeSettings()
+        self.min_size = SpinBox(label="Min fragment size (px)", value=defaults.min_size, min=0, max=100000)
+        self.foreground_threshold = FloatSpinBox(label="Foreground threshold", value=defaults.foreground_threshold,
+                                                 min=0.0, max=1.0, step=0.05)
+        self.attractive_bias = FloatSpinBox(label="Attractive bias", value=defaults.attractive_bias, min=-1.0, max=1.0, step=0.05)
+        self.replace = CheckBox(text="Replace my previous result (only layers this widget made)")
+        buttons = {"Run teacher": ("teacher",), "Run student": ("student",), "Run both": ("teacher", "student"),
+                   "Classical": ("classical",)}
+        self.buttons = {}
+        for text, roles in buttons.items():
+            self.buttons[text] = PushButton(text=text)
+            self.buttons[text].changed.connect(lambda _=None, roles=roles: self.run(roles))
+        self.actions = list(self.buttons.values())
+
+        self.extend([self.image, self.ground_truth, *self.pickers.values(), self.diameter, self.invert, self.all_planes,
+                     self.tile, self.own_settings, self.min_size, self.foreground_threshold, self.attractive_bias,
+                     self.replace, Container(widgets=list(self.buttons.values()), layout="horizontal", labels=False),
+                     *self.footer()])
+        for picker in self.pickers.values():
+            picker.source.changed.connect(lambda _=None, p=picker: self._model_changed(p))
+            picker.path.changed.connect(lambda _=None, p=picker: self._model_changed(p))
+            self._model_changed(picker)
+        self.own_settings.changed.connect(self._own_settings_changed)
+        for name in DECODER_FIELDS:
+            getattr(self, name).changed.connect(self._decoder_changed)
+        self._own_settings_changed()
+
+    # -- choices -----------------------------------------------------------------------------
+    def _image_choices(self, widget=None) -> list:
+        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image) and not provenance(layer)]
+
+    def _labels_choices(self, widget=None) -> list:
+        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Labels)]
+
+    # -- settings ------------------------------------------------------------------------------
+    def _model_changed(self, picker: ModelPicker) -> None:
+        problem = picker.refresh()
+        if problem is not None:
+            if not picker.pending:
+                show_warning(f"napari-graphkd: {picker.role} model not available: {problem}")
+            return
+        if picker.role == "teacher" and self.own_settings.value:
+            self._show_settings(picker.load().decode_settings)
+
+    def _show_settings(self, settings: DecodeSettings) -> None:
+        """Put a model's tuned settings in the (disabled) decoder controls, without re-decoding."""
+        self._syncing = True
+        try:
+            for name in DECODER_FIELDS:
+                getattr(self, name).value = getattr(settings, name)
+        finally:
+            self._syncing = False
+
+    def _own_settings_changed(self, *_) -> None:
+        for name in DECODER_FIELDS:
+            getattr(self, name).enabled = not self.own_settings.value
+        self.redecode()
+
+    def _decoder_changed(self, *_) -> None:
+        if not self._syncing and not self.own_settings.value:
+            self.redecode()
+
+    def decoder_overrides(self) -> dict | None:
+        """Decoder settings from the controls, or None for each model's tuned settings."""
+        if self.own_settings.value:
+            return None
+        return {name: getattr(self, name).value for name in DECODER_FIELDS}
+
+    def run_settings(self) -> RunSettings:
+        """Diameter (0 = as trained), inversion (unchecked = the model's default) and tile size."""
+        return RunSettings(self.diameter.value or None, True if self.invert.value else None, int(self.tile.value))
+
+    # -- running -------------------------------------------------------------------------------
+    def run(self, roles: tuple[str, ...]):
+        """Segment the chosen image with ``roles`` (teacher, student, classical); returns the worker or None."""
+        try:
+            request = self._request(roles)
+        except (InputError, CheckpointError) as exc:
+            show_error(f"napari-graphkd: {exc}")
+            return None
+        targets = self._replaceable(request) if self.replace.value else {}
+        return self._start(segment_job, request, lambda result: self._show(result, targets))
+
+    def redecode(self):
+        """Re-decode the last run's network outputs with the current decoder settings (no network)."""
+        if self._last_request is None:
+            return None
+        if self.busy:
+            self._redecode_pending = True
+            return None
+        targets = {role: layer for role, layer in self._latest.items() if role != "classical" and layer in self.viewer.layers}
+        models = tuple(m for m in self._last_request.models if m[0] in targets)
+        if not models:
+            return None
+        request = replace(self._last_request, models=models, overrides=self.decoder_overrides(), network=False)
+        return self._start(segment_job, request, lambda result: self._show(result, targets))
+
+    def _after_job(self) -> None:
+        if self._redecode_pending:
+            self._redecode_pending = False
+            self.redecode()
+
+    def _request(self, roles: tuple[str, ...]) -> SegmentRequest:
+        image = self.image.value
+        check_image_layer(image)
+        models = []
+        for role in roles:
+            if role == "classical":
+                models.append((role, "classical"))
+            else:
+                picker = self.pickers[role]
+                picker.load()  # fail here, with the reason, rather than in the thread
+                models.append((role, picker.spec))
+        planes = tuple(planes_to_run(self.viewer, image, self.all_planes.value))
+        gt = self.ground_truth.value
+        return SegmentRequest(str(image.unique_id), image.name, image.data, planes, tuple(models), self.run_settings(),
+                              self.decoder_overrides(), True, None if gt is None else gt.data,
+                              placement(image, list(planes)))
+
+    # -- results -------------------------------------------------------------------------------
+    def _owns(self, layer, shape) -> bool:
+        """True for a layer this widget made, still in the viewer, not painted by hand, of this shape."""
+        prov = provenance(layer)
+        return (layer in self.viewer.layers and prov.get("widget") == self._uid and not prov.get("edited")
+                and layer.data.shape == shape)
+
+    def _replaceable(self, request: SegmentRequest) -> dict:
+        """This widget's latest earlier result layers for the same image, planes and roles."""
+        targets = {}
+        for layer in self.viewer.layers:
+            prov = provenance(layer)
+            if (prov.get("widget") == self._uid and prov.get("image_layer_id") == request.image_id
+                    and prov.get("planes") == list(request.planes) and not prov.get("edited")):
+                targets[prov["role"]] = layer
+        return targets
+
+    def _provenance(self, request: SegmentRequest, model: ModelResult, result: JobResult) -> dict:
+        return {
+            "created_by": "napari-graphkd Segment widget", "widget": self._uid, "role": model.role,
+            "model": model.name, "model_spec": model.spec, "model_path": model.description.get("path"),
+            "architecture": model.description.get("architecture"), "parameters": model.description.get("parameters"),
+            "image_layer": request.image_name, "image_layer_id": request.image_id, "planes": list(request.planes),
+            "run": asdict(request.run), "decode": model.decode, "network_seconds": model.network_seconds,
+            "network_cached": model.cached, "decode_seconds": model.decode_seconds,
+            "ground_truth_scores": model.ground_truth,
+            "agreement_with_teacher": result.agreement if model.role == "student" else None,
+            "time": datetime.now().isoformat(timespec="seconds"), "edited": False,
+        }
+
+    def _show(self, result: JobResult, targets: dict) -> None:
+        request = result.request
+        for model in result.models:
+            prov = self._provenance(request, model, result)
+            layer = targets.get(model.role)
+            if layer is not None and self._owns(layer, model.labels.shape):
+                layer.data = model.labels
+                provenance(layer).update(prov)
+            else:
+                if layer is not None and layer in self.viewer.layers:
+                    show_info(f"napari-graphkd: {layer.name!r} was edited by hand; the new result is a new layer")
+                name = f"{request.image_name} {model.role}" + ("" if model.name == model.role else f" ({model.name})")
+                layer = self.viewer.add_labels(model.labels, name=name, metadata={KEY: prov}, **request.placement.kwargs())
+                layer.events.paint.connect(_mark_edited)
+            self._latest[model.role] = layer
+        if request.network:
+            self._last_request = request
+        self.last_result = result
+        self.report.value = report_text(result)
+
+
+def report_text(result: JobResult) -> str:
+    """Timings per model, agreement of student and teacher, scores against ground truth."""
+    lines = []
+    for m in result.models:
+        network = "-" if m.role == "classical" else f"{m.network_seconds:.2f} s" + (" (cached)" if m.cached else "")
+        lines.append(f"{m.role} [{m.name}]: network {network}, decode {m.decode_seconds:.2f} s")
+        if m.ground_truth:
+            gt = m.ground_truth
+            lines.append(f"  vs ground truth: F1 {gt['f1']:.3f}, AJI {gt['aji']:.3f} ({gt['n_b']:.0f} nuclei, GT {gt['n_a']:.0f})")
+    if result.agreement:
+        a = result.agreement
+        lines.append(f"student vs teacher: F1 {a['f1']:.3f}, AJI {a['aji']:.3f} ({a['n_b']:.0f} vs {a['n_a']:.0f} nuclei)")
+    return "\n".join(lines)

@@ -1,0 +1,274 @@
+"""The Segment widget end to end under Xvfb, on a small real BBBC039 crop with tiny random networks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from widget_utils import (  # noqa: F401 - fixtures
+    checkpoints,
+    errors,
+    fresh_cache,
+    labels_layers,
+    network_calls,
+    notes,
+    small_stack,
+    use_files,
+    wait,
+)
+
+from napari_graphkd._widgets import SegmentWidget
+from napari_graphkd._widgets._layers import KEY
+
+
+@pytest.fixture()
+def setup(make_napari_viewer, crop, checkpoints):
+    """Viewer with the crop and its ground truth, and a docked Segment widget using tiny checkpoints."""
+    viewer = make_napari_viewer()
+    image, gt = crop
+    viewer.add_image(image, name="crop")
+    viewer.add_labels(gt, name="crop gt")
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    use_files(widget, *checkpoints)
+    widget.image.value = viewer.layers["crop"]
+    return viewer, widget
+
+
+def test_pickers_show_architecture_and_parameters(setup):
+    _, widget = setup
+    info = widget.pickers["teacher"].info.value
+    assert "EmbeddingUNet" in info and "half-resolution" in info and "parameters" in info
+
+
+def test_run_both_creates_new_layers_with_provenance_and_scores(setup, qtbot, network_calls, notes):
+    viewer, widget = setup
+    gt_before = viewer.layers["crop gt"].data.copy()
+    widget.ground_truth.value = viewer.layers["crop gt"]
+    worker = widget.run(("teacher", "student"))
+    assert worker is not None
+    wait(qtbot, widget)
+    assert errors(notes) == []
+    names = [layer.name for layer in viewer.layers]
+    assert names == ["crop", "crop gt", "crop teacher (tiny_t)", "crop student (tiny_s)"]
+    np.testing.assert_array_equal(viewer.layers["crop gt"].data, gt_before)
+    assert len(network_calls) == 2
+    for role, layer in zip(("teacher", "student"), viewer.layers[2:]):
+        prov = layer.metadata[KEY]
+        assert layer.data.shape == gt_before.shape and layer.data.dtype == np.int32
+        assert prov["role"] == role and prov["image_layer"] == "crop" and prov["planes"] == [None]
+        assert prov["model_path"].endswith(f"tiny_{role[0]}.safetensors") and prov["parameters"] > 0
+        assert prov["decode"]["min_size"] >= 0 and prov["network_seconds"] > 0 and prov["decode_seconds"] > 0
+        assert set(prov["ground_truth_scores"]) == {"f1", "aji", "n_a", "n_b"}
+    agreement = widget.last_result.agreement
+    assert 0 <= agreement["f1"] <= 1 and 0 <= agreement["aji"] <= 1
+    assert viewer.layers[3].metadata[KEY]["agreement_with_teacher"] == agreement
+    report = widget.report.value
+    assert "teacher [tiny_t]: network" in report and "student vs teacher: F1" in report and "vs ground truth" in report
+
+
+def test_reruns_get_fresh_names_and_never_touch_user_layers(setup, qtbot, network_calls, notes):
+    viewer, widget = setup
+    user = viewer.add_labels(np.ones((160, 200), np.int32), name="crop teacher (tiny_t)")  # same name as a result
+    widget.replace.value = True  # even when replacing, a user's layer is never a target
+    for _ in range(2):
+        widget.run(("teacher",))
+        wait(qtbot, widget)
+    made = [layer for layer in labels_layers(viewer) if KEY in layer.metadata]
+    assert len(made) == 1 and made[0].name == "crop teacher (tiny_t) [1]"
+    assert (user.data == 1).all() and KEY not in user.metadata
+    widget.replace.value = False
+    widget.run(("teacher",))
+    wait(qtbot, widget)
+    made = [layer.name for layer in labels_layers(viewer) if KEY in layer.metadata]
+    assert made == ["crop teacher (tiny_t) [1]", "crop teacher (tiny_t) [2]"]
+    assert len(network_calls) == 1  # the later runs reused the cached network output
+    assert "(cached)" in widget.report.value
+    assert errors(notes) == []
+
+
+def test_decoder_change_redecodes_without_rerunning_the_network(setup, qtbot, network_calls, notes):
+    viewer, widget = setup
+    widget.run(("teacher", "student"))
+    wait(qtbot, widget)
+    teacher, student = viewer.layers[2], viewer.layers[3]
+    assert len(network_calls) == 2
+    assert not widget.min_size.enabled
+    widget.own_settings.value = False  # enables the controls and re-decodes
+    wait(qtbot, widget)
+    assert widget.min_size.enabled
+    widget.foreground_threshold.value = 0.0
+    wait(qtbot, widget)
+    widget.min_size.value = 5000
+    wait(qtbot, widget)
+    assert len(network_calls) == 2  # never re-ran
+    assert len(viewer.layers) == 4  # updated in place: these layers are the widget's own
+    for layer in (teacher, student):
+        prov = layer.metadata[KEY]
+        assert prov["decode"]["min_size"] == 5000 and prov["decode"]["foreground_threshold"] == 0.0
+        assert prov["network_cached"] is True
+    assert errors(notes) == []
+
+
+def test_painted_result_is_left_alone_by_redecode(setup, qtbot, notes):
+    viewer, widget = setup
+    widget.run(("teacher",))
+    wait(qtbot, widget)
+    result = viewer.layers[2]
+    result.paint((5, 5), 99, refresh=False)  # the user corrects the result by hand
+    painted = result.data.copy()
+    widget.own_settings.value = False
+    wait(qtbot, widget)
+    assert result.metadata[KEY]["edited"] is True
+    np.testing.assert_array_equal(result.data, painted)
+    assert [layer.name for layer in viewer.layers][-1] == "crop teacher (tiny_t) [1]"
+    assert any("edited by hand" in message for _, message in notes)
+
+
+def test_classical_baseline(setup, qtbot, notes):
+    viewer, widget = setup
+    widget.run(("classical",))
+    wait(qtbot, widget)
+    layer = viewer.layers[-1]
+    assert layer.name == "crop classical" and layer.data.max() > 0
+    assert layer.metadata[KEY]["model_spec"] == "classical"
+    assert "classical [classical]: network -" in widget.report.value
+
+
+def test_stack_current_plane_and_all_planes(setup, qtbot, crop, network_calls, notes):
+    viewer, widget = setup
+    stack = small_stack(crop[0][:64, :96])
+    viewer.add_image(stack, name="stack", scale=(2.0, 1.0, 1.0))
+    widget.image.value = viewer.layers["stack"]
+    viewer.dims.set_point(0, 2.0)  # world z = 2 -> plane 1 (scale 2)
+    widget.run(("teacher",))
+    wait(qtbot, widget)
+    one = viewer.layers[-1]
+    assert one.data.shape == (1, 64, 96) and one.metadata[KEY]["planes"] == [1]
+    assert tuple(one.translate) == (2.0, 0.0, 0.0) and tuple(one.scale) == (2.0, 1.0, 1.0)
+    widget.all_planes.value = True
+    widget.run(("teacher", "student"))
+    wait(qtbot, widget)
+    assert widget.progress.value == 100
+    teacher, student = viewer.layers[-2:]
+    assert teacher.data.shape == student.data.shape == (3, 64, 96)
+    assert teacher.metadata[KEY]["planes"] == [0, 1, 2] and tuple(teacher.translate) == (0.0, 0.0, 0.0)
+    assert len(network_calls) == 1 + 2 * 3 - 1  # plane 1 of the teacher came from the cache
+    assert errors(notes) == []
+
+
+def test_cancel_stops_the_job_and_adds_nothing(setup, qtbot, monkeypatch, notes):
+    viewer, widget = setup
+    from napari_graphkd.segment import ModelSegmenter
+
+    original = ModelSegmenter.run_network
+
+    def cancel_then_run(self, image, **kwargs):
+        widget.cancel()  # as if the user pressed Cancel while the network runs
+        return original(self, image, **kwargs)
+
+    monkeypatch.setattr(ModelSegmenter, "run_network", cancel_then_run)
+    widget.run(("teacher", "student"))
+    wait(qtbot, widget)
+    assert len(viewer.layers) == 2
+    assert any("cancelled" in message for _, message in notes)
+
+
+def test_bad_inputs_become_notifications(setup, qtbot, tmp_path, monkeypatch, notes):
+    viewer, widget = setup
+    n_layers = len(viewer.layers)
+
+    nan = np.full((40, 40), np.nan, dtype=np.float32)
+    viewer.add_image(nan, name="nan")
+    widget.image.value = viewer.layers["nan"]
+    widget.run(("teacher",))
+    wait(qtbot, widget)
+    assert "NaN" in errors(notes)[-1]
+
+    viewer.add_image(np.zeros((2, 2, 32, 32), np.float32), name="4d")
+    widget.image.value = viewer.layers["4d"]
+    assert widget.run(("teacher",)) is None
+    assert "dimensions" in errors(notes)[-1]
+
+    widget.image.value = viewer.layers["crop"]
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 100)
+    widget.pickers["student"].path.value = str(corrupt)
+    assert "not available" in widget.pickers["student"].info.value
+    assert widget.run(("student",)) is None
+    assert "corrupt" in errors(notes)[-1] or "not a readable" in errors(notes)[-1]
+
+    widget.pickers["student"].path.value = str(tmp_path / "nowhere.safetensors")
+    assert widget.run(("student",)) is None
+    assert "choose a checkpoint file" in errors(notes)[-1]
+
+    import napari_graphkd.segment as segment
+
+    monkeypatch.setattr(segment, "bundled_path", lambda name: tmp_path / f"no_{name}.safetensors")
+    widget.pickers["teacher"].source.value = "teacher"
+    assert "missing" in widget.pickers["teacher"].info.value
+    assert widget.run(("teacher",)) is None
+    assert "bundled teacher is missing" in errors(notes)[-1]
+
+    viewer.add_labels(np.zeros((10, 10), np.int32), name="small gt")
+    widget.pickers["teacher"].source.value = "file"  # back to the tiny checkpoint
+    widget.ground_truth.value = viewer.layers["small gt"]
+    widget.run(("teacher",))
+    wait(qtbot, widget)
+    assert any("does not match" in message for message in errors(notes, "warning"))
+    assert len([layer for layer in viewer.layers if KEY in layer.metadata]) == 1  # only the last, valid run
+    assert len(viewer.layers) == n_layers + 4
+
+    for name in ("crop", "nan", "4d"):
+        viewer.layers.remove(name)
+    assert widget.image.value is None
+    assert widget.run(("teacher",)) is None
+    assert "choose an Image layer" in errors(notes)[-1]
+
+
+def test_tiny_tiles_go_through_the_library_tiling(setup, qtbot, monkeypatch, network_calls, notes):
+    viewer, widget = setup
+    import napari_graphkd.inference as inference
+
+    tiles = []
+    original = inference._network
+    monkeypatch.setattr(inference, "_network", lambda model, image: tiles.append(image.shape) or original(model, image))
+    widget.run(("teacher",))
+    wait(qtbot, widget)
+    assert tiles == [(160, 200)]
+    widget.tile.value = 128  # tiles of 128 px overlapping by 64: the 160x200 crop needs 2x3 of them
+    widget.run(("teacher",))
+    wait(qtbot, widget)
+    assert tiles[1:] == [(128, 128)] * 6
+    assert len(network_calls) == 2  # the tile size is part of the cache key
+    assert viewer.layers[-1].data.shape == (160, 200) and viewer.layers[-1].metadata[KEY]["run"]["tile"] == 128
+    assert errors(notes) == []
+
+
+def test_missing_bundled_model_is_announced_when_chosen(setup, tmp_path, monkeypatch, notes):
+    _, widget = setup
+    import napari_graphkd.segment as segment
+
+    monkeypatch.setattr(segment, "bundled_path", lambda name: tmp_path / f"no_{name}.safetensors")
+    widget.pickers["student"].source.value = "student"
+    assert any("student model not available" in m and "missing" in m for m in errors(notes, "warning"))
+
+
+def test_widgets_work_when_opened_from_the_plugin_menu(make_napari_viewer, qtbot, crop, checkpoints, network_calls, notes):
+    viewer = make_napari_viewer()
+    _, segment = viewer.window.add_plugin_dock_widget("napari-graphkd", "Segment (teacher vs student)")
+    _, overlays = viewer.window.add_plugin_dock_widget("napari-graphkd", "Graph & affinity overlays")
+    assert isinstance(segment, SegmentWidget)
+    viewer.add_image(crop[0], name="crop")  # napari hands plugins a proxy of the viewer: all must still work
+    assert segment.image.value is viewer.layers["crop"]
+    use_files(segment, *checkpoints)
+    segment.run(("teacher", "student"))
+    wait(qtbot, segment)
+    segment.own_settings.value = False
+    wait(qtbot, segment)
+    assert len(viewer.layers) == 3 and len(network_calls) == 2
+    assert viewer.layers[1].metadata[KEY]["decode"]["min_size"] == segment.min_size.value
+    overlays.reset_choices()
+    overlays.result.value = viewer.layers[1]
+    overlays.affinity_map()
+    wait(qtbot, overlays)
+    assert viewer.layers[-1].name == "crop teacher (tiny_t) affinities" and len(network_calls) == 2
+    assert errors(notes) == []
