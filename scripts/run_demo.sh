@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh napari
-exec .venv/bin/graphkd demo "$@"
+exec .venv/bin/graphkd demo --viewer "$@"

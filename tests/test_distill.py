@@ -22,6 +22,7 @@ from napari_graphkd.distill import (
     igd_loss,
     instance_nodes,
     inter_agd_loss,
+    pooled_gram,
     inter_igd_loss,
     make_adapter,
     match_stages,
@@ -83,7 +84,7 @@ LOSSES = {
         (B, C, H, W),
         lambda t, s: inter_igd_loss(batch_nodes(t, square_labels()), batch_nodes(s, square_labels()), memory_nodes())[1],
     ),
-    "inter_agd": ((B, C, H, W), lambda t, s: inter_agd_loss([randn(C, H, W, seed=60, grad=False)], t, s)),
+    "inter_agd": ((B, C, H, W), lambda t, s: inter_agd_loss([pooled_gram(randn(C, H, W, seed=60, grad=False))], t, s)),
     "mimic": ((B, C, H, W), lambda t, s: mimic_loss(s, t)),
     "at": ((B, 8, 16, 16), lambda t, s: attention_transfer_loss(s, t)),
     "skd": ((B, 8, 16, 16), lambda t, s: skd_pairwise_loss(s, t, pool=4)),
@@ -223,8 +224,8 @@ def test_inter_igd_has_no_cumulative_concatenation():
 def test_inter_agd_is_a_mean_over_memory_items():
     t, s = randn(B, C, H, W, seed=18), randn(B, C, H, W, seed=19)
     m1, m2 = randn(C, H, W, seed=20, grad=False), randn(C, 21, 26, seed=21, grad=False)
-    both = inter_agd_loss([m1, m2], t, s)
-    singles = [val(inter_agd_loss([m], t, s)) for m in (m1, m2)]
+    both = inter_agd_loss([pooled_gram(m1), pooled_gram(m2)], t, s)
+    singles = [val(inter_agd_loss([pooled_gram(m)], t, s)) for m in (m1, m2)]
     assert val(both) == pytest.approx(sum(singles) / 2, rel=1e-6)
 
 
@@ -390,3 +391,18 @@ def test_objective_computes_in_float32_under_autocast():
     ref_total, ref_parts = objective(NetOut(s16.float()), NetOut(t16.float()), square_labels(), [0, 1])
     assert total.dtype == torch.float32
     assert parts == pytest.approx(ref_parts, rel=1e-6)
+
+
+def test_inter_agd_gram_form_equals_the_explicit_cross_image_affinity_matrices():
+    """mean_{p,q} (C^S - C^T)^2 with C = P_m P^T (METHOD.md §5.3), computed the slow explicit way."""
+    import torch.nn.functional as F
+
+    t, s = randn(2, C, 30, 23, seed=71), randn(2, C, 30, 23, seed=72)
+    memory = randn(C, 41, 19, seed=73)
+
+    def pooled(e):
+        return F.avg_pool2d(F.normalize(e, dim=1), 7, stride=7, ceil_mode=True).flatten(2).transpose(1, 2)
+
+    p_m, p_t, p_s = pooled(memory[None])[0], pooled(t), pooled(s)
+    explicit = torch.stack([((p_m @ p_s[b].t() - p_m @ p_t[b].t()) ** 2).mean() for b in range(2)]).mean()
+    torch.testing.assert_close(inter_agd_loss([pooled_gram(memory)], t, s), explicit, rtol=1e-5, atol=1e-8)

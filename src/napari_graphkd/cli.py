@@ -284,7 +284,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         m, k = mean_metrics(rows), len(samples)
         print(f"{spec:<10} {segmenter.parameters:>10,} {1000 * net / k:>10.0f} {1000 * dec / k:>9.0f} "
               f"{m['f1@0.5']:>7.3f} {m['aji']:>6.3f} {m['pq']:>6.3f} {m['sbd']:>6.3f}", flush=True)
+    if args.viewer:
+        if not display_available():
+            print("no display found: skipping the napari viewer (the metrics above are the headless demo)")
+            return 0
+        import napari
+
+        from ._widgets._demo import open_demo_viewer
+
+        open_demo_viewer()
+        napari.run()
     return 0
+
+
+def display_available() -> bool:
+    """Whether a GUI can open (X11/Wayland on Linux; always on macOS and Windows)."""
+    import os
+
+    return not sys.platform.startswith("linux") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="segment the bundled samples with the bundled models and print metrics")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--viewer", action="store_true", help="then open napari with the sample, models and widgets")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("evaluate", help="metrics of predicted labels against ground truth")

@@ -14,7 +14,7 @@ from .igd import (
     node_loss,
     resize_labels,
 )
-from .inter import inter_agd_loss, inter_igd_loss
+from .inter import inter_agd_loss, inter_igd_loss, pooled_gram
 from .memory import MemoryBank, MemoryItem
 from .objective import (
     BASELINE_WEIGHTS,
@@ -50,6 +50,7 @@ __all__ = [
     "igd_loss",
     "instance_nodes",
     "inter_agd_loss",
+    "pooled_gram",
     "inter_igd_loss",
     "make_adapter",
     "match_stages",

@@ -6,14 +6,15 @@ import torch
 from ..affinity import OFFSETS, embedding_affinities, validity_mask
 
 
-def agd_loss(emb_t: torch.Tensor, emb_s: torch.Tensor, offsets=OFFSETS) -> torch.Tensor:
+def agd_loss(emb_t: torch.Tensor, emb_s: torch.Tensor, offsets=OFFSETS, affinities_s: torch.Tensor | None = None) -> torch.Tensor:
     """Squared error of student vs teacher cosine affinities over valid pairs, summed over offsets, / (B*H*W).
 
     Only pairs whose partner lies inside the image count (the released code's roll wrap-around
-    pairs are not distilled, METHOD.md §12.10).
+    pairs are not distilled, METHOD.md §12.10). ``affinities_s`` reuses the student affinities
+    the segmentation loss already computed.
     """
     a_t = embedding_affinities(emb_t.detach(), offsets)
-    a_s = embedding_affinities(emb_s, offsets)
+    a_s = embedding_affinities(emb_s, offsets) if affinities_s is None else affinities_s.float()
     b, _, h, w = a_s.shape
     valid = torch.from_numpy(validity_mask((h, w), offsets)).to(a_s.device)
     return ((a_s - a_t) ** 2 * valid).sum() / (b * h * w)

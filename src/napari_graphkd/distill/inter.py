@@ -60,19 +60,26 @@ def _pooled_vectors(embeddings: torch.Tensor, pool: int) -> torch.Tensor:
     return e.flatten(2).transpose(1, 2)
 
 
-def inter_agd_loss(memory_embeddings: Sequence[torch.Tensor], emb_t: torch.Tensor, emb_s: torch.Tensor, pool: int = 7) -> torch.Tensor:
+def pooled_gram(embedding: torch.Tensor, pool: int = 7) -> torch.Tensor:
+    """(C,C) second-moment matrix P^T P / |P| of a (C,H,W) embedding's pooled normalised vectors P.
+
+    It is all inter-image AGD needs from a memory item (see :func:`inter_agd_loss`), so the memory
+    bank computes it once at push time instead of re-pooling every item at every step.
+    """
+    p = _pooled_vectors(embedding.detach()[None], pool)[0]
+    return p.t() @ p / len(p)
+
+
+def inter_agd_loss(memory_grams: Sequence[torch.Tensor], emb_t: torch.Tensor, emb_s: torch.Tensor, pool: int = 7) -> torch.Tensor:
     """Inter-image AGD: MSE of memory×current pooled-affinity matrices (S vs T), mean over (b,m) pairs.
 
-    ``memory_embeddings`` are (C,H,W) teacher embeddings of any size; ``emb_t``/``emb_s`` (B,C,H,W).
+    With P_m the memory item's pooled vectors and d_q = p^S_q - p^T_q the current image's pooled
+    differences, mean_{p,q} (P_m d_q)_p^2 = mean_q d_q^T G_m d_q with G_m = P_m^T P_m / |P_m|
+    (:func:`pooled_gram`): the same number as building the |P_m| x |Q| matrices, in O(Q C^2).
     """
-    if len(memory_embeddings) == 0:
-        raise ValueError("inter_agd_loss needs at least one memory embedding")
-    p_t = _pooled_vectors(emb_t.detach(), pool)
-    p_s = _pooled_vectors(emb_s, pool)
-    losses = []
-    for mem in memory_embeddings:
-        p_m = _pooled_vectors(mem[None].to(p_s.device), pool)[0]
-        c_t = torch.einsum("pc,bqc->bpq", p_m, p_t)
-        c_s = torch.einsum("pc,bqc->bpq", p_m, p_s)
-        losses.append(((c_s - c_t) ** 2).mean(dim=(1, 2)))
-    return torch.cat(losses).mean()
+    if len(memory_grams) == 0:
+        raise ValueError("inter_agd_loss needs at least one memory item")
+    d = _pooled_vectors(emb_s, pool) - _pooled_vectors(emb_t.detach(), pool)
+    grams = torch.stack([g.to(d.device, d.dtype) for g in memory_grams])
+    per_pair = torch.einsum("bqc,mcd,bqd->bm", d, grams, d) / d.shape[1]
+    return per_pair.mean()

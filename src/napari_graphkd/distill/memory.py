@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .igd import instance_nodes
+from .inter import pooled_gram
 
 
 @dataclass(frozen=True)
@@ -17,17 +18,19 @@ class MemoryItem:
     embedding: torch.Tensor  # (C,H,W) float16, raw teacher embedding at the crop's resolution
     labels: torch.Tensor  # (H,W) int32 instance labels, background 0
     nodes: torch.Tensor  # (N,C) float32 teacher instance nodes, computed at push time
+    gram: torch.Tensor  # (C,C) float32 pooled second moments for inter-image AGD, computed at push time
     image_id: Hashable
 
 
 class MemoryBank:
     """FIFO of ``size`` teacher crops; ``sample`` never returns a crop of an excluded (current) image."""
 
-    def __init__(self, size: int = 32, sample_count: int = 12):
-        if size < 1 or sample_count < 1:
-            raise ValueError("size and sample_count must be >= 1")
+    def __init__(self, size: int = 32, sample_count: int = 12, pool: int = 7):
+        if size < 1 or sample_count < 1 or pool < 1:
+            raise ValueError("size, sample_count and pool must be >= 1")
         self.size = size
         self.sample_count = sample_count
+        self.pool = pool
         self._items: deque[MemoryItem] = deque(maxlen=size)
 
     def __len__(self) -> int:
@@ -47,7 +50,8 @@ class MemoryBank:
             raise ValueError("embeddings, labels and image_ids must have the same length")
         for emb, lab, image_id in zip(embeddings.detach(), labels, image_ids):
             nodes = instance_nodes(emb.float(), lab)
-            self._items.append(MemoryItem(emb.to(torch.float16), lab.to(torch.int32), nodes, image_id))
+            gram = pooled_gram(emb.float(), self.pool)
+            self._items.append(MemoryItem(emb.to(torch.float16), lab.to(torch.int32), nodes, gram, image_id))
 
     def sample(
         self,

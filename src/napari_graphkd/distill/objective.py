@@ -83,6 +83,7 @@ class NetOut:
 
     embedding: torch.Tensor  # (B,C,H,W) at the resolution where embedding terms compare (input size)
     features: list[torch.Tensor] = field(default_factory=list)  # decoder stages, coarse to fine
+    affinities: torch.Tensor | None = None  # (B,K,H,W) of ``embedding`` if already computed (reused by AGD)
 
 
 def match_stages(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -128,7 +129,7 @@ class DistillationObjective:
     """Weighted sum of the active distillation terms; inter-image terms read (then feed) a memory bank.
 
     Terms with weight 0 are not computed. When an inter-image term is on and no ``memory_bank`` is
-    given, a default :class:`MemoryBank` is created. The bank is sampled without the current
+    given, a default :class:`MemoryBank` is created (its ``pool`` sets the inter-AGD pooling). The bank is sampled without the current
     batch's image ids, and pushed with the current teacher embeddings only after the inter terms
     are computed, so the first batch has no inter terms. ``adapter`` (student→teacher channels
     for CWD, see :func:`make_adapter`) must be optimised with the student.
@@ -140,7 +141,6 @@ class DistillationObjective:
         memory_bank: MemoryBank | None = None,
         *,
         adapter: Adapter | None = None,
-        inter_pool: int = 7,
         skd_pool: int = 16,
         cwd_tau: float = 4.0,
         generator: torch.Generator | None = None,
@@ -151,7 +151,6 @@ class DistillationObjective:
             memory_bank = MemoryBank()
         self.memory_bank = memory_bank
         self.adapter = adapter
-        self.inter_pool = inter_pool
         self.skd_pool = skd_pool
         self.cwd_tau = cwd_tau
         self.generator = generator
@@ -190,7 +189,7 @@ class DistillationObjective:
         labels = _as_labels(labels, emb_s.device)
         terms: dict[str, torch.Tensor] = {}
         if w.affinity > 0:
-            terms["affinity"] = agd_loss(emb_t, emb_s)
+            terms["affinity"] = agd_loss(emb_t, emb_s, affinities_s=student_out.affinities)
         if w.node > 0 or w.edge > 0 or w.inter_node > 0 or w.inter_edge > 0:
             nodes_t, nodes_s = batch_nodes(emb_t, labels), batch_nodes(emb_s, labels)
             if w.node > 0 or w.edge > 0:
@@ -201,7 +200,7 @@ class DistillationObjective:
                 if w.inter_node > 0 or w.inter_edge > 0:
                     terms["inter_node"], terms["inter_edge"] = inter_igd_loss(nodes_t, nodes_s, [m.nodes for m in items])
                 if w.inter_affinity > 0:
-                    terms["inter_affinity"] = inter_agd_loss([m.embedding for m in items], emb_t, emb_s, self.inter_pool)
+                    terms["inter_affinity"] = inter_agd_loss([m.gram for m in items], emb_t, emb_s, self.memory_bank.pool)
         if w.mimic > 0:
             terms["mimic"] = mimic_loss(emb_s, emb_t)
         if self.needs_features:

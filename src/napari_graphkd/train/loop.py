@@ -70,11 +70,16 @@ def batch_targets(labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def segmentation_loss(
-    embedding: torch.Tensor, fg_logit: torch.Tensor | None, labels: np.ndarray, foreground_weight: float
+    embedding: torch.Tensor, fg_logit: torch.Tensor | None, labels: np.ndarray, foreground_weight: float,
+    affinities: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Affinity loss (METHOD.md §1.3) plus BCE of the foreground head, on annotated pixels only."""
+    """Affinity loss (METHOD.md §1.3) plus BCE of the foreground head, on annotated pixels only.
+
+    ``affinities`` of ``embedding`` may be passed when already computed (distillation reuses them).
+    """
     target, valid, foreground, known = batch_targets(labels)
-    loss_aff = affinity_loss(embedding_affinities(embedding), target, valid)
+    affinities = embedding_affinities(embedding) if affinities is None else affinities
+    loss_aff = affinity_loss(affinities, target, valid)
     parts = {"affinity": float(loss_aff.detach())}
     loss = loss_aff
     if fg_logit is not None and foreground_weight > 0:

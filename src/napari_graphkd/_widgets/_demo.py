@@ -1,0 +1,19 @@
+"""Open napari with a bundled sample, the bundled models and the plugin's widgets docked."""
+from __future__ import annotations
+
+import napari
+
+from ..sample_data import SAMPLE_NAMES
+from . import OverlaysWidget, SegmentWidget
+
+
+def open_demo_viewer(sample: str = SAMPLE_NAMES[1], run: bool = True) -> napari.Viewer:
+    """A viewer showing ``sample`` and its labels, with the widgets docked (and both models run)."""
+    viewer = napari.Viewer(title="napari-graphkd demo")
+    viewer.open_sample("napari-graphkd", sample)
+    segment = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(segment, name="Segment (teacher vs student)", area="right")
+    viewer.window.add_dock_widget(OverlaysWidget(viewer), name="Graph & affinity overlays", area="right")
+    if run:
+        segment.run(("teacher", "student"))
+    return viewer
