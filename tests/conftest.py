@@ -24,6 +24,24 @@ def crop(sample):
 
 
 @pytest.fixture()
+def crop_folder(tmp_path, sample):
+    """Factory: a folder with images/ and labels/ holding four real (h, w) crops of a sample."""
+
+    def make(h: int, w: int):
+        import tifffile
+
+        image, labels = sample
+        (tmp_path / "images").mkdir()
+        (tmp_path / "labels").mkdir()
+        for i, (y, x) in enumerate([(0, 0), (0, 300), (250, 0), (250, 300)]):
+            tifffile.imwrite(tmp_path / "images" / f"c{i}.tif", image[y : y + h, x : x + w])
+            tifffile.imwrite(tmp_path / "labels" / f"c{i}.tif", labels[y : y + h, x : x + w])
+        return tmp_path
+
+    return make
+
+
+@pytest.fixture()
 def tiny_checkpoint(tmp_path):
     """A small random half-resolution network saved as a checkpoint."""
     torch.manual_seed(0)

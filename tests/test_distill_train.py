@@ -1,7 +1,6 @@
 """Distillation training end to end on tiny real crops: cached teacher, aligned crops, resumable."""
 import numpy as np
 import pytest
-import tifffile
 import torch
 
 from napari_graphkd.data import AugmentConfig, Sample
@@ -13,14 +12,8 @@ from napari_graphkd.train.loop import TrainSettings
 
 
 @pytest.fixture()
-def folder(tmp_path, sample):
-    image, labels = sample
-    (tmp_path / "images").mkdir()
-    (tmp_path / "labels").mkdir()
-    for i, (y, x) in enumerate([(0, 0), (0, 300), (250, 0), (250, 300)]):
-        tifffile.imwrite(tmp_path / "images" / f"c{i}.tif", image[y : y + 128, x : x + 160])
-        tifffile.imwrite(tmp_path / "labels" / f"c{i}.tif", labels[y : y + 128, x : x + 160])
-    return tmp_path
+def folder(crop_folder):
+    return crop_folder(128, 160)
 
 
 @pytest.fixture()

@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import tifffile
 
 from napari_graphkd.data import AugmentConfig
 from napari_graphkd.io.checkpoint import read_metadata
@@ -12,14 +11,8 @@ from napari_graphkd.train.segmentation import train_segmentation
 
 
 @pytest.fixture()
-def folder(tmp_path, sample):
-    image, labels = sample
-    (tmp_path / "images").mkdir()
-    (tmp_path / "labels").mkdir()
-    for i, (y, x) in enumerate([(0, 0), (0, 300), (250, 0), (250, 300)]):
-        tifffile.imwrite(tmp_path / "images" / f"c{i}.tif", image[y : y + 200, x : x + 300])
-        tifffile.imwrite(tmp_path / "labels" / f"c{i}.tif", labels[y : y + 200, x : x + 300])
-    return tmp_path
+def folder(crop_folder):
+    return crop_folder(200, 300)
 
 
 def settings(steps):

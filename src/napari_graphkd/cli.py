@@ -121,10 +121,43 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+class TrainingBar:
+    """tqdm bar fed by training progress records (opened at the first record, so resumes start right)."""
+
+    def __init__(self, desc: str):
+        self.desc = desc
+        self.bar = None
+
+    def update(self, record: dict) -> None:
+        """Advance by one step and show the loss."""
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=record["total"], initial=record["step"] - 1, desc=self.desc, file=sys.stderr)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}")
+
+    def close(self) -> None:
+        """Close the bar if it was opened."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def tune_validator(tune):
+    """Validation callback: metrics on the tune images, also printed."""
+    from .evaluation import score_model
+
+    def validate(model):
+        scores = score_model(model, tune)
+        print(f"\nvalidation: f1@0.5 {scores['f1@0.5']:.3f} aji {scores['aji']:.3f}", file=sys.stderr, flush=True)
+        return scores
+
+    return validate
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a teacher (or a student without distillation) with periodic validation on a tune split."""
     from .data import AugmentConfig
-    from .evaluation import score_model
     from .train.loop import TrainSettings
     from .train.segmentation import train_segmentation
 
@@ -133,30 +166,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         validate_every=args.validate_every, snapshot_every=args.validate_every,
         augment=AugmentConfig(crop=args.crop, elastic=args.elastic),
     )
-    bar = None
-
-    def on_progress(record):
-        nonlocal bar
-        if bar is None:
-            from tqdm import tqdm
-
-            bar = tqdm(total=record["total"], initial=record["step"] - 1, desc="train", file=sys.stderr)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}")
-
-    def validate_factory(tune):
-        def validate(model):
-            scores = score_model(model, tune)
-            print(f"\nvalidation: f1@0.5 {scores['f1@0.5']:.3f} aji {scores['aji']:.3f}", file=sys.stderr, flush=True)
-            return scores
-        return validate
-
+    bar = TrainingBar("train")
     progress_record = train_segmentation(
         args.data, args.out, args.arch, settings, n_tune=args.n_tune, init_checkpoint=args.init,
-        command="graphkd " + shlex.join(sys.argv[1:]), validate_factory=validate_factory, on_progress=on_progress,
+        command="graphkd " + shlex.join(sys.argv[1:]), validate_factory=tune_validator, on_progress=bar.update,
     )
-    if bar is not None:
-        bar.close()
+    bar.close()
     print(f"finished at step {progress_record['step']}; best on tune split: {progress_record['best']}")
     print(f"checkpoints in {args.out} (best.safetensors, last.safetensors)")
     return 0
@@ -194,7 +209,6 @@ def parse_weights(method: str, overrides: list[str], config: str | None):
 def cmd_distill(args: argparse.Namespace) -> int:
     """Distil a student from a teacher checkpoint with switchable, weighted terms."""
     from .data import AugmentConfig
-    from .evaluation import score_model
     from .segment import load_segmenter
     from .train.distill import DistillSettings, distill_student
     from .train.loop import TrainSettings
@@ -209,30 +223,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
     distill = DistillSettings(method=args.method, weights=weights, memory_size=args.memory_size,
                               memory_samples=args.memory_samples)
     print(f"distilling {args.student} from {teacher.path} with {args.method}: {weights.active() or 'no KD terms'}", file=sys.stderr)
-    bar = None
-
-    def on_progress(record):
-        nonlocal bar
-        if bar is None:
-            from tqdm import tqdm
-
-            bar = tqdm(total=record["total"], initial=record["step"] - 1, desc="distill", file=sys.stderr)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}")
-
-    def validate_factory(tune):
-        def validate(model):
-            scores = score_model(model, tune)
-            print(f"\nvalidation: f1@0.5 {scores['f1@0.5']:.3f} aji {scores['aji']:.3f}", file=sys.stderr, flush=True)
-            return scores
-        return validate
-
+    bar = TrainingBar("distill")
     record = distill_student(teacher.path, args.data, args.out, args.student, settings, distill,
                              n_tune=args.n_tune, command="graphkd " + shlex.join(sys.argv[1:]),
-                             validate_factory=validate_factory, on_progress=on_progress,
+                             validate_factory=tune_validator, on_progress=bar.update,
                              on_status=lambda m: print(m, file=sys.stderr, flush=True))
-    if bar is not None:
-        bar.close()
+    bar.close()
     print(f"finished at step {record['step']}; best on tune split: {record['best']}")
     return 0
 
