@@ -5,6 +5,8 @@ import itertools
 from dataclasses import replace
 from typing import Callable, Iterable
 
+import numpy as np
+
 
 from .data import Sample
 from .decode.mws import DecodeSettings
@@ -13,13 +15,15 @@ from .metrics import evaluate, mean_metrics
 from .models import EmbeddingUNet
 
 
+def prepared_output(model: EmbeddingUNet, image: np.ndarray) -> NetworkOutput:
+    """Network output of an already normalised (and rescaled) 2D image."""
+    emb, fg = tiled_network(model, image)
+    return NetworkOutput(emb, fg, image.shape, 1.0, 0.0, stride=model.config.stem_stride)
+
+
 def network_outputs(model: EmbeddingUNet, samples: list[Sample]) -> list[NetworkOutput]:
     """Network outputs of already-normalised samples (computed once, decoded many times)."""
-    outs = []
-    for s in samples:
-        emb, fg = tiled_network(model, s.image)
-        outs.append(NetworkOutput(emb, fg, s.image.shape, 1.0, 0.0, stride=model.config.stem_stride))
-    return outs
+    return [prepared_output(model, s.image) for s in samples]
 
 
 def score_outputs(outputs: list[NetworkOutput], samples: list[Sample], settings: DecodeSettings) -> dict[str, float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import napari
 
 from ..sample_data import SAMPLE_NAMES
-from . import OverlaysWidget, SegmentWidget
+from . import FinetuneWidget, OverlaysWidget, SegmentWidget
 
 
 def open_demo_viewer(sample: str = SAMPLE_NAMES[1], run: bool = True) -> napari.Viewer:
@@ -14,6 +14,7 @@ def open_demo_viewer(sample: str = SAMPLE_NAMES[1], run: bool = True) -> napari.
     segment = SegmentWidget(viewer)
     viewer.window.add_dock_widget(segment, name="Segment (teacher vs student)", area="right")
     viewer.window.add_dock_widget(OverlaysWidget(viewer), name="Graph & affinity overlays", area="right")
+    viewer.window.add_dock_widget(FinetuneWidget(viewer), name="Fine-tune / distil", area="right", tabify=True)
     if run:
         segment.run(("teacher", "student"))
     return viewer

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..data import Sample, jitter_intensity, load_folder, split_tune
+from ..affinity import embedding_affinities
 from ..distill import DistillationObjective, DistillWeights, MemoryBank, NetOut, make_adapter, method_weights
 from ..io.checkpoint import load_checkpoint
 from ..models import EmbeddingUNet, build_model
@@ -163,9 +164,10 @@ def distill_samples(
 
     def step_loss(net: EmbeddingUNet, batch: DistillBatch):
         emb, fg, feats = net.forward_padded(batch.images)
-        loss, parts = segmentation_loss(emb, fg, batch.labels, settings.foreground_weight)
+        affinities = embedding_affinities(emb)
+        loss, parts = segmentation_loss(emb, fg, batch.labels, settings.foreground_weight, affinities)
         loss = distill.segmentation_weight * loss
-        kd, kd_parts = objective(NetOut(emb, feats), batch.teacher, graph_labels(batch.labels), batch.image_ids)
+        kd, kd_parts = objective(NetOut(emb, feats, affinities), batch.teacher, graph_labels(batch.labels), batch.image_ids)
         return loss + kd, {**parts, **{f"kd_{k}": v for k, v in kd_parts.items()}}
 
     return run_training(

@@ -1,0 +1,289 @@
+"""The "Fine-tune / distil" widget: train the networks on the user's (partial) annotation in the background.
+
+Glue only: the annotation rules, the held-out split, training, scoring and saving live in
+:mod:`napari_graphkd.train.finetune`. The job runs the library in a thread of its own with one
+torch thread, so a core stays free for the viewer, and relays its progress records to the widget.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import napari  # noqa: F401 - the viewer annotation
+import numpy as np
+import torch
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, PushButton, SpinBox
+from napari.layers import Image, Labels, Layer, Shapes
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QPointF, Qt
+from qtpy.QtGui import QColor, QFontDatabase, QPainter, QPen, QPolygonF
+from qtpy.QtWidgets import QWidget
+
+from ..io.checkpoint import CheckpointError
+from ..preprocess import InputError
+from ..train.finetune import (
+    DEFAULT_FOLDER,
+    MODES,
+    AnnotatedImage,
+    FinetunePlan,
+    FinetuneResult,
+    FinetuneSettings,
+    finetune_report,
+    plan_finetune,
+    run_finetune,
+)
+from ._base import JobWidget
+from ._jobs import _message
+from ._layers import provenance
+from ._segment import ModelPicker, SegmentWidget
+from ._state import MODELS
+
+COLOURS = ("#4fc3f7", "#ffb74d", "#aed581")
+
+
+class LossCurve(QWidget):
+    """Live training loss, one line per phase (e.g. teacher, then student)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.series: dict[str, list[float]] = {}
+        self.setMinimumHeight(90)
+
+    def add(self, phase: str, loss: float) -> None:
+        """Append one step's loss and repaint."""
+        self.series.setdefault(phase, []).append(loss)
+        self.update()
+
+    def clear(self) -> None:
+        """Forget every curve."""
+        self.series = {}
+        self.update()
+
+    def paintEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        painter.fillRect(self.rect(), QColor("#262930"))
+        values = [v for losses in self.series.values() for v in losses]
+        if not values:
+            painter.setPen(QColor("#9e9e9e"))
+            painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, "training loss")
+            return
+        low, high = min(values), max(values)
+        w, h, span = self.width() - 8, self.height() - 24, (high - low) or 1.0
+        for i, (phase, losses) in enumerate(self.series.items()):
+            colour = QColor(COLOURS[i % len(COLOURS)])
+            points = [QPointF(4 + w * k / max(1, len(losses) - 1), 4 + h * (high - v) / span) for k, v in enumerate(losses)]
+            painter.setPen(QPen(colour, 1.5))
+            painter.drawPolyline(QPolygonF(points))
+            painter.drawText(6 + 190 * i, self.height() - 6, f"{phase}: {losses[-1]:.3f}")
+
+
+class AnnotationRow(Container):
+    """One image with the Labels layer holding its annotation and, optionally, Shapes marking checked regions."""
+
+    def __init__(self, widget: "FinetuneWidget"):
+        self.image = ComboBox(label="Image", choices=widget.layer_choices(Image))
+        self.painted = ComboBox(label="Annotation", choices=widget.layer_choices(Labels),
+                                tooltip="Labels layer: every painted id is one cell")
+        self.regions = ComboBox(label="Checked regions", choices=widget.layer_choices(Shapes), nullable=True, value=None,
+                                tooltip="Optional Shapes layer: inside its shapes every unpainted pixel is background")
+        super().__init__(widgets=[self.image, self.painted, self.regions], labels=True)
+        self.margins = (0, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class FinetuneRequest:
+    """A validated plan and where the new checkpoints go."""
+
+    plan: FinetunePlan
+    folder: Path
+
+
+@dataclass
+class FinetuneOutcome:
+    """What the job hands back to the widget (the fields JobWidget reads, plus the library's result)."""
+
+    request: FinetuneRequest
+    result: FinetuneResult | None = None
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    cancelled: bool = False
+
+
+def finetune_job(request: FinetuneRequest, cancel: threading.Event):
+    """Run the library in a thread with one torch thread; yield its progress records; return the outcome."""
+    records: queue.Queue = queue.Queue()
+    outcome = FinetuneOutcome(request)
+
+    def work() -> None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            outcome.result = run_finetune(request.plan, request.folder, on_progress=records.put, should_stop=cancel.is_set)
+            outcome.cancelled = outcome.result.cancelled
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a notification
+            outcome.error = _message(exc)
+        finally:
+            torch.set_num_threads(previous)
+            records.put(None)
+
+    threading.Thread(target=work, name="graphkd-finetune", daemon=True).start()
+    while (record := records.get()) is not None:
+        yield record
+    return outcome
+
+
+def same_placement(a: Layer, b: Layer) -> bool:
+    """True when two 2D layers have the same scale and translation (their pixels coincide)."""
+    return bool(np.allclose(a.scale, b.scale) and np.allclose(a.translate, b.translate))
+
+
+def checked_mask(shapes: Shapes, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels of an image of ``shape`` inside any shape of a 2D Shapes layer."""
+    if shapes.ndim != 2:
+        raise InputError(f"the checked regions {shapes.name!r} must be a 2D Shapes layer")
+    if shapes.nshapes == 0:
+        raise InputError(f"the Shapes layer {shapes.name!r} has no shapes; draw the regions you checked")
+    return shapes.to_masks(mask_shape=shape).any(axis=0)
+
+
+def annotated_image(row: AnnotationRow) -> AnnotatedImage:
+    """The row's layers as library input; InputError for missing or misplaced layers."""
+    image, labels, regions = row.image.value, row.painted.value, row.regions.value
+    if image is None:
+        raise InputError("choose an Image layer for every row")
+    if image.multiscale or image.ndim != 2:
+        raise InputError(f"{image.name!r}: fine-tuning takes single-scale 2D images (gray or RGB), one per row")
+    if labels is None:
+        raise InputError(f"choose the Labels layer holding your annotation of {image.name!r}")
+    for layer in (labels, regions):
+        if layer is not None and layer.ndim == 2 and not same_placement(image, layer):
+            raise InputError(f"{layer.name!r} is not placed like {image.name!r} (scale or translation differ)")
+    shape = np.shape(image.data)[:2]
+    checked = None if regions is None else checked_mask(regions, shape)
+    return AnnotatedImage(image.name, np.asarray(image.data), np.asarray(labels.data), checked)
+
+
+class FinetuneWidget(JobWidget):
+    """Distil or fine-tune the student (or the teacher) on annotated images; new checkpoints, never overwritten.
+
+    Scores before and after are measured on annotated cells held back from training; the new
+    models become the current ones of this widget and of every open Segment widget.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer):  # napari injects the viewer (matched by this annotation)
+        super().__init__(viewer, labels=True)
+        self.last_result: FinetuneResult | None = None
+        self._bar: progress | None = None
+        self.mode = ComboBox(label="Mode", choices=[(text, key) for key, text in MODES.items()], value="finetune")
+        self.rows = Container(widgets=[AnnotationRow(self)], labels=False)
+        self.add_row = PushButton(text="Add image")
+        self.remove_row = PushButton(text="Remove last image")
+        self.add_row.changed.connect(lambda _=None: self.rows.append(AnnotationRow(self)))
+        self.remove_row.changed.connect(self._remove_row)
+        self.pickers = {"teacher": ModelPicker("teacher", "teacher"), "student": ModelPicker("student", "student")}
+        self.diameter = FloatSpinBox(label="Nucleus diameter (px, 0 = measure the painted cells)", value=0.0, min=0.0,
+                                     max=1000.0, step=1.0)
+        self.invert = CheckBox(text="Dark nuclei on a bright background")
+        self.margin = SpinBox(label="Checked margin around painted cells (px)", value=FinetuneSettings.margin, min=0, max=500,
+                              tooltip="Unpainted pixels this close to a painted cell are background; "
+                                      "other unpainted pixels (outside checked regions) are ignored")
+        self.steps = SpinBox(label="Training steps", value=FinetuneSettings.steps, min=1, max=100000)
+        self.folder = FileEdit(label="Save new models in", mode="d", value=str(DEFAULT_FOLDER.expanduser()))
+        self.start_button = PushButton(text="Start")
+        self.start_button.changed.connect(lambda _=None: self.start())
+        self.actions = [self.start_button, self.add_row, self.remove_row]
+        self.curve = LossCurve()
+        self.extend([self.mode, self.rows, Container(widgets=[self.add_row, self.remove_row], layout="horizontal", labels=False),
+                     *self.pickers.values(), self.diameter, self.invert, self.margin, self.steps, self.folder,
+                     self.start_button, self.progress, self.cancel_button])
+        self.report.native.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))  # aligned score table
+        for full_width in (self.report.native, self.curve):  # below the form, using its whole width
+            self.native.layout().addWidget(full_width)
+        for picker in self.pickers.values():
+            picker.source.changed.connect(lambda _=None, p=picker: p.refresh())
+            picker.path.changed.connect(lambda _=None, p=picker: p.refresh())
+            picker.refresh()
+
+    def layer_choices(self, kind: type):
+        """Choices callback: the viewer's layers of one type (not the ones napari-graphkd made)."""
+        return lambda widget=None: [(layer.name, layer) for layer in self.viewer.layers
+                                    if isinstance(layer, kind) and not (kind is Image and provenance(layer))]
+
+    def _remove_row(self, _=None) -> None:
+        if len(self.rows) > 1:
+            self.rows.pop()
+
+    def settings(self) -> FinetuneSettings:
+        """Settings from the controls (diameter 0 = measure; unchecked inversion = the model's default)."""
+        return FinetuneSettings(mode=self.mode.value, steps=int(self.steps.value), margin=int(self.margin.value),
+                                diameter=self.diameter.value or None, invert=True if self.invert.value else None)
+
+    def _request(self) -> FinetuneRequest:
+        rows = list(self.rows)
+        for kind in ("image", "painted"):
+            chosen = [getattr(row, kind).value for row in rows if getattr(row, kind).value is not None]
+            if len({layer.unique_id for layer in chosen}) < len(chosen):
+                raise InputError(f"the same {'Image' if kind == 'image' else 'Labels'} layer is chosen twice")
+        folder = Path(self.folder.value).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"{folder} is a file, not a folder: choose where to save the new models")
+        images = [annotated_image(row) for row in rows]
+        teacher, student = (self.pickers[role].load().path for role in ("teacher", "student"))
+        return FinetuneRequest(plan_finetune(images, self.settings(), teacher, student), folder)
+
+    def start(self):
+        """Validate the inputs and start training; returns the worker, or None (with a notification) if nothing starts."""
+        try:
+            request = self._request()
+        except (InputError, CheckpointError) as exc:
+            show_error(f"napari-graphkd: {exc}")
+            return None
+        return self._start(finetune_job, request, self._show)
+
+    def _set_running(self, running: bool) -> None:
+        super()._set_running(running)
+        if running:  # called before the worker starts, so every progress record finds the bar
+            self.curve.clear()
+            self.report.value = ""
+            self._bar = progress(total=1, desc="napari-graphkd: fine-tuning")
+
+    def _on_progress(self, record: dict) -> None:
+        if self._bar is None:  # a record queued before the job finished arrives after it: nothing to update
+            return
+        self.progress.value = int(round(100 * record["done"] / record["total"]))
+        self._bar.total = record["total"]
+        self._bar.update(record["done"] - self._bar.n)
+        self._bar.set_description(f"napari-graphkd: {record['phase']}")
+        if record["loss"] is not None:
+            self.curve.add(record["phase"], record["loss"])
+
+    def _on_returned(self, outcome: FinetuneOutcome, on_done) -> None:
+        super()._on_returned(outcome, on_done)
+        if outcome.cancelled:
+            self.report.value = finetune_report(outcome.result, outcome.request.plan)
+
+    def _after_job(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _show(self, outcome: FinetuneOutcome) -> None:
+        result = outcome.result
+        for role, path in result.saved.items():
+            self.use_model(role, path)
+        self.last_result = result
+        self.report.value = finetune_report(result, outcome.request.plan)
+        show_info("napari-graphkd: saved " + ", ".join(p.name for p in result.saved.values())
+                  + "; now the current model(s) here and in the Segment widget")
+
+    def use_model(self, role: str, path: Path) -> None:
+        """Load a checkpoint into the model cache and make it the ``role`` model here and in every Segment widget."""
+        MODELS.get(str(path))
+        segment_widgets = [w for w in self.viewer.window.dock_widgets.values() if isinstance(w, SegmentWidget)]
+        for picker in [self.pickers[role]] + [w.pickers[role] for w in segment_widgets]:
+            picker.source.value = "file"
+            picker.path.value = str(path)

@@ -1,0 +1,88 @@
+"""Fine-tuning in memory on a shipped bright-field crop: the loss falls, runs save new files, cancel saves none."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from napari_graphkd.io.checkpoint import read_metadata, save_checkpoint
+from napari_graphkd.models import UNetConfig, build_model
+from napari_graphkd.train.finetune import (
+    AnnotatedImage,
+    FinetuneSettings,
+    finetune_report,
+    plan_finetune,
+    run_finetune,
+    save_new_checkpoint,
+)
+
+torch.set_num_threads(1)
+CROPS = Path(__file__).parents[1] / "examples" / "data" / "brightfield" / "train"
+
+
+@pytest.fixture(scope="module")
+def brightfield():
+    """One shipped 256x256 bright-field crop (dark nuclei) and its full annotation."""
+    path = sorted((CROPS / "images").glob("*.tif"))[0]
+    return tifffile.imread(path), tifffile.imread(CROPS / "labels" / path.name).astype(np.int32)
+
+
+@pytest.fixture()
+def models(tmp_path):
+    """(teacher, student) tiny random checkpoints."""
+    paths = []
+    for seed, name in ((0, "t"), (1, "s")):
+        torch.manual_seed(seed)
+        paths.append(save_checkpoint(tmp_path / f"{name}.safetensors", build_model(UNetConfig(widths=(4, 8, 8), stem_stride=2)),
+                                     {"name": name}))
+    return paths
+
+
+def test_finetuning_lowers_the_loss_and_saves_a_new_checkpoint(brightfield, models, tmp_path):
+    teacher, student = models
+    before = student.read_bytes()
+    plan = plan_finetune([AnnotatedImage("bf", *brightfield)], FinetuneSettings(steps=12, lr=3e-3, invert=True), teacher, student)
+    records = []
+    result = run_finetune(plan, tmp_path / "models", on_progress=records.append)
+    losses = [r["loss"] for r in records if r["phase"] == "training student"]
+    assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert result.saved["student"] == tmp_path / "models" / "student-finetuned.safetensors"
+    assert student.read_bytes() == before
+    meta = read_metadata(result.saved["student"])
+    assert meta["input"]["invert"] is True and meta["finetune"]["mode"] == "finetune"
+    assert meta["finetune"]["heldout_scores"] == result.scores["student"]
+    assert set(result.scores["student"]) == {"before", "after"}
+    report = finetune_report(result, plan)
+    assert "student before" in report and "student after" in report and "3 of 16 painted cells" in report
+
+
+@pytest.mark.parametrize("mode", ["distil", "teacher"])
+def test_other_modes_save_their_models(brightfield, models, tmp_path, mode):
+    plan = plan_finetune([AnnotatedImage("bf", *brightfield)], FinetuneSettings(mode=mode, steps=2, invert=True), *models)
+    result = run_finetune(plan, tmp_path)
+    names = {"distil": ["student-distilled"], "teacher": ["teacher-finetuned", "student-redistilled"]}[mode]
+    assert [p.stem for p in result.saved.values()] == names
+    assert list(result.scores) == [role for role in ("teacher", "student") if role in result.saved]
+    if mode == "teacher":
+        assert read_metadata(result.saved["student"])["finetune"]["teacher"]["path"] == str(result.saved["teacher"])
+
+
+def test_stopping_saves_nothing(brightfield, models, tmp_path):
+    plan = plan_finetune([AnnotatedImage("bf", *brightfield)], FinetuneSettings(steps=50, invert=True), *models)
+    records = []
+    result = run_finetune(plan, tmp_path / "models", on_progress=records.append, should_stop=lambda: len(records) > 3)
+    assert result.cancelled and result.saved == {} and not (tmp_path / "models").exists()
+    assert set(result.scores["student"]) == {"before"}
+    assert "nothing saved" in finetune_report(result, plan)
+
+
+def test_new_checkpoints_never_overwrite(tmp_path):
+    model = build_model(UNetConfig(widths=(4, 8), stem_stride=2))
+    first = save_new_checkpoint(model, {"name": "a"}, tmp_path, "student-finetuned")
+    data = first.read_bytes()
+    second = save_new_checkpoint(model, {"name": "b"}, tmp_path, "student-finetuned")
+    third = save_new_checkpoint(model, {"name": "c"}, tmp_path, "student-finetuned")
+    assert [p.name for p in (first, second, third)] == [f"student-finetuned{s}.safetensors" for s in ("", "-2", "-3")]
+    assert first.read_bytes() == data and read_metadata(third)["name"] == "c"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (first, second, third))  # no partial files
