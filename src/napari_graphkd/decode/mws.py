@@ -78,11 +78,27 @@ def merge_fragments(labels: np.ndarray, min_size: int, distance: int) -> np.ndar
 
 
 def fill_holes(labels: np.ndarray) -> np.ndarray:
-    """Fill background holes enclosed by one object (objects are nuclei: no holes)."""
-    holes = ndi.binary_fill_holes(labels > 0) & (labels == 0)
+    """Fill background holes enclosed by objects (nuclei have none): each hole takes a rim object's id."""
+    mask = labels > 0
+    holes = ndi.binary_fill_holes(mask) & ~mask
     if not holes.any():
         return labels
-    return np.where(holes, expand_labels(labels, 3), labels)
+    hole_ids, n = ndi.label(holes)
+    rim_hole = ndi.maximum_filter(hole_ids, size=3)
+    rim = (rim_hole > 0) & mask
+    owner = np.zeros(n + 1, dtype=labels.dtype)
+    owner[rim_hole[rim]] = labels[rim]
+    return np.where(holes, owner[hole_ids], labels)
+
+
+def drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Remove objects smaller than ``min_size`` px and relabel 1..N."""
+    counts = np.bincount(labels.ravel())
+    small = counts < min_size
+    small[0] = False
+    if small.any():
+        labels = np.where(small[labels], 0, labels)
+    return relabel_sequential(labels)[0] if small.any() or (counts[1:] == 0).any() else labels
 
 
 def decode(affinities: np.ndarray, foreground: np.ndarray | None, settings: DecodeSettings = DecodeSettings()) -> np.ndarray:
@@ -108,17 +124,20 @@ def refine_upsampled(coarse: np.ndarray, foreground: np.ndarray | None, shape: t
                      settings: DecodeSettings) -> np.ndarray:
     """Labels decoded on a coarse grid, brought to ``shape`` with full-resolution outlines.
 
-    Nearest upsampling puts object outlines on the coarse grid; the full-resolution foreground
-    probability then decides each pixel near an outline (objects grow up to 2 px into confident
-    foreground and lose pixels below the threshold), so outlines are placed at full resolution.
+    Nearest upsampling puts outlines on the coarse grid. Within 2 px of any outline the
+    full-resolution foreground probability decides: a pixel is background below the threshold,
+    else it belongs to its own object or, if it was background, to the neighbouring object.
+    Interiors keep their coarse label, so no holes appear.
     """
     zoom = [n / c for n, c in zip(shape, coarse.shape)]
     labels = ndi.zoom(coarse, zoom, order=0, grid_mode=True, mode="nearest")[: shape[0], : shape[1]]
     if foreground is None:
-        return labels
-    grown = expand_labels(labels, 2)
-    labels = np.where(foreground >= settings.foreground_threshold, grown, 0)
-    return relabel_sequential(fill_holes(merge_fragments(labels, settings.min_size, settings.merge_distance)))[0].astype(np.int32)
+        return labels.astype(np.int32)
+    high = ndi.maximum_filter(labels, size=5)
+    band = high != ndi.minimum_filter(labels, size=5)
+    grown = np.where(labels > 0, labels, high)
+    labels = np.where(band, np.where(foreground >= settings.foreground_threshold, grown, 0), labels)
+    return drop_small(labels, settings.min_size).astype(np.int32)
 
 
 def remove_border_background(segments: np.ndarray) -> np.ndarray:
