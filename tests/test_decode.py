@@ -1,5 +1,6 @@
 """Decoding: the ground-truth round trip (sign conventions), background and fragment rules."""
 import numpy as np
+import pytest
 
 from conftest import relabel_equal
 from napari_graphkd.affinity import label_affinities
@@ -58,15 +59,30 @@ def test_decode_without_foreground_head_uses_the_border_segment_as_background(cr
     assert len(np.unique(decoded)) > 5
 
 
-def test_half_resolution_decoding_of_a_perfect_embedding_recovers_the_instances(crop):
-    """One-hot embeddings of the ground truth, decoded on the 2x coarser grid, give the labels back
-    up to the grid's limit: pooled boundary pixels resemble both neighbours (here 1 of 14 pairs merges)."""
+@pytest.mark.parametrize("resolution", ["half", "quarter"])
+def test_coarse_decoding_of_a_perfect_embedding_recovers_the_instances(crop, resolution):
+    """One-hot embeddings of the ground truth, decoded on a 2x/4x coarser grid, give the labels back
+    up to the grid's limit: pooled boundary pixels resemble both neighbours (at half resolution
+    1 of 14 touching pairs merges on this crop)."""
     from napari_graphkd.inference import NetworkOutput, decode_output
     from napari_graphkd.metrics import evaluate
 
     _, labels = crop
     onehot = np.eye(labels.max() + 1, dtype=np.float32)[labels].transpose(2, 0, 1)
     output = NetworkOutput(onehot, (labels > 0).astype(np.float32), labels.shape, 1.0, 0.0)
-    decoded, _ = decode_output(output, DecodeSettings(resolution="half", min_size=20))
+    decoded, _ = decode_output(output, DecodeSettings(resolution=resolution, min_size=20))
     scores = evaluate(labels, decoded)
     assert scores["n_pred"] >= scores["n_gt"] - 1 and scores["f1@0.5"] >= 0.95 and scores["aji"] >= 0.85
+
+
+def test_holes_inside_an_object_take_its_id_and_small_objects_drop():
+    from napari_graphkd.decode.mws import drop_small, fill_holes
+
+    labels = np.zeros((7, 7), dtype=np.int64)
+    labels[1:6, 1:6] = 4
+    labels[3, 3] = 0  # a one-pixel hole
+    labels[0, 6] = 9  # a one-pixel object
+    filled = fill_holes(labels)
+    assert filled[3, 3] == 4 and filled[0, 6] == 9 and filled[0, 0] == 0
+    cleaned = drop_small(filled, min_size=2)
+    assert set(np.unique(cleaned)) == {0, 1} and (cleaned[1:6, 1:6] == 1).all()

@@ -181,31 +181,37 @@ def run_network(
                          stride=model.config.stem_stride, working_shape=prepared.shape)
 
 
-def half_grid(output: NetworkOutput) -> tuple[np.ndarray, np.ndarray | None]:
-    """Embedding and foreground on a grid of half the input size: a half-resolution network's own
-    grid, or 2x2 average pooling of a full-resolution network's output."""
-    if output.stride == 2:
+COARSE_FACTORS = {"full": 1, "half": 2, "quarter": 4}
+
+
+def coarse_grid(output: NetworkOutput, factor: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Embedding and foreground on a grid ``factor`` times coarser than the input, by average
+    pooling the network's native grid (a half-resolution network's own grid when factor is 2)."""
+    if factor % output.stride:
+        raise ValueError(f"cannot decode a stride-{output.stride} network on a {factor}x coarser grid")
+    pool = factor // output.stride
+    if pool == 1:
         return output.embedding, output.foreground
-    if output.stride != 1:
-        raise ValueError(f"half-resolution decoding supports network strides 1 and 2, not {output.stride}")
-    fg = _pool2(output.foreground[None])[0] if output.foreground is not None else None
-    return _pool2(output.embedding), fg
+    fg = _pool(output.foreground[None], pool)[0] if output.foreground is not None else None
+    return _pool(output.embedding, pool), fg
 
 
-def _pool2(maps: np.ndarray) -> np.ndarray:
-    """2x2 average pooling of (C,H,W) maps (odd sides keep their last row/column)."""
-    return torch.nn.functional.avg_pool2d(torch.from_numpy(maps)[None], 2, ceil_mode=True)[0].numpy()
+def _pool(maps: np.ndarray, k: int) -> np.ndarray:
+    """k x k average pooling of (C,H,W) maps (partial last rows/columns are averaged too)."""
+    return torch.nn.functional.avg_pool2d(torch.from_numpy(maps)[None], k, ceil_mode=True)[0].numpy()
 
 
 def decode_output(output: NetworkOutput, settings: DecodeSettings = DecodeSettings()) -> tuple[np.ndarray, float]:
     """Instance labels at the original image size, and the decode time (affinities + MWS + clean-up)."""
     start = time.perf_counter()
-    if settings.resolution == "half":
-        emb, fg = half_grid(output)
-        coarse_settings = replace(settings, min_size=max(1, settings.min_size // 4), merge_distance=max(1, settings.merge_distance // 2))
+    factor = COARSE_FACTORS[settings.resolution]
+    if factor > 1:
+        emb, fg = coarse_grid(output, factor)
+        coarse_settings = replace(settings, min_size=max(1, settings.min_size // factor**2),
+                                  merge_distance=max(1, settings.merge_distance // factor))
         affinities = embedding_affinities(torch.from_numpy(emb)[None], OFFSETS)[0].numpy()
         coarse = decode(affinities, fg, coarse_settings)
-        labels = refine_upsampled(coarse, output.full_foreground(), output.full_shape, settings)
+        labels = refine_upsampled(coarse, output.full_foreground(), output.full_shape, settings, band=factor)
     else:
         labels = decode(output.affinities(), output.full_foreground(), settings)
     if labels.shape != output.image_shape:

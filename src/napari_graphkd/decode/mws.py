@@ -29,7 +29,7 @@ class DecodeSettings:
     foreground_threshold: float = 0.5
     min_size: int = 60
     merge_distance: int = 3
-    resolution: str = "full"  # "half": decode on a 2x coarser grid, place outlines at full resolution
+    resolution: str = "full"  # "half"/"quarter": decode on a 2x/4x coarser grid, outlines placed at full resolution
 
     def to_dict(self) -> dict:
         """JSON-friendly dict (stored in checkpoint metadata and layer provenance)."""
@@ -121,10 +121,10 @@ def decode(affinities: np.ndarray, foreground: np.ndarray | None, settings: Deco
 
 
 def refine_upsampled(coarse: np.ndarray, foreground: np.ndarray | None, shape: tuple[int, int],
-                     settings: DecodeSettings) -> np.ndarray:
+                     settings: DecodeSettings, band: int = 2) -> np.ndarray:
     """Labels decoded on a coarse grid, brought to ``shape`` with full-resolution outlines.
 
-    Nearest upsampling puts outlines on the coarse grid. Within 2 px of any outline the
+    Nearest upsampling puts outlines on the coarse grid. Within ``band`` px of any outline the
     full-resolution foreground probability decides: a pixel is background below the threshold,
     else it belongs to its own object or, if it was background, to the neighbouring object.
     Interiors keep their coarse label, so no holes appear.
@@ -133,10 +133,10 @@ def refine_upsampled(coarse: np.ndarray, foreground: np.ndarray | None, shape: t
     labels = ndi.zoom(coarse, zoom, order=0, grid_mode=True, mode="nearest")[: shape[0], : shape[1]]
     if foreground is None:
         return labels.astype(np.int32)
-    high = ndi.maximum_filter(labels, size=5)
-    band = high != ndi.minimum_filter(labels, size=5)
+    high = ndi.maximum_filter(labels, size=2 * band + 1)
+    near_outline = high != ndi.minimum_filter(labels, size=2 * band + 1)
     grown = np.where(labels > 0, labels, high)
-    labels = np.where(band, np.where(foreground >= settings.foreground_threshold, grown, 0), labels)
+    labels = np.where(near_outline, np.where(foreground >= settings.foreground_threshold, grown, 0), labels)
     return drop_small(labels, settings.min_size).astype(np.int32)
 
 
