@@ -44,7 +44,7 @@ def main() -> int:
     """Drive the three widgets and save one screenshot each."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/screenshots")
-    parser.add_argument("--steps", type=int, default=60, help="fine-tuning steps for the screenshot run")
+    parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps for the screenshot run")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,9 +60,12 @@ def main() -> int:
     segment.ground_truth.value = truth
     segment.run(("teacher", "student"))
     wait(segment)
+    viewer.layers.remove(truth)  # the grid shows image | teacher | student side by side
     viewer.grid.enabled = True
-    viewer.grid.stride = 1
+    viewer.grid.shape = (1, 3)
+    viewer.reset_view()
     shoot(viewer, out / "segment.png")
+    viewer.layers.insert(1, truth)
 
     viewer.grid.enabled = False
     results = [layer for layer in viewer.layers if layer is not truth and layer is not image_layer]
@@ -73,15 +76,19 @@ def main() -> int:
     for make in (overlays.affinity_map, overlays.instance_graph, overlays.disagreement):
         make()
         wait(overlays)
-    for layer in results:
-        layer.visible = False
-    viewer.camera.zoom = 2.2
-    viewer.camera.center = (260, 348)
-    shoot(viewer, out / "overlays.png")
+    def show_only(*names: str) -> None:
+        for layer in viewer.layers:
+            layer.visible = layer is image_layer or any(n in layer.name for n in names)
+
+    viewer.reset_view()
+    show_only("graph nodes", "graph edges")
+    shoot(viewer, out / "overlays_graph.png")
+    show_only("affinity disagreement", "graph disagreement")
+    shoot(viewer, out / "overlays_disagreement.png")
 
     for layer in list(viewer.layers):
         layer.visible = layer is image_layer
-    viewer.camera.zoom = 1.2
+    viewer.reset_view()
     painted = np.zeros_like(truth.data)
     ids = [i for i in np.unique(truth.data[150:350, 200:450]) if i][:15]
     for i in ids:
@@ -96,7 +103,7 @@ def main() -> int:
     finetune.folder.value = tempfile.mkdtemp(prefix="graphkd-shots-")
     finetune.start()
     started = time.time()
-    while finetune.busy and time.time() - started < 25:
+    while finetune.busy and time.time() - started < 20:
         QApplication.processEvents()
         time.sleep(0.02)
     shoot(viewer, out / "finetune_running.png")

@@ -236,7 +236,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Tune decoder settings on the checkpoint's tune images and write a small (fp16) copy."""
     from .data import load_folder
-    from .evaluation import network_outputs, tune_decoder
+    from .evaluation import DECODE_GRID, network_outputs, tune_decoder
     from .io.checkpoint import load_checkpoint, save_checkpoint
 
     model, meta = load_checkpoint(args.checkpoint)
@@ -246,7 +246,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not tune_names:
             raise CLIError("checkpoint metadata lists no tune images; cannot tune the decoder")
         samples = load_folder(args.tune_data, names=tune_names)
-        settings, scores, _ = tune_decoder(network_outputs(model, samples), samples)
+        grid = dict(DECODE_GRID, resolution=(args.resolution,)) if args.resolution else DECODE_GRID
+        settings, scores, _ = tune_decoder(network_outputs(model, samples), samples, grid=grid)
         extra = {"decode": settings.to_dict(), "tune_metrics": scores}
         print(f"decoder tuned on {len(samples)} tune images: {settings} -> f1 {scores['f1@0.5']:.3f} aji {scores['aji']:.3f}")
     if args.name:
@@ -372,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--tune-data", default=None, help="the training folder (its tune images are read from metadata)")
     p.add_argument("--half", action="store_true", help="store fp16 weights")
+    p.add_argument("--resolution", choices=["full", "half", "quarter"], default=None,
+                   help="restrict the decoder search to this decoding grid (default: search full and half)")
     p.add_argument("--name", default=None)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)

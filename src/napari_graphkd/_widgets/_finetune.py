@@ -252,12 +252,13 @@ class FinetuneWidget(JobWidget):
             self._bar = progress(total=1, desc="napari-graphkd: fine-tuning")
 
     def _on_progress(self, record: dict) -> None:
-        if self._bar is None:  # a record queued before the job finished arrives after it: nothing to update
+        bar = self._bar  # updating napari's progress bar may run the event loop and finish the job meanwhile
+        if bar is None:  # a record queued before the job finished arrives after it: nothing to update
             return
         self.progress.value = int(round(100 * record["done"] / record["total"]))
-        self._bar.total = record["total"]
-        self._bar.update(record["done"] - self._bar.n)
-        self._bar.set_description(f"napari-graphkd: {record['phase']}")
+        bar.total = record["total"]
+        bar.update(record["done"] - bar.n)
+        bar.set_description(f"napari-graphkd: {record['phase']}")
         if record["loss"] is not None:
             self.curve.add(record["phase"], record["loss"])
 
