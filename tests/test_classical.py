@@ -1,27 +1,11 @@
-"""Classical Otsu + distance-watershed baseline."""
+"""Classical Otsu + distance-watershed baseline, on a real crop of a bundled BBBC039 sample (``crop``)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 
 from napari_graphkd.decode.classical import segment_classical
 from napari_graphkd.metrics import evaluate
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbbc039"
-CROP = (slice(200, 328), slice(300, 428))
-
-
-@pytest.fixture(scope="module")
-def crop() -> tuple[np.ndarray, np.ndarray]:
-    """A 128x128 (image, labels) crop of a BBBC039 validation image."""
-    images = sorted((DATA / "val" / "images").glob("*.tif"))
-    if not images:
-        pytest.skip(f"BBBC039 data not found under {DATA}")
-    path = images[1]
-    return tifffile.imread(path)[CROP], tifffile.imread(DATA / "val" / "labels" / path.name)[CROP]
 
 
 def _discs(centres: list[tuple[int, int]], radius: int = 10, shape: tuple[int, int] = (64, 96)) -> np.ndarray:
