@@ -260,8 +260,10 @@ def main() -> int:
     refs = reference_rows(args, val)
     rows = {name: [row_result(r, args, tune, val) for r in runs]
             for name, runs in plan(args.steps, args.short_steps, best_weights).items()}
-    text = (f"# Does distillation help? (BBBC039 val, 50 images)\n\nCommand: `python benchmarks/distill_table.py "
-            f"{' '.join(sys.argv[1:])}`\n\nFull schedule {args.steps} steps, ablations and sweeps {args.short_steps} steps "
+    command = (f"python benchmarks/distill_table.py --teacher {args.teacher} --data {args.data} --runs {args.runs} "
+               f"--steps {args.steps} --short-steps {args.short_steps}")
+    text = (f"# Does distillation help? (BBBC039 val, 50 images)\n\nCommand (resumes row by row; `--only KEY...` runs "
+            f"some rows, `--report` only rebuilds this file): `{command}`\n\nFull schedule {args.steps} steps, ablations and sweeps {args.short_steps} steps "
             f"(batch 4, crop 256, AdamW 2e-3 cosine). Student: `{STUDENT}`. Times: per 520x696 image, {args.threads} threads.\n\n"
             + table(rows, refs) + "\n## Appendix: baseline weight sweep (tune split, short schedule)\n\n" + sweep_table(sweeps))
     out = Path(args.results) / "distill_table.md"
