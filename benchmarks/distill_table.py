@@ -11,6 +11,12 @@ resumes from its folder and every finished row is cached as JSON, so the table c
         --data ../shared/data/bbbc039 --runs runs/bench            # all rows (hours on 2 cores)
     python benchmarks/distill_table.py ... --only grd_s0 noKD_s0     # some runs only
     python benchmarks/distill_table.py ... --report                  # table from cached rows only
+    python benchmarks/distill_table.py ... --rescore                 # re-evaluate every cached row (machine idle)
+
+Rows may be trained by several processes at once (``--only`` with disjoint keys, ``--threads 1``);
+their scores do not depend on the load, their times do. The committed table is therefore made by
+``--rescore`` once no training runs: it re-tunes each row's decoder on the tune split, scores and
+times val again with the current code, so every row is measured by the same decoder and clock.
 """
 from __future__ import annotations
 
@@ -28,11 +34,9 @@ from napari_graphkd.data import AugmentConfig, load_folder
 from napari_graphkd.decode.mws import DecodeSettings
 from napari_graphkd.distill import BASELINE_WEIGHTS, DistillWeights, method_weights
 from napari_graphkd.evaluation import DECODE_GRID, network_outputs, score_model, tune_decoder
-from napari_graphkd.inference import decode_output, run_network
 from napari_graphkd.io.checkpoint import load_checkpoint
 from napari_graphkd.metrics import evaluate, mean_metrics
-from napari_graphkd.models import count_parameters
-from napari_graphkd.segment import ClassicalSegmenter
+from napari_graphkd.segment import ClassicalSegmenter, ModelSegmenter
 from napari_graphkd.train.distill import DistillSettings, distill_student
 from napari_graphkd.train.loop import TrainSettings
 
@@ -91,45 +95,39 @@ def train_run(run: Run, args) -> Path:
         return lambda model: score_model(model, tune)
 
     start = time.time()
+    torch.set_num_threads(args.threads)
     distill_student(args.teacher, Path(args.data) / "train", run_dir, STUDENT, settings, distill, validate_factory=factory,
-                    command="python benchmarks/distill_table.py " + " ".join(sys.argv[1:]))
+                    command="python benchmarks/distill_table.py " + " ".join(sys.argv[1:]),
+                    targets_dir=Path(args.runs) / "teacher-targets")
     print(f"  {run.key}: trained/resumed in {time.time() - start:.0f} s", flush=True)
     return run_dir
 
 
-def timed_scores(segment, images_labels, threads: int) -> tuple[dict[str, float], float, float]:
-    """Per-image mean metrics plus mean network and decode ms per image (single process)."""
+def timed_scores(segmenter, images_labels, threads: int, decode: DecodeSettings | None = None) -> tuple[dict[str, float], float, float]:
+    """Per-image mean metrics plus mean network and decode ms per image of a segmenter (single process)."""
     torch.set_num_threads(threads)
     rows, net, dec = [], 0.0, 0.0
     for image, labels in images_labels:
-        labels_pred, t_net, t_dec = segment(image)
-        rows.append(evaluate(labels, labels_pred))
-        net, dec = net + t_net, dec + t_dec
+        result = segmenter.segment(image, decode=decode)
+        rows.append(evaluate(labels, result.labels))
+        net, dec = net + result.network_seconds, dec + result.decode_seconds
     n = len(images_labels)
     return mean_metrics(rows), 1000 * net / n, 1000 * dec / n
 
 
-def network_segment(path: Path, decode: DecodeSettings):
-    """Segment function of a checkpoint with given decoder settings."""
-    model, _ = load_checkpoint(path)
-
-    def segment(image):
-        out = run_network(model, image)
-        labels, seconds = decode_output(out, decode)
-        return labels, out.seconds, seconds
-
-    return segment, count_parameters(model)
-
-
 def evaluate_checkpoint(path: Path, tune, val, threads: int) -> dict:
     """Tune the decoder on the tune split, then score (and time) on val."""
-    model, meta = load_checkpoint(path)
-    settings, tune_scores, _ = tune_decoder(network_outputs(model, tune), tune, base=DecodeSettings(**meta.get("decode", {})),
+    segmenter = ModelSegmenter(path)
+    settings, tune_scores, _ = tune_decoder(network_outputs(segmenter.model, tune), tune, base=segmenter.decode_settings,
                                             grid=STUDENT_GRID)
-    segment, params = network_segment(path, settings)
-    scores, net_ms, dec_ms = timed_scores(segment, val, threads)
-    return {"metrics": scores, "network_ms": net_ms, "decode_ms": dec_ms, "parameters": params,
-            "decode": settings.to_dict(), "tune": tune_scores, "step": meta.get("step")}
+    scores, net_ms, dec_ms = timed_scores(segmenter, val, threads, settings)
+    return {"metrics": scores, "network_ms": net_ms, "decode_ms": dec_ms, "parameters": segmenter.parameters,
+            "decode": settings.to_dict(), "tune": tune_scores, "step": segmenter.metadata.get("step")}
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """The run's checkpoint chosen on the tune split (its last one if it never validated)."""
+    return run_dir / ("best.safetensors" if (run_dir / "best.safetensors").exists() else "last.safetensors")
 
 
 def row_result(run: Run, args, tune, val) -> dict:
@@ -141,13 +139,17 @@ def row_result(run: Run, args, tune, val) -> dict:
         return {}
     run_dir = train_run(run, args)
     progress = json.loads((run_dir / "progress.json").read_text())
-    best = run_dir / ("best.safetensors" if (run_dir / "best.safetensors").exists() else "last.safetensors")
-    result = evaluate_checkpoint(best, tune, val, args.threads)
+    result = evaluate_checkpoint(best_checkpoint(run_dir), tune, val, args.threads)
     result.update(key=run.key, method=run.method, weights=asdict(run.weights), seed=run.seed, steps=run.steps,
                   peak_train_mb=progress.get("peak_rss_mb"), train_seconds=progress.get("seconds"))
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result, indent=1))
     return result
+
+
+def reference_segmenter(key: str, args) -> ModelSegmenter | ClassicalSegmenter:
+    """The classical pipeline or the teacher (with its exported decoder settings)."""
+    return ClassicalSegmenter() if key == "classical" else ModelSegmenter(args.teacher)
 
 
 def reference_rows(args, val) -> dict[str, dict]:
@@ -158,24 +160,29 @@ def reference_rows(args, val) -> dict[str, dict]:
     for key in ("classical", "teacher"):
         path = cache / f"{key}.json"
         if not path.exists() and not args.report:
-            if key == "classical":
-                classical = ClassicalSegmenter()
-
-                def segment(image):
-                    r = classical.segment(image)
-                    return r.labels, r.network_seconds, r.decode_seconds
-
-                scores, net, dec = timed_scores(segment, val, args.threads)
-                result = {"metrics": scores, "network_ms": net, "decode_ms": dec, "parameters": 0}
-            else:
-                _, meta = load_checkpoint(args.teacher)
-                segment, params = network_segment(Path(args.teacher), DecodeSettings(**meta.get("decode", {})))
-                scores, net, dec = timed_scores(segment, val, args.threads)
-                result = {"metrics": scores, "network_ms": net, "decode_ms": dec, "parameters": params}
-            path.write_text(json.dumps(result, indent=1))
+            segmenter = reference_segmenter(key, args)
+            scores, net, dec = timed_scores(segmenter, val, args.threads)
+            path.write_text(json.dumps({"metrics": scores, "network_ms": net, "decode_ms": dec,
+                                        "parameters": segmenter.parameters}, indent=1))
         if path.exists():
             out[key] = json.loads(path.read_text())
     return out
+
+
+def rescore_rows(args, tune, val) -> None:
+    """Re-evaluate every cached row with the current code on an idle machine: decoder re-tuned on tune, val scored and timed."""
+    for path in sorted((Path(args.results) / "rows").glob("*.json")):
+        result = json.loads(path.read_text())
+        before = result["metrics"]
+        if path.stem in ("classical", "teacher"):
+            scores, net, dec = timed_scores(reference_segmenter(path.stem, args), val, args.threads)
+            result.update(metrics=scores, network_ms=net, decode_ms=dec)
+        else:
+            result.update(evaluate_checkpoint(best_checkpoint(Path(args.runs) / path.stem), tune, val, args.threads))
+        result["timed_threads"] = args.threads
+        path.write_text(json.dumps(result, indent=1))
+        print(f"  {path.stem}: F1 {before['f1@0.5']:.4f} -> {result['metrics']['f1@0.5']:.4f}, AJI {before['aji']:.4f} -> "
+              f"{result['metrics']['aji']:.4f}; network {result['network_ms']:.1f} ms, decode {result['decode_ms']:.1f} ms", flush=True)
 
 
 def fmt(values: list[float], digits: int = 3) -> str:
@@ -243,7 +250,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="threads for timing (2 = this machine)")
     parser.add_argument("--only", nargs="*", default=None, help="run keys to train (default: all)")
     parser.add_argument("--report", action="store_true", help="only assemble the table from cached rows")
+    parser.add_argument("--rescore", action="store_true", help="re-evaluate and re-time every cached row, then assemble the table")
     args = parser.parse_args()
+    args.report = args.report or args.rescore
 
     tune_names = load_checkpoint(args.teacher)[1]["training_data"]["tune_images"]
     tune = load_folder(Path(args.data) / "train", names=tune_names)
@@ -252,13 +261,18 @@ def main() -> int:
 
     val = [(tifffile.imread(Path(args.data) / "val" / "images" / f"{s.name}.tif"), s.labels) for s in val_samples]
 
+    if args.rescore:
+        rescore_rows(args, tune, val)
     sweeps = {name: [row_result(r, args, tune, val) for r in runs] for name, runs in sweep_runs(args.short_steps).items()}
-    best_weights = {}
+    best_weights, waiting = {}, set()
     for name, results in sweeps.items():
         done = [r for r in results if r]
-        best_weights[name] = max(done, key=lambda r: r["tune"]["score"])["weights"][name] if len(done) == len(SWEEP_FACTORS) else BASELINE_WEIGHTS[name]
+        if len(done) == len(SWEEP_FACTORS):
+            best_weights[name] = max(done, key=lambda r: r["tune"]["score"])["weights"][name]
+        else:  # its full row must not train before the sweep has chosen its weight
+            best_weights[name], waiting = BASELINE_WEIGHTS[name], waiting | {f"{name}_s0"}
     refs = reference_rows(args, val)
-    rows = {name: [row_result(r, args, tune, val) for r in runs]
+    rows = {name: [row_result(r, args, tune, val) if r.key not in waiting else {} for r in runs]
             for name, runs in plan(args.steps, args.short_steps, best_weights).items()}
     command = (f"python benchmarks/distill_table.py --teacher {args.teacher} --data {args.data} --runs {args.runs} "
                f"--steps {args.steps} --short-steps {args.short_steps}")

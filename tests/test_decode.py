@@ -4,7 +4,9 @@ import pytest
 
 from conftest import relabel_equal
 from napari_graphkd.affinity import label_affinities
-from napari_graphkd.decode.mws import DecodeSettings, decode, merge_fragments, mutex_watershed, remove_background
+from napari_graphkd.decode.mws import (
+    DecodeSettings, decode, merge_fragments, mutex_watershed, regional_mutex_watershed, remove_background,
+)
 
 
 def test_decoding_ground_truth_affinities_returns_the_ground_truth(sample):
@@ -86,3 +88,34 @@ def test_holes_inside_an_object_take_its_id_and_small_objects_drop():
     assert filled[3, 3] == 4 and filled[0, 6] == 9 and filled[0, 0] == 0
     cleaned = drop_small(filled, min_size=2)
     assert set(np.unique(cleaned)) == {0, 1} and (cleaned[1:6, 1:6] == 1).all()
+
+
+def test_regional_decoder_equals_the_whole_image_decoder_when_everything_may_be_foreground(crop):
+    """With support everywhere there is one region, and its masked graph is the whole graph."""
+    _, labels = crop
+    target, _ = label_affinities(labels)
+    noisy = np.clip(target + np.random.default_rng(0).normal(0, 0.3, target.shape), -1, 1).astype(np.float32)
+    whole = mutex_watershed(noisy, attractive_bias=0.2)
+    regional = regional_mutex_watershed(noisy, np.ones(labels.shape, np.float32), attractive_bias=0.2)
+    assert relabel_equal(regional, whole)
+
+
+def test_separate_foreground_regions_never_share_a_label_and_the_rest_stays_background():
+    """Affinities that attract everywhere would merge the whole image; regions keep blobs apart."""
+    fg = np.zeros((60, 80), np.float32)
+    fg[10:20, 10:20] = fg[40:50, 50:70] = 0.9
+    attract = np.ones((10, 60, 80), np.float32)
+    out = regional_mutex_watershed(attract, fg, attractive_bias=0.0)
+    assert len(np.unique(mutex_watershed(attract, attractive_bias=0.0))) == 1
+    a, b = out[15, 15], out[45, 60]
+    assert a > 0 and b > 0 and a != b
+    assert (out[fg > 0] > 0).all() and out[30, 40] == 0 and out[0, 79] == 0
+
+
+def test_images_smaller_than_the_longest_affinity_offset_decode():
+    """mwatershed rejects offsets longer than the image; those are skipped, not a crash."""
+    labels = np.zeros((20, 24), np.int32)
+    labels[3:10, 3:12], labels[12:18, 10:20] = 1, 2
+    target, _ = label_affinities(labels)
+    decoded = decode(target, (labels > 0).astype(np.float32), DecodeSettings(min_size=0))
+    assert relabel_equal(decoded, labels)

@@ -7,7 +7,9 @@ from napari_graphkd.data import AugmentConfig, Sample
 from napari_graphkd.distill import method_weights
 from napari_graphkd.io.checkpoint import read_metadata, save_checkpoint
 from napari_graphkd.models import UNetConfig, build_model
-from napari_graphkd.train.distill import DistillSettings, compute_teacher_targets, distill_batches, distill_student
+from napari_graphkd.train.distill import (
+    DistillSettings, compute_teacher_targets, distill_batches, distill_student, load_teacher_targets, save_teacher_targets,
+)
 from napari_graphkd.train.loop import TrainSettings
 
 
@@ -58,3 +60,22 @@ def test_distillation_runs_resumes_and_records_its_settings(folder, teacher_path
     settings.steps = 6
     resumed = distill_student(teacher_path, folder, tmp_path / "run", "halfres-student", settings, distill, n_tune=1)
     assert resumed["step"] == 6 and len(resumed["history"]) == 6
+
+
+def test_teacher_targets_on_disk_round_trip_and_refuse_other_images(sample, tmp_path):
+    """Benchmark rows share the teacher's outputs through a file; a file made for other images is not used."""
+    teacher = build_model(UNetConfig(widths=(4, 8))).eval()
+    image = (sample[0][:64, :80] / 4095.0).astype(np.float32)
+    samples = [Sample("a", image, sample[1][:64, :80]), Sample("b", image[::-1].copy(), sample[1][:64, :80])]
+    targets = compute_teacher_targets(teacher, samples, with_features=True)
+    path = tmp_path / "targets.safetensors"
+    save_teacher_targets(targets, ["a", "b"], path)
+    loaded = load_teacher_targets(path, ["a", "b"], with_features=True)
+    for want, got in zip(targets, loaded):
+        torch.testing.assert_close(got.embedding, want.embedding, rtol=0, atol=0)
+        assert len(got.features) == len(want.features) > 0
+        for f_want, f_got in zip(want.features, got.features):
+            torch.testing.assert_close(f_got, f_want, rtol=0, atol=0)
+    assert load_teacher_targets(path, ["a", "b"], with_features=False)[1].features == []
+    assert load_teacher_targets(path, ["a", "c"], with_features=False) is None
+    assert load_teacher_targets(tmp_path / "missing.safetensors", ["a", "b"], with_features=False) is None

@@ -211,7 +211,7 @@ def decode_output(output: NetworkOutput, settings: DecodeSettings = DecodeSettin
                                   merge_distance=max(1, settings.merge_distance // factor))
         affinities = embedding_affinities(torch.from_numpy(emb)[None], OFFSETS)[0].numpy()
         coarse = decode(affinities, fg, coarse_settings)
-        labels = refine_upsampled(coarse, output.full_foreground(), output.full_shape, settings, band=factor)
+        labels = refine_upsampled(coarse, output.full_foreground(), output.full_shape, settings, factor)
     else:
         labels = decode(output.affinities(), output.full_foreground(), settings)
     if labels.shape != output.image_shape:

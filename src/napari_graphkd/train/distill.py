@@ -15,17 +15,19 @@ teacher's decoded nuclei) for the graph terms: pseudo-instance k is stored as -1
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from ..data import Sample, jitter_intensity, load_folder, split_tune
 from ..affinity import embedding_affinities
 from ..distill import DistillationObjective, DistillWeights, MemoryBank, NetOut, make_adapter, method_weights
-from ..io.checkpoint import load_checkpoint
+from ..io.checkpoint import atomic_save_tensors, load_checkpoint
 from ..models import EmbeddingUNet, build_model
 from .loop import TrainSettings, run_training, segmentation_loss
 
@@ -92,6 +94,32 @@ def compute_teacher_targets(teacher: EmbeddingUNet, samples: list[Sample], with_
     return targets
 
 
+def save_teacher_targets(targets: list[TeacherTargets], names: list[str], path: Path) -> None:
+    """Write cached teacher outputs (with the image names they belong to) atomically to one safetensors file."""
+    tensors = {}
+    for i, t in enumerate(targets):
+        tensors[f"{i}/embedding"] = t.embedding
+        tensors.update({f"{i}/feature{j}": f for j, f in enumerate(t.features)})
+    atomic_save_tensors(tensors, path, {"names": json.dumps(names)}, overwrite=True)
+
+
+def load_teacher_targets(path: Path, names: list[str], with_features: bool) -> list[TeacherTargets] | None:
+    """Cached teacher outputs from :func:`save_teacher_targets`, or None if the file is absent or for other images."""
+    if not path.exists():
+        return None
+    with safe_open(path, "pt") as f:
+        if json.loads((f.metadata() or {}).get("names", "[]")) != names:
+            return None
+        keys = set(f.keys())
+        if with_features and "0/feature0" not in keys:
+            return None
+        targets = []
+        for i in range(len(names)):
+            n_features = sum(1 for k in keys if k.startswith(f"{i}/feature")) if with_features else 0
+            targets.append(TeacherTargets(f.get_tensor(f"{i}/embedding"), [f.get_tensor(f"{i}/feature{j}") for j in range(n_features)]))
+    return targets
+
+
 def _crop_and_turn(t: torch.Tensor, y: int, x: int, size: int, scale: int, k: int, flip: bool) -> torch.Tensor:
     """Crop a (…,H,W) map at a 1/scale resolution, then rotate by k*90° and optionally flip."""
     y0, x0, s = y // scale, x // scale, size // scale
@@ -142,8 +170,13 @@ def distill_samples(
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     on_status: Callable[[str], None] = lambda message: None,
     should_stop: Callable[[], bool] = lambda: False,
+    targets_file: Path | None = None,
 ) -> dict[str, Any]:
-    """Distil ``student`` from a frozen ``teacher`` on in-memory samples (labels: see :func:`graph_labels`)."""
+    """Distil ``student`` from a frozen ``teacher`` on in-memory samples (labels: see :func:`graph_labels`).
+
+    ``targets_file`` caches the teacher's outputs on disk so that runs on the same teacher and images
+    (a benchmark's rows) compute them once; the caller keeps one file per teacher and data folder.
+    """
     for p in teacher.parameters():
         p.requires_grad_(False)
     objective = DistillationObjective(
@@ -151,8 +184,13 @@ def distill_samples(
         MemoryBank(distill.memory_size, distill.memory_samples),
         generator=torch.Generator().manual_seed(settings.seed),
     )
-    on_status(f"computing teacher outputs for {len(train)} training images (once)")
-    targets = compute_teacher_targets(teacher, train, objective.needs_features)
+    names = [s.name for s in train]
+    targets = load_teacher_targets(targets_file, names, objective.needs_features) if targets_file else None
+    if targets is None:
+        on_status(f"computing teacher outputs for {len(train)} training images (once)")
+        targets = compute_teacher_targets(teacher, train, objective.needs_features)
+        if targets_file:
+            save_teacher_targets(targets, names, targets_file)
     extra_modules = []
     if distill.weights.cwd > 0:
         with torch.no_grad():
@@ -191,8 +229,12 @@ def distill_student(
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     on_status: Callable[[str], None] = lambda message: None,
     should_stop: Callable[[], bool] = lambda: False,
+    targets_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Distil ``student_architecture`` from a teacher checkpoint on ``data_dir`` (tune images held out)."""
+    """Distil ``student_architecture`` from a teacher checkpoint on ``data_dir`` (tune images held out).
+
+    ``targets_dir`` keeps the teacher's outputs on disk between runs (one file per teacher, redone for other images).
+    """
     teacher, teacher_meta = load_checkpoint(teacher_checkpoint)
     samples = load_folder(data_dir)
     train_names, tune_names = split_tune([s.name for s in samples], n_tune, seed=0)
@@ -211,4 +253,5 @@ def distill_student(
     }
     validate = validate_factory(tune) if (validate_factory is not None and tune) else None
     return distill_samples(teacher, student, train, run_dir, settings, distill, metadata=metadata, validate=validate,
-                           on_progress=on_progress, on_status=on_status, should_stop=should_stop)
+                           on_progress=on_progress, on_status=on_status, should_stop=should_stop,
+                           targets_file=None if targets_dir is None else Path(targets_dir) / f"teacher-{digest}.safetensors")
