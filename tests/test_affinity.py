@@ -49,6 +49,19 @@ def test_embedding_affinities_are_cosines_without_wraparound():
     torch.testing.assert_close(aff[0, 0, 0], torch.tensor([0.0, 1.0, -1.0]))
 
 
+def test_decoding_and_training_affinities_agree_with_the_normalised_dot_product():
+    """The in-place path (no autograd, used by the decoder) and the autograd path give the same cosines."""
+    emb = torch.randn(2, 5, 9, 11)
+    unit = torch.nn.functional.normalize(emb, dim=1)
+    with torch.no_grad():
+        decoding = embedding_affinities(emb)
+    training = embedding_affinities(emb.clone().requires_grad_(True))
+    k = OFFSETS.index((-3, 0))
+    torch.testing.assert_close(decoding[:, k, 3:], (unit[:, :, 3:] * unit[:, :, :-3]).sum(1))
+    torch.testing.assert_close(training.detach(), decoding)
+    assert training.requires_grad
+
+
 def test_balance_weights_hand_computed():
     # 3 valid pairs, 1 positive: f = 1/3 < 0.5 -> positives get (1-f)/f = 2, negatives 1.
     target = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])
