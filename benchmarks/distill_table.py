@@ -3,9 +3,10 @@
 Honest-benchmark rules (METHOD.md A.9): one teacher; every student row has the same architecture,
 data, augmentation and schedule (ablations: a stated shorter schedule); the rows that carry the
 claim (no-KD, GRD intra+inter) run with 3 seeds; every baseline gets a weight sweep at the short
-schedule on the tune split; checkpoints and decoder settings are chosen on the tune split (10 train
-images never used for gradient steps) and only val is reported. Resumable: every training run
-resumes from its folder and every finished row is cached as JSON, so the table can span sessions.
+schedule on the tune split (0.1x, 1x, 10x its published weight, one decade further if the best is
+at an end); checkpoints and decoder settings are chosen on the tune split (10 train images never
+used for gradient steps) and only val is reported. Resumable: every training run resumes from its
+folder and every finished row is cached as JSON, so the table can span sessions.
 
     python benchmarks/distill_table.py --teacher src/napari_graphkd/weights/teacher.safetensors \
         --data ../shared/data/bbbc039 --runs runs/bench            # all rows (hours on 2 cores)
@@ -34,7 +35,7 @@ from napari_graphkd.data import AugmentConfig, load_folder
 from napari_graphkd.decode.mws import DecodeSettings
 from napari_graphkd.distill import BASELINE_WEIGHTS, DistillWeights, method_weights
 from napari_graphkd.evaluation import DECODE_GRID, network_outputs, score_model, tune_decoder
-from napari_graphkd.io.checkpoint import load_checkpoint
+from napari_graphkd.io.checkpoint import load_checkpoint, read_metadata
 from napari_graphkd.metrics import evaluate, mean_metrics
 from napari_graphkd.segment import ClassicalSegmenter, ModelSegmenter
 from napari_graphkd.train.distill import DistillSettings, distill_student
@@ -76,13 +77,26 @@ def plan(full: int, short: int, baseline_weights: dict[str, float]) -> dict[str,
     return rows
 
 
-def sweep_runs(short: int) -> dict[str, list[Run]]:
-    """Short-schedule weight sweep of each baseline around its published default."""
-    off = method_weights("none")
-    return {
-        name: [Run(f"sweep_{name}_x{f:g}", name, replace(off, **{name: default * f}), 0, short) for f in SWEEP_FACTORS]
-        for name, default in BASELINE_WEIGHTS.items()
-    }
+def sweep_run(name: str, factor: float, short: int) -> Run:
+    """Short-schedule run of baseline ``name`` at ``factor`` times its published default weight."""
+    return Run(f"sweep_{name}_x{factor:g}", name, replace(method_weights("none"), **{name: BASELINE_WEIGHTS[name] * factor}), 0, short)
+
+
+def sweep(name: str, short: int, result) -> tuple[list[dict], float | None]:
+    """Sweep of one baseline around its default; extended one decade outward if the best is at an end.
+
+    Returns the sweep's results and the chosen weight (None until the sweep is complete).
+    """
+    results = [result(sweep_run(name, f, short)) for f in SWEEP_FACTORS]
+    if not all(results):
+        return results, None
+    best = max(range(len(results)), key=lambda i: results[i]["tune"]["score"])
+    if best in (0, len(results) - 1):
+        factor = SWEEP_FACTORS[best] * (0.1 if best == 0 else 10.0)
+        results.insert(0 if best == 0 else len(results), result(sweep_run(name, factor, short)))
+        if not all(results):
+            return results, None
+    return results, max(results, key=lambda r: r["tune"]["score"])["weights"][name]
 
 
 def train_run(run: Run, args) -> Path:
@@ -134,9 +148,15 @@ def row_result(run: Run, args, tune, val) -> dict:
     """Cached result of one run; trains and evaluates it first if selected (``--only``) and not cached."""
     cache = Path(args.results) / "rows" / f"{run.key}.json"
     if cache.exists():
-        return json.loads(cache.read_text())
+        result = json.loads(cache.read_text())
+        if result["weights"] != asdict(run.weights):  # e.g. a sweep that chose another weight since
+            raise SystemExit(f"{cache} was made with other term weights than this run; move it and its run folder away")
+        return result
     if args.report or (args.only is not None and run.key not in args.only):
         return {}
+    last = Path(args.runs) / run.key / "last.safetensors"
+    if last.exists() and read_metadata(last)["distillation"]["weights"] != asdict(run.weights):
+        raise SystemExit(f"{last.parent} was trained with other term weights than this run; move it away")
     run_dir = train_run(run, args)
     progress = json.loads((run_dir / "progress.json").read_text())
     result = evaluate_checkpoint(best_checkpoint(run_dir), tune, val, args.threads)
@@ -280,13 +300,10 @@ def main() -> int:
 
     if args.rescore:
         rescore_rows(args, tune, val)
-    sweeps = {name: [row_result(r, args, tune, val) for r in runs] for name, runs in sweep_runs(args.short_steps).items()}
-    best_weights, waiting = {}, set()
-    for name, results in sweeps.items():
-        done = [r for r in results if r]
-        if len(done) == len(SWEEP_FACTORS):
-            best_weights[name] = max(done, key=lambda r: r["tune"]["score"])["weights"][name]
-        else:  # its full row must not train before the sweep has chosen its weight
+    sweeps, best_weights, waiting = {}, {}, set()
+    for name in BASELINE_WEIGHTS:
+        sweeps[name], best_weights[name] = sweep(name, args.short_steps, lambda run: row_result(run, args, tune, val))
+        if best_weights[name] is None:  # its full row must not train before the sweep has chosen its weight
             best_weights[name], waiting = BASELINE_WEIGHTS[name], waiting | {f"{name}_s0"}
     refs = reference_rows(args, val)
     rows = {name: [row_result(r, args, tune, val) if r.key not in waiting else {} for r in runs]
