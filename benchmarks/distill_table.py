@@ -4,16 +4,17 @@ Honest-benchmark rules (METHOD.md A.9): one teacher; every student row has the s
 data, augmentation and schedule (ablations: a stated shorter schedule); the rows that carry the
 claim (no-KD, GRD intra+inter) run with 3 seeds; every baseline gets a weight sweep at the short
 schedule on the tune split (0.1x, 1x, 10x its published weight, one decade further if the best is
-at an end); checkpoints and decoder settings are chosen on the tune split (10 train images never
-used for gradient steps) and only val is reported. Resumable: every training run resumes from its
-folder and every finished row is cached as JSON, so the table can span sessions.
+at an end); every row is scored at its last checkpoint (no checkpoint selection), with decoder
+settings chosen on the tune split (10 train images never used for gradient steps) by the pooled
+selection score (napari_graphkd.evaluation.selection_score), and only val is reported. Resumable:
+every training run resumes from its folder and every finished row is cached as JSON, so the table
+can span sessions.
 
     python benchmarks/distill_table.py --teacher src/napari_graphkd/weights/teacher.safetensors \
         --data ../shared/data/bbbc039 --runs runs/bench            # all rows (hours on 2 cores)
     python benchmarks/distill_table.py ... --only grd_s0 noKD_s0     # some runs only
     python benchmarks/distill_table.py ... --report                  # table from cached rows only
     python benchmarks/distill_table.py ... --rescore                 # re-evaluate every cached row (machine idle)
-    python benchmarks/distill_table.py ... --last                    # also score every row's last checkpoint
 
 Rows may be trained by several processes at once (``--only`` with disjoint keys, ``--threads 1``);
 their scores do not depend on the load, their times do. The committed table is therefore made by
@@ -140,9 +141,12 @@ def evaluate_checkpoint(path: Path, tune, val, threads: int) -> dict:
             "decode": settings.to_dict(), "tune": tune_scores, "step": segmenter.metadata.get("step")}
 
 
-def best_checkpoint(run_dir: Path) -> Path:
-    """The run's checkpoint chosen on the tune split (its last one if it never validated)."""
-    return run_dir / ("best.safetensors" if (run_dir / "best.safetensors").exists() else "last.safetensors")
+def final_checkpoint(run_dir: Path) -> Path:
+    """The run's last checkpoint: every row is scored after its full schedule, without checkpoint selection.
+
+    (Selection on the 10-image tune split was decided by its one nucleus-free image, see the table's notes.)
+    """
+    return run_dir / "last.safetensors"
 
 
 def row_result(run: Run, args, tune, val) -> dict:
@@ -160,7 +164,7 @@ def row_result(run: Run, args, tune, val) -> dict:
         raise SystemExit(f"{last.parent} was trained with other term weights than this run; move it away")
     run_dir = train_run(run, args)
     progress = json.loads((run_dir / "progress.json").read_text())
-    result = evaluate_checkpoint(best_checkpoint(run_dir), tune, val, args.threads)
+    result = evaluate_checkpoint(final_checkpoint(run_dir), tune, val, args.threads)
     result.update(key=run.key, method=run.method, weights=asdict(run.weights), seed=run.seed, steps=run.steps,
                   peak_train_mb=progress.get("peak_rss_mb"), train_seconds=progress.get("seconds"))
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -189,35 +193,19 @@ def reference_rows(args, val) -> dict[str, dict]:
 
 
 def rescore_rows(args, tune, val) -> None:
-    """Re-evaluate every cached table row with the current code on an idle machine: decoder re-tuned on tune, val scored and timed.
-
-    Sweep runs are left as they are: they chose the baselines' weights, and their tune scores are not timed.
-    """
+    """Re-evaluate every cached row with the current code on an idle machine: decoder re-tuned on tune, val scored and timed."""
     for path in sorted((Path(args.results) / "rows").glob("*.json")):
-        if path.stem.startswith("sweep_"):
-            continue
         result = json.loads(path.read_text())
         before = result["metrics"]
         if path.stem in ("classical", "teacher"):
             result.update(timed_scores(reference_segmenter(path.stem, args), val, args.threads))
         else:
-            result.update(evaluate_checkpoint(best_checkpoint(Path(args.runs) / path.stem), tune, val, args.threads))
+            result.update(evaluate_checkpoint(final_checkpoint(Path(args.runs) / path.stem), tune, val, args.threads))
         result["timed_threads"] = args.threads
+        result.pop("last", None)  # from an earlier protocol that scored last checkpoints separately
         path.write_text(json.dumps(result, indent=1))
         print(f"  {path.stem}: F1 {before['f1@0.5']:.4f} -> {result['metrics']['f1@0.5']:.4f}, AJI {before['aji']:.4f} -> "
               f"{result['metrics']['aji']:.4f}; network {result['network_ms']:.1f} ms, decode {result['decode_ms']:.1f} ms", flush=True)
-
-
-def add_last_checkpoint_scores(args, tune, val) -> None:
-    """Score every cached table row's last checkpoint too (decoder tuned on tune): the result without checkpoint selection."""
-    for path in sorted((Path(args.results) / "rows").glob("*.json")):
-        result = json.loads(path.read_text())
-        if path.stem.startswith("sweep_") or path.stem in ("classical", "teacher") or "last" in result:
-            continue
-        last = evaluate_checkpoint(Path(args.runs) / path.stem / "last.safetensors", tune, val, args.threads)
-        result["last"] = {k: last[k] for k in ("metrics", "per_image", "decode", "tune", "step")}
-        path.write_text(json.dumps(result, indent=1))
-        print(f"  {path.stem}: last checkpoint F1 {last['metrics']['f1@0.5']:.4f}, AJI {last['metrics']['aji']:.4f}", flush=True)
 
 
 def fmt(values: list[float], digits: int = 3) -> str:
@@ -263,30 +251,24 @@ def table(rows: dict[str, list[dict]], refs: dict[str, dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def robustness_table(rows: dict[str, list[dict]], refs: dict[str, dict]) -> str:
-    """Scores over the val images that hold nuclei, objects predicted on the nucleus-free one, and the last checkpoints.
+def nucleus_free_table(rows: dict[str, list[dict]], refs: dict[str, dict]) -> str:
+    """F1/AJI over the val images that hold nuclei, and objects predicted on the nucleus-free one.
 
-    A per-image mean scores an image without nuclei 1 or 0 (anything predicted), so one such image
-    moves the mean F1 by 1/50 on val and 1/10 on the tune split, where it can decide which
-    checkpoint is "best". The last checkpoint of each run needs no selection at all.
+    A per-image mean scores an image without nuclei 1 or 0 (anything predicted), so that one val
+    image moves the mean F1 by 1/50: this table shows the rows without it.
     """
-    lines = ["| row | seeds | F1@0.5, images with nuclei | AJI, images with nuclei | objects on the nucleus-free image | "
-             "last ckpt F1@0.5 | last ckpt AJI | last ckpt F1@0.5, images with nuclei |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | seeds | F1@0.5, images with nuclei | AJI, images with nuclei | objects on the nucleus-free image |",
+             "|---|---|---|---|---|"]
 
     def with_nuclei(scored: list[dict], metric: str) -> list[float]:
         return [statistics.mean(v for v, n in zip(r["per_image"][metric], r["per_image"]["n_gt"]) if n > 0) for r in scored]
 
     for name, results in [(k, [v]) for k, v in refs.items()] + list(rows.items()):
         results = [r for r in results if r and "per_image" in r]
-        if not results:
-            continue
-        empty = [sum(p for p, n in zip(r["per_image"]["n_pred"], r["per_image"]["n_gt"]) if n == 0) for r in results]
-        last = [r["last"] for r in results if "last" in r]
-        last_cells = (f"{fmt([r['metrics']['f1@0.5'] for r in last])} | {fmt([r['metrics']['aji'] for r in last])} | "
-                      f"{fmt(with_nuclei(last, 'f1@0.5'))}") if len(last) == len(results) else "– | – | –"
-        lines.append(f"| {name} | {len(results)} | {fmt(with_nuclei(results, 'f1@0.5'))} | {fmt(with_nuclei(results, 'aji'))} | "
-                     f"{', '.join(str(int(e)) for e in empty)} | {last_cells} |")
+        if results:
+            empty = [sum(p for p, n in zip(r["per_image"]["n_pred"], r["per_image"]["n_gt"]) if n == 0) for r in results]
+            lines.append(f"| {name} | {len(results)} | {fmt(with_nuclei(results, 'f1@0.5'))} | {fmt(with_nuclei(results, 'aji'))} | "
+                         f"{', '.join(str(int(e)) for e in empty)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -313,9 +295,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=None, help="run keys to train (default: all)")
     parser.add_argument("--report", action="store_true", help="only assemble the table from cached rows")
     parser.add_argument("--rescore", action="store_true", help="re-evaluate and re-time every cached row, then assemble the table")
-    parser.add_argument("--last", action="store_true", help="also score each cached row's last checkpoint, then assemble the table")
     args = parser.parse_args()
-    args.report = args.report or args.rescore or args.last
+    args.report = args.report or args.rescore
 
     tune_names = load_checkpoint(args.teacher)[1]["training_data"]["tune_images"]
     tune = load_folder(Path(args.data) / "train", names=tune_names)
@@ -326,13 +307,18 @@ def main() -> int:
 
     if args.rescore:
         rescore_rows(args, tune, val)
-    if args.last:
-        add_last_checkpoint_scores(args, tune, val)
-    sweeps, best_weights, waiting = {}, {}, set()
+    sweeps, best_weights, waiting, notes = {}, {}, set(), []
     for name in BASELINE_WEIGHTS:
         sweeps[name], best_weights[name] = sweep(name, args.short_steps, lambda run: row_result(run, args, tune, val))
         if best_weights[name] is None:  # its full row must not train before the sweep has chosen its weight
             best_weights[name], waiting = BASELINE_WEIGHTS[name], waiting | {f"{name}_s0"}
+        cached = Path(args.results) / "rows" / f"{name}_s0.json"
+        if name not in waiting and cached.exists():
+            trained = json.loads(cached.read_text())["weights"][name]
+            if trained != best_weights[name]:  # re-scored sweeps may prefer another weight than the trained row has
+                notes.append(f"- {name}: its sweep now prefers weight {best_weights[name]:g}; the full row was trained "
+                             f"with {trained:g} (chosen by the earlier selection score) and was not re-run.\n")
+                best_weights[name] = trained
     refs = reference_rows(args, val)
     rows = {name: [row_result(r, args, tune, val) if r.key not in waiting else {} for r in runs]
             for name, runs in plan(args.steps, args.short_steps, best_weights).items()}
@@ -341,7 +327,8 @@ def main() -> int:
     text = (f"# Does distillation help? (BBBC039 val, 50 images)\n\nCommand (resumes row by row; `--only KEY...` runs "
             f"some rows, `--report` only rebuilds this file): `{command}`\n\nFull schedule {args.steps} steps, ablations and sweeps {args.short_steps} steps "
             f"(batch 4, crop 256, AdamW 2e-3 cosine). Student: `{STUDENT}`. Times: per 520x696 image, {args.threads} threads.\n\n"
-            + table(rows, refs) + "\n## Robustness: the nucleus-free val image and checkpoint selection\n\n" + robustness_table(rows, refs)
+            + table(rows, refs) + "\n## Without the nucleus-free val image\n\n" + nucleus_free_table(rows, refs)
+            + ("\nNotes:\n\n" + "".join(notes) if notes else "")
             + "\n## Appendix: baseline weight sweep (tune split, short schedule)\n\n" + sweep_table(sweeps))
     out = Path(args.results) / "distill_table.md"
     out.parent.mkdir(parents=True, exist_ok=True)

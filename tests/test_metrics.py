@@ -9,6 +9,7 @@ import tifffile
 from scipy import ndimage as ndi
 
 import napari_graphkd
+from napari_graphkd.evaluation import selection_score
 from napari_graphkd.metrics import (
     METRIC_KEYS,
     abs_dic,
@@ -201,3 +202,15 @@ def test_matches_stardist_on_shipped_samples():
         pytest.skip(f"no *_labels.tif samples shipped in {SAMPLES}")
     for path in files:
         _compare_with_stardist(tifffile.imread(path))
+
+
+def test_selection_score_pools_objects_so_one_empty_image_does_not_decide():
+    """Hand-computed: 8 of 10 nuclei found with 2 false objects, plus 1 false object on an empty image."""
+    with_nuclei = {"f1@0.5": 0.8, "aji": 0.7, "n_gt": 10.0, "n_pred": 10.0}  # TP 8, FP 2, FN 2
+    empty_with_one_object = {"f1@0.5": 0.0, "aji": 0.0, "n_gt": 0.0, "n_pred": 1.0}
+    empty_and_nothing = {"f1@0.5": 1.0, "aji": 1.0, "n_gt": 0.0, "n_pred": 0.0}
+    # pooled: TP 8, FP 3, FN 2 -> 16 / 21; AJI only over the image with nuclei
+    assert selection_score([with_nuclei, empty_with_one_object]) == pytest.approx(16 / 21 + 0.7)
+    assert selection_score([with_nuclei, empty_and_nothing]) == pytest.approx(16 / 20 + 0.7)
+    # a per-image mean would move by 0.5 F1 + 0.5 AJI between the two; pooled, one false object moves it by 0.038
+    assert selection_score([with_nuclei, empty_and_nothing]) - selection_score([with_nuclei, empty_with_one_object]) < 0.04
