@@ -15,6 +15,7 @@ can span sessions.
     python benchmarks/distill_table.py ... --only grd_s0 noKD_s0     # some runs only
     python benchmarks/distill_table.py ... --report                  # table from cached rows only
     python benchmarks/distill_table.py ... --rescore                 # re-evaluate every cached row (machine idle)
+    python benchmarks/distill_table.py ... --memory                  # peak training memory, one fresh process per row
 
 Rows may be trained by several processes at once (``--only`` with disjoint keys, ``--threads 1``);
 their scores do not depend on the load, their times do. The committed table is therefore made by
@@ -26,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -48,6 +51,7 @@ STUDENT = "halfres-student"
 # on the tune split and val for the bundled student, at a quarter of the decode time.
 STUDENT_GRID = dict(DECODE_GRID, resolution=("half",))
 SWEEP_FACTORS = (0.1, 1.0, 10.0)
+PROBE_STEPS = 20  # steps of the fresh-process run that measures a row's peak training memory
 ABLATIONS = ("node", "edge", "affinity", "inter_affinity", "inter_edge")
 COLUMNS = ("f1@0.5", "aji", "pq", "sbd")
 
@@ -101,9 +105,9 @@ def sweep(name: str, short: int, result) -> tuple[list[dict], float | None]:
     return results, max(results, key=lambda r: r["tune"]["score"])["weights"][name]
 
 
-def train_run(run: Run, args) -> Path:
-    """Train (or resume) one run; returns its folder."""
-    run_dir = Path(args.runs) / run.key
+def train_run(run: Run, args, run_dir: Path | None = None) -> Path:
+    """Train (or resume) one run (in ``runs/KEY`` unless ``run_dir`` is given); returns its folder."""
+    run_dir = run_dir or Path(args.runs) / run.key
     settings = TrainSettings(steps=run.steps, batch_size=4, lr=2e-3, seed=run.seed, validate_every=max(250, run.steps // 6),
                              snapshot_every=10**9, augment=AugmentConfig(crop=256))
     distill = DistillSettings(method=run.method, weights=run.weights)
@@ -208,6 +212,29 @@ def rescore_rows(args, tune, val) -> None:
               f"{result['metrics']['aji']:.4f}; network {result['network_ms']:.1f} ms, decode {result['decode_ms']:.1f} ms", flush=True)
 
 
+def probe_memory(key: str, args) -> float:
+    """Peak RSS (MB) of this process after training ``PROBE_STEPS`` steps of a cached row's run from scratch."""
+    row = json.loads((Path(args.results) / "rows" / f"{key}.json").read_text())
+    run = Run(key, row["method"], DistillWeights(**row["weights"]), row["seed"], PROBE_STEPS)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = train_run(run, args, Path(tmp) / key)
+        return json.loads((run_dir / "progress.json").read_text())["peak_rss_mb"]
+
+
+def measure_memory(args) -> None:
+    """Peak training memory of every cached table row, each in a fresh process (a process's peak never goes down)."""
+    for path in sorted((Path(args.results) / "rows").glob("*.json")):
+        if path.stem.startswith("sweep_") or path.stem in ("classical", "teacher"):
+            continue
+        command = [sys.executable, __file__, "--teacher", args.teacher, "--data", args.data, "--runs", args.runs,
+                   "--results", args.results, "--threads", str(args.threads), "--probe", path.stem]
+        peak = float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+        result = json.loads(path.read_text())
+        result.update(peak_train_mb=peak, peak_train_probe_steps=PROBE_STEPS)
+        path.write_text(json.dumps(result, indent=1))
+        print(f"  {path.stem}: peak training memory {peak:.0f} MB", flush=True)
+
+
 def fmt(values: list[float], digits: int = 3) -> str:
     """Mean, or mean ± std over seeds."""
     if not values:
@@ -295,8 +322,13 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=None, help="run keys to train (default: all)")
     parser.add_argument("--report", action="store_true", help="only assemble the table from cached rows")
     parser.add_argument("--rescore", action="store_true", help="re-evaluate and re-time every cached row, then assemble the table")
+    parser.add_argument("--memory", action="store_true", help="measure every cached row's peak training memory in a fresh process")
+    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # one row's memory probe (used by --memory)
     args = parser.parse_args()
-    args.report = args.report or args.rescore
+    if args.probe:
+        print(probe_memory(args.probe, args))
+        return 0
+    args.report = args.report or args.rescore or args.memory
 
     tune_names = load_checkpoint(args.teacher)[1]["training_data"]["tune_images"]
     tune = load_folder(Path(args.data) / "train", names=tune_names)
@@ -307,6 +339,8 @@ def main() -> int:
 
     if args.rescore:
         rescore_rows(args, tune, val)
+    if args.memory:
+        measure_memory(args)
     sweeps, best_weights, waiting, notes = {}, {}, set(), []
     for name in BASELINE_WEIGHTS:
         sweeps[name], best_weights[name] = sweep(name, args.short_steps, lambda run: row_result(run, args, tune, val))
