@@ -358,9 +358,13 @@ def main() -> int:
             for name, runs in plan(args.steps, args.short_steps, best_weights).items()}
     command = (f"python benchmarks/distill_table.py --teacher {args.teacher} --data {args.data} --runs {args.runs} "
                f"--steps {args.steps} --short-steps {args.short_steps}")
-    text = (f"# Does distillation help? (BBBC039 val, 50 images)\n\nCommand (resumes row by row; `--only KEY...` runs "
-            f"some rows, `--report` only rebuilds this file): `{command}`\n\nFull schedule {args.steps} steps, ablations and sweeps {args.short_steps} steps "
-            f"(batch 4, crop 256, AdamW 2e-3 cosine). Student: `{STUDENT}`. Times: per 520x696 image, {args.threads} threads.\n\n"
+    text = (f"# Does distillation help? (BBBC039 val, 50 images)\n\nMade by `{command}` (trains every missing row, "
+            f"resuming row by row; `--only KEY...` trains some rows, so several processes can share the work), then "
+            f"`{command} --rescore` with nothing else running (every row re-evaluated and timed by the same code) and "
+            f"`{command} --memory` (peak training memory, one fresh process per row, {PROBE_STEPS} steps).\n\n"
+            f"Full schedule {args.steps} steps, ablations and sweeps {args.short_steps} steps (batch 4, crop 256, AdamW 2e-3 "
+            f"cosine). Student: `{STUDENT}`. Every row is scored at its last checkpoint, decoder settings chosen on the tune "
+            f"split. Times: per 520x696 image, {args.threads} threads. Gap = share of the teacher - no-KD gap recovered.\n\n"
             + table(rows, refs) + "\n## Without the nucleus-free val image\n\n" + nucleus_free_table(rows, refs)
             + ("\nNotes:\n\n" + "".join(notes) if notes else "")
             + "\n## Appendix: baseline weight sweep (tune split, short schedule)\n\n" + sweep_table(sweeps))
