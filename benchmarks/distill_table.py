@@ -222,9 +222,12 @@ def probe_memory(key: str, args) -> float:
 
 
 def measure_memory(args) -> None:
-    """Peak training memory of every cached table row, each in a fresh process (a process's peak never goes down)."""
+    """Peak training memory of every cached table row (or those in ``--only``), each in a fresh process.
+
+    (A process's peak never goes down, so rows trained one after another in one process cannot be compared.)
+    """
     for path in sorted((Path(args.results) / "rows").glob("*.json")):
-        if path.stem.startswith("sweep_") or path.stem in ("classical", "teacher"):
+        if path.stem.startswith("sweep_") or path.stem in ("classical", "teacher") or (args.only and path.stem not in args.only):
             continue
         command = [sys.executable, __file__, "--teacher", args.teacher, "--data", args.data, "--runs", args.runs,
                    "--results", args.results, "--threads", str(args.threads), "--probe", path.stem]
@@ -344,15 +347,15 @@ def main() -> int:
     sweeps, best_weights, waiting, notes = {}, {}, set(), []
     for name in BASELINE_WEIGHTS:
         sweeps[name], best_weights[name] = sweep(name, args.short_steps, lambda run: row_result(run, args, tune, val))
-        if best_weights[name] is None:  # its full row must not train before the sweep has chosen its weight
-            best_weights[name], waiting = BASELINE_WEIGHTS[name], waiting | {f"{name}_s0"}
         cached = Path(args.results) / "rows" / f"{name}_s0.json"
-        if name not in waiting and cached.exists():
-            trained = json.loads(cached.read_text())["weights"][name]
-            if trained != best_weights[name]:  # re-scored sweeps may prefer another weight than the trained row has
-                notes.append(f"- {name}: its sweep now prefers weight {best_weights[name]:g}; the full row was trained "
-                             f"with {trained:g} (chosen by the earlier selection score) and was not re-run.\n")
-                best_weights[name] = trained
+        trained = json.loads(cached.read_text())["weights"][name] if cached.exists() else None
+        if best_weights[name] is None and trained is None:  # its full row must not train before the sweep has chosen
+            best_weights[name], waiting = BASELINE_WEIGHTS[name], waiting | {f"{name}_s0"}
+        elif trained is not None and trained != best_weights[name]:  # re-scored sweeps may prefer another weight
+            prefers = "an unfinished extension of its range" if best_weights[name] is None else f"weight {best_weights[name]:g}"
+            notes.append(f"- {name}: its sweep, re-scored with the final selection score, now asks for {prefers}; the "
+                         f"full row was trained with {trained:g} (chosen by the earlier score) and was not re-run.\n")
+            best_weights[name] = trained
     refs = reference_rows(args, val)
     rows = {name: [row_result(r, args, tune, val) if r.key not in waiting else {} for r in runs]
             for name, runs in plan(args.steps, args.short_steps, best_weights).items()}
