@@ -77,6 +77,7 @@ def plan(full: int, short: int, baseline_weights: dict[str, float]) -> dict[str,
         rows[f"student + {name}"] = [Run(f"{name}_s0", name, replace(method_weights("none"), **{name: weight}), 0, full)]
     rows["student + GRD intra-image"] = [Run("grd-intra_s0", "grd-intra", method_weights("grd-intra"), 0, full)]
     rows["student + GRD intra+inter"] = [Run(f"grd_s{s}", "grd", grd, s, full) for s in (0, 1, 2)]
+    rows["ablation (short): no distillation"] = [Run("short_noKD_s0", "none", method_weights("none"), 0, short)]
     rows["ablation (short): GRD, all terms"] = [Run("short_grd_s0", "grd", grd, 0, short)]
     for term in ABLATIONS:
         rows[f"ablation (short): GRD without {term}"] = [Run(f"short_no-{term}_s0", "grd", replace(grd, **{term: 0.0}), 0, short)]
