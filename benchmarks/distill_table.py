@@ -164,7 +164,7 @@ def row_result(run: Run, args, tune, val) -> dict:
         return result
     if args.report or (args.only is not None and run.key not in args.only):
         return {}
-    last = Path(args.runs) / run.key / "last.safetensors"
+    last = final_checkpoint(Path(args.runs) / run.key)
     if last.exists() and read_metadata(last)["distillation"]["weights"] != asdict(run.weights):
         raise SystemExit(f"{last.parent} was trained with other term weights than this run; move it away")
     run_dir = train_run(run, args)
@@ -207,7 +207,6 @@ def rescore_rows(args, tune, val) -> None:
         else:
             result.update(evaluate_checkpoint(final_checkpoint(Path(args.runs) / path.stem), tune, val, args.threads))
         result["timed_threads"] = args.threads
-        result.pop("last", None)  # from an earlier protocol that scored last checkpoints separately
         path.write_text(json.dumps(result, indent=1))
         print(f"  {path.stem}: F1 {before['f1@0.5']:.4f} -> {result['metrics']['f1@0.5']:.4f}, AJI {before['aji']:.4f} -> "
               f"{result['metrics']['aji']:.4f}; network {result['network_ms']:.1f} ms, decode {result['decode_ms']:.1f} ms", flush=True)

@@ -110,14 +110,11 @@ def load_teacher_targets(path: Path, names: list[str], with_features: bool) -> l
     with safe_open(path, "pt") as f:
         if json.loads((f.metadata() or {}).get("names", "[]")) != names:
             return None
-        keys = set(f.keys())
-        if with_features and "0/feature0" not in keys:
+        n_features = sum(k.startswith("0/feature") for k in f.keys()) if with_features else 0  # same for every image
+        if with_features and n_features == 0:
             return None
-        targets = []
-        for i in range(len(names)):
-            n_features = sum(1 for k in keys if k.startswith(f"{i}/feature")) if with_features else 0
-            targets.append(TeacherTargets(f.get_tensor(f"{i}/embedding"), [f.get_tensor(f"{i}/feature{j}") for j in range(n_features)]))
-    return targets
+        return [TeacherTargets(f.get_tensor(f"{i}/embedding"), [f.get_tensor(f"{i}/feature{j}") for j in range(n_features)])
+                for i in range(len(names))]
 
 
 def _crop_and_turn(t: torch.Tensor, y: int, x: int, size: int, scale: int, k: int, flip: bool) -> torch.Tensor:
