@@ -119,3 +119,24 @@ def test_images_smaller_than_the_longest_affinity_offset_decode():
     target, _ = label_affinities(labels)
     decoded = decode(target, (labels > 0).astype(np.float32), DecodeSettings(min_size=0))
     assert relabel_equal(decoded, labels)
+
+
+@pytest.mark.parametrize("factor, shape", [(2, (41, 57)), (4, (40, 62))])
+def test_refinement_decides_exactly_the_pixels_within_factor_px_of_a_coarse_outline(factor, shape):
+    """The coarse-grid 3x3 filters equal full-resolution (2*factor+1) windows, odd sizes included."""
+    from scipy import ndimage as ndi
+    from napari_graphkd.decode.mws import refine_upsampled
+
+    rng = np.random.default_rng(factor)
+    coarse_shape = (-(-shape[0] // factor), -(-shape[1] // factor))
+    coarse = ndi.zoom(rng.integers(0, 4, (5, 6)), [c / s for c, s in zip(coarse_shape, (5, 6))], order=0)
+    coarse = coarse[: coarse_shape[0], : coarse_shape[1]]
+    foreground = rng.random(shape).astype(np.float32)
+    settings = DecodeSettings(foreground_threshold=0.5, min_size=0)
+
+    up = np.repeat(np.repeat(coarse, factor, 0), factor, 1)[: shape[0], : shape[1]]
+    window = 2 * factor + 1
+    high = ndi.maximum_filter(up, size=window)
+    near = high != ndi.minimum_filter(up, size=window)
+    expected = np.where(near, np.where(foreground >= 0.5, np.where(up > 0, up, high), 0), up)
+    assert relabel_equal(refine_upsampled(coarse, foreground, shape, settings, factor), expected)

@@ -132,7 +132,7 @@ def jitter_intensity(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generat
     if rng.random() < cfg.renormalize_prob:
         # re-stretch the crop by its own percentiles: a nucleus-free crop becomes amplified noise,
         # as a whole empty image does after per-image normalisation (teaches "noise is background")
-        img = normalize(img)
+        img = normalize(img, min_contrast_snr=0.0)
     img = np.clip(img, 0, None) ** rng.uniform(*cfg.gamma_range)
     img = img * rng.uniform(*cfg.gain_range) + rng.uniform(*cfg.offset_range)
     if rng.random() < cfg.blur_prob:

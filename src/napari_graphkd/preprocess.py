@@ -4,6 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 PERCENTILES = (1.0, 99.8)
+# Smallest percentile range, in units of the noise std, that is stretched to [0, 1]. Chosen on the
+# BBBC039 train folder: its nucleus-free image spans 9.5 sigma, every image with nuclei >= 110 sigma.
+MIN_CONTRAST_SNR = 30.0
 
 
 class InputError(ValueError):
@@ -37,8 +40,30 @@ def to_grayscale(image: np.ndarray, invert: bool = False) -> np.ndarray:
     return gray
 
 
-def normalize(image: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:
-    """Map the low/high percentiles to 0/1 (robust to hot pixels; constant images map to 0)."""
+def noise_sigma(image: np.ndarray) -> float:
+    """Robust sensor-noise std: MAD of horizontal neighbour differences on every 4th row (~2 ms per 520x696).
+
+    Nucleus edges are too few to move the median. PyWavelets' ``skimage.restoration.estimate_sigma``
+    does the same job with one more dependency and 10x the time.
+    """
+    diffs = np.diff(np.asarray(image, dtype=np.float32)[::4], axis=1).ravel()
+    if diffs.size == 0:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(diffs - np.median(diffs))) / np.sqrt(2.0))
+
+
+def normalize(
+    image: np.ndarray,
+    percentiles: tuple[float, float] = PERCENTILES,
+    min_contrast_snr: float = MIN_CONTRAST_SNR,
+) -> np.ndarray:
+    """Map the low/high percentiles to 0/1 (robust to hot pixels; constant images map to 0).
+
+    The stretch never exceeds ``(lo + min_contrast_snr * noise) -> 1``: an empty field's sensor noise
+    is not amplified into nucleus-like texture (0 turns the floor off, e.g. for crop augmentation).
+    """
     lo, hi = np.percentile(image, percentiles)
-    scale = hi - lo if hi > lo else 1.0
+    floor = min_contrast_snr * noise_sigma(image) if min_contrast_snr > 0 else 0.0
+    scale = max(hi - lo, floor)
+    scale = scale if scale > 0 else 1.0
     return ((image.astype(np.float32) - lo) / scale).astype(np.float32)

@@ -18,8 +18,8 @@ from skimage.segmentation import expand_labels, relabel_sequential
 
 from ..affinity import OFFSETS, label_affinities
 
-SUPPORT_THRESHOLD = 0.02  # foreground probability above which a pixel may belong to an object ...
-SUPPORT_MARGIN = 3  # ... and grid pixels around such pixels that still enter the decoder's graph
+SUPPORT_THRESHOLD = 0.1  # foreground probability above which a pixel may belong to an object ...
+SUPPORT_MARGIN = 2  # ... and grid pixels around such pixels that still enter the graph (benchmarks/results/decoder_support.md)
 
 
 @dataclass(frozen=True)
@@ -85,21 +85,25 @@ def regional_mutex_watershed(
     """
     regions, boxes = foreground_regions(foreground)
     same_region, _ = label_affinities(regions)  # 1 where both ends share a label (0 too)
-    weights = np.where((same_region > 0) & (regions > 0), signed_weights(affinities, OFFSETS, attractive_bias), 0.0)
+    in_graph = (same_region > 0) & (regions > 0)
+    weights = signed_weights(affinities, OFFSETS, attractive_bias)
     out = np.zeros(foreground.shape, dtype=np.int64)
     next_id = 0
     for region_id, box in enumerate(boxes, start=1):
         inside = regions[box] == region_id
-        segments = agglomerate(np.where(inside, weights[(slice(None), *box)], 0.0), OFFSETS, stride, randomized)
-        ids, local = np.unique(segments[inside], return_inverse=True)
-        out[box][inside] = local + next_id + 1
-        next_id += len(ids)
+        box_k = (slice(None), *box)
+        segments = agglomerate(np.where(in_graph[box_k] & inside, weights[box_k], 0.0), OFFSETS, stride, randomized)
+        out[box][inside] = segments[inside].astype(np.int64) + next_id + 1  # ids stay unique; compacted by the caller
+        next_id += int(segments.max()) + 1
     return out
 
 
 def remove_background(segments: np.ndarray, foreground: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Zero every segment whose mean foreground probability is below ``threshold`` (int64 labels)."""
-    seg = relabel_sequential(segments.astype(np.int64))[0]
+    """Zero every segment whose mean foreground probability is below ``threshold`` (int64, ids kept).
+
+    Segment ids must be bounded by about the pixel count (mutex-watershed ids are), as they index bincounts.
+    """
+    seg = segments.astype(np.int64, copy=False)
     counts = np.bincount(seg.ravel())
     sums = np.bincount(seg.ravel(), weights=foreground.ravel().astype(np.float64), minlength=len(counts))
     keep = sums / np.maximum(counts, 1) >= threshold
@@ -121,17 +125,22 @@ def merge_fragments(labels: np.ndarray, min_size: int, distance: int) -> np.ndar
 
 
 def fill_holes(labels: np.ndarray) -> np.ndarray:
-    """Fill background holes enclosed by objects (nuclei have none): each hole takes a rim object's id."""
-    mask = labels > 0
-    holes = ndi.binary_fill_holes(mask) & ~mask
-    if not holes.any():
+    """Fill background holes enclosed by objects (nuclei have none): each hole takes a rim object's id.
+
+    A hole is a 4-connected background component that does not touch the image border (the
+    definition ``ndi.binary_fill_holes`` uses), found with one labelling pass.
+    """
+    background, n = ndi.label(labels == 0)
+    enclosed = np.ones(n + 1, dtype=bool)
+    enclosed[np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])] = False
+    hole_ids = np.where(enclosed[background], background, 0)
+    if not hole_ids.any():
         return labels
-    hole_ids, n = ndi.label(holes)
     rim_hole = ndi.maximum_filter(hole_ids, size=3)
-    rim = (rim_hole > 0) & mask
+    rim = (rim_hole > 0) & (labels > 0)
     owner = np.zeros(n + 1, dtype=labels.dtype)
     owner[rim_hole[rim]] = labels[rim]
-    return np.where(holes, owner[hole_ids], labels)
+    return np.where(hole_ids > 0, owner[hole_ids], labels)
 
 
 def drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
@@ -172,13 +181,17 @@ def refine_upsampled(coarse: np.ndarray, foreground: np.ndarray | None, shape: t
     is background below the threshold, else it belongs to its own object or, if it was background,
     to the neighbouring object. Interiors keep their coarse label, so no holes appear.
     """
-    band = factor
-    labels = np.repeat(np.repeat(coarse, factor, axis=0), factor, axis=1)[: shape[0], : shape[1]]
+    def upsample(coarse_map: np.ndarray) -> np.ndarray:
+        return np.repeat(np.repeat(coarse_map, factor, axis=0), factor, axis=1)[: shape[0], : shape[1]]
+
+    labels = upsample(coarse)
     if foreground is None:
         return labels.astype(np.int32)
-    high = ndi.maximum_filter(labels, size=2 * band + 1)
-    near_outline = high != ndi.minimum_filter(labels, size=2 * band + 1)
-    grown = np.where(labels > 0, labels, high)
+    # A full-resolution window of +-factor px always spans exactly the 3x3 coarse neighbourhood of
+    # its pixel's cell, so 3x3 filters on the coarse grid give the full-resolution band exactly.
+    high, low = ndi.maximum_filter(coarse, size=3), ndi.minimum_filter(coarse, size=3)
+    near_outline = upsample(high != low)
+    grown = upsample(np.where(coarse > 0, coarse, high))
     labels = np.where(near_outline, np.where(foreground >= settings.foreground_threshold, grown, 0), labels)
     return drop_small(labels, settings.min_size).astype(np.int32)
 
