@@ -72,6 +72,7 @@ class EmbeddingUNet(nn.Module):
         self.up = nn.ModuleList(_block(config.block, w[i] + w[i - 1], w[i - 1]) for i in range(len(w) - 1, 0, -1))
         self.embedding_head = nn.Conv2d(w[0], config.embedding_dim, 1)
         self.foreground_head = nn.Conv2d(w[0], 1, 1) if config.foreground_head else None
+        self.to(memory_format=torch.channels_last)  # see forward_features
 
     @property
     def size_multiple(self) -> int:
@@ -79,8 +80,12 @@ class EmbeddingUNet(nn.Module):
         return self.config.stem_stride * 2 ** (len(self.config.widths) - 1)
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
-        """Embedding, foreground logit and decoder features, all at the network's own resolution."""
-        skips = [self.stem(x)]
+        """Embedding, foreground logit and decoder features, all at the network's own resolution.
+
+        Weights and activations use the channels-last layout: oneDNN's CPU convolutions run 2-3x
+        faster with it (per 520x696 image, 2 threads: student 30 -> 10 ms, teacher 380 -> 200 ms).
+        """
+        skips = [self.stem(x.contiguous(memory_format=torch.channels_last))]
         for block in self.down:
             skips.append(block(F.max_pool2d(skips[-1], 2)))
         h = skips.pop()

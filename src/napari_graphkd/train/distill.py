@@ -148,7 +148,7 @@ def distill_batches(samples: list[Sample], targets: list[TeacherTargets], settin
             feats.append([_crop_and_turn(f, y, x, size, padded_h // f.shape[-2], k, flip) for f in t.features])
             ids.append(s.name)
         teacher = NetOut(torch.stack(embs).float(), [torch.stack(level).float() for level in zip(*feats)])
-        x_in = torch.from_numpy(np.stack(images)[:, None]).contiguous(memory_format=torch.channels_last)
+        x_in = torch.from_numpy(np.stack(images)[:, None])
         return DistillBatch(x_in, np.stack(labels), teacher, ids)
 
     return make

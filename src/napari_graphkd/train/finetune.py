@@ -365,7 +365,7 @@ def _train_teacher(teacher: EmbeddingUNet, plan: FinetunePlan, on_progress: Prog
 
     def step_loss(net: EmbeddingUNet, batch):
         images, labels = batch
-        emb, fg = net(torch.from_numpy(images).contiguous(memory_format=torch.channels_last))
+        emb, fg = net(torch.from_numpy(images))
         return segmentation_loss(emb, fg, labels, settings.foreground_weight)
 
     with tempfile.TemporaryDirectory(prefix="graphkd-teacher-") as run_dir:

@@ -137,7 +137,6 @@ def run_training(
     else:
         progress = {"step": 0, "history": [], "validation": [], "best": None, "seconds": 0.0}
     model.train()
-    model.to(memory_format=torch.channels_last)
     meta = dict(metadata, training=settings.to_dict())
 
     def checkpoint(name: str, overwrite: bool = True) -> None:

@@ -46,7 +46,7 @@ def train_segmentation(
 
     def step_loss(net: EmbeddingUNet, batch):
         images, labels = batch
-        emb, fg = net(torch.from_numpy(images).contiguous(memory_format=torch.channels_last))
+        emb, fg = net(torch.from_numpy(images))
         return segmentation_loss(emb, fg, labels, settings.foreground_weight)
 
     return run_training(
