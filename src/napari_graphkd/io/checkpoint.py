@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..affinity import OFFSETS
 from ..models import EmbeddingUNet, UNetConfig
+from ..preprocess import MIN_CONTRAST_SNR, PERCENTILES
 
 METADATA_KEY = "graphkd"
 FORMAT_VERSION = 1
@@ -67,7 +68,8 @@ def default_metadata(model: EmbeddingUNet) -> dict[str, Any]:
         "config": model.config.to_dict(),
         "embedding_dim": model.config.embedding_dim,
         "offsets": [list(o) for o in OFFSETS],
-        "input": {"channels": model.config.in_channels, "normalization": "percentile", "percentiles": [1.0, 99.8]},
+        "input": {"channels": model.config.in_channels, "normalization": "percentile", "percentiles": list(PERCENTILES),
+                  "min_contrast_snr": MIN_CONTRAST_SNR},
         "package_version": __version__,
     }
 
