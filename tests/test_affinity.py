@@ -49,6 +49,23 @@ def test_embedding_affinities_are_cosines_without_wraparound():
     torch.testing.assert_close(aff[0, 0, 0], torch.tensor([0.0, 1.0, -1.0]))
 
 
+def test_strided_long_range_affinities_equal_the_dense_ones_on_the_decoder_grid():
+    """Decoding computes long-range cosines only on the stride grid it reads; 1-px ones stay dense."""
+    from napari_graphkd.affinity import _slices
+
+    emb = torch.randn(1, 4, 30, 41)
+    with torch.no_grad():
+        dense, strided = embedding_affinities(emb)[0], embedding_affinities(emb, OFFSETS, 4)[0]
+    for k, offset in enumerate(OFFSETS):
+        if max(abs(o) for o in offset) == 1:
+            torch.testing.assert_close(strided[k], dense[k])
+            continue
+        here, _ = _slices(offset, (30, 41))
+        grid = tuple(slice(s.start, s.stop, 4) for s in here)
+        torch.testing.assert_close(strided[k][grid], dense[k][grid])
+        assert strided[k].count_nonzero() == strided[k][grid].count_nonzero() > 0
+
+
 def test_decoding_and_training_affinities_agree_with_the_normalised_dot_product():
     """The in-place path (no autograd, used by the decoder) and the autograd path give the same cosines."""
     emb = torch.randn(2, 5, 9, 11)

@@ -31,7 +31,7 @@ class NetworkOutput:
     foreground: np.ndarray | None  # (h,w) probability, same grid
     image_shape: tuple[int, int]  # original (H,W) of the input
     scale: float  # working size / original size (object-size rescaling)
-    seconds: float
+    seconds: float  # input preparation + network
     stride: int = 1
     working_shape: tuple[int, int] | None = None  # size the network saw; default: image_shape
 
@@ -71,7 +71,8 @@ def prepare_image(image: np.ndarray, invert: bool = False) -> np.ndarray:
     gray = to_grayscale(image, invert=invert)
     if min(gray.shape) < MIN_SIDE:
         raise InputError(f"image is too small ({gray.shape[0]}x{gray.shape[1]}); need at least {MIN_SIDE} px per side")
-    return normalize(gray)
+    small_ints = image.ndim == 2 and not invert and image.dtype.kind == "u" and image.dtype.itemsize <= 2
+    return normalize(image if small_ints else gray)  # same result; 8/16-bit take the histogram percentiles
 
 
 def rescale_factor(diameter: float | None, train_diameter: float) -> float:
@@ -168,14 +169,18 @@ def run_network(
     tile: int = DEFAULT_TILE,
     on_tile: Callable[[int, int], None] | None = None,
 ) -> NetworkOutput:
-    """Network output for a raw 2D image (any dtype, gray/RGB), rescaled to the training object size."""
+    """Network output for a raw 2D image (any dtype, gray/RGB), rescaled to the training object size.
+
+    Its ``seconds`` count input preparation (normalisation, rescaling) and the network: everything
+    before decoding, as the classical pipeline's time includes its own normalisation.
+    """
+    start = time.perf_counter()
     prepared = prepare_image(image, invert=invert)
     scale = rescale_factor(diameter, train_diameter)
     if scale != 1.0:
         prepared = ndi.zoom(prepared, scale, order=1)
         if min(prepared.shape) < MIN_SIDE:
             raise InputError(f"image becomes too small ({prepared.shape}) after rescaling to diameter {diameter}")
-    start = time.perf_counter()
     emb, fg = tiled_network(model, prepared, tile=tile, on_tile=on_tile)
     return NetworkOutput(emb, fg, tuple(image.shape[:2]), scale, time.perf_counter() - start,
                          stride=model.config.stem_stride, working_shape=prepared.shape)
@@ -201,6 +206,12 @@ def _pool(maps: np.ndarray, k: int) -> np.ndarray:
     return torch.nn.functional.avg_pool2d(torch.from_numpy(maps)[None], k, ceil_mode=True)[0].numpy()
 
 
+def decoding_affinities(embedding: np.ndarray, settings: DecodeSettings) -> np.ndarray:
+    """Affinities (K,h,w) of a (C,h,w) embedding, long-range ones only where the decoder's stride grid reads them."""
+    stride = 1 if settings.randomized_strides else settings.long_range_stride
+    return embedding_affinities(torch.from_numpy(embedding)[None], OFFSETS, stride)[0].numpy()
+
+
 def decode_output(output: NetworkOutput, settings: DecodeSettings = DecodeSettings()) -> tuple[np.ndarray, float]:
     """Instance labels at the original image size, and the decode time (affinities + MWS + clean-up)."""
     start = time.perf_counter()
@@ -209,11 +220,10 @@ def decode_output(output: NetworkOutput, settings: DecodeSettings = DecodeSettin
         emb, fg = coarse_grid(output, factor)
         coarse_settings = replace(settings, min_size=max(1, settings.min_size // factor**2),
                                   merge_distance=max(1, settings.merge_distance // factor))
-        affinities = embedding_affinities(torch.from_numpy(emb)[None], OFFSETS)[0].numpy()
-        coarse = decode(affinities, fg, coarse_settings)
+        coarse = decode(decoding_affinities(emb, settings), fg, coarse_settings)
         labels = refine_upsampled(coarse, output.full_foreground(), output.full_shape, settings, factor)
     else:
-        labels = decode(output.affinities(), output.full_foreground(), settings)
+        labels = decode(decoding_affinities(output.full_embedding(), settings), output.full_foreground(), settings)
     if labels.shape != output.image_shape:
         zoom = [o / s for o, s in zip(output.image_shape, labels.shape)]
         labels = ndi.zoom(labels, zoom, order=0, grid_mode=True, mode="nearest")

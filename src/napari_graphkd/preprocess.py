@@ -40,8 +40,17 @@ def to_grayscale(image: np.ndarray, invert: bool = False) -> np.ndarray:
     return gray
 
 
+def median(values: np.ndarray) -> np.floating:
+    """``np.median`` of a 1D float array, same bits, from one single-k partition (SIMD select): ~5x faster."""
+    half = values.size // 2
+    part = np.partition(values, half)
+    if np.isnan(part[half:].max()):
+        return part.dtype.type(np.nan)
+    return part[half] if values.size % 2 else (part[:half].max() + part[half]) / 2
+
+
 def noise_sigma(image: np.ndarray) -> float:
-    """Robust sensor-noise std: MAD of horizontal neighbour differences on every 4th row (~1.5 ms per 520x696).
+    """Robust sensor-noise std: MAD of horizontal neighbour differences on every 4th row (~0.3 ms per 520x696).
 
     Nucleus edges are too few to move the median. ``skimage.restoration.estimate_sigma`` does the
     same job but needs PyWavelets, one more dependency for one number.
@@ -49,7 +58,20 @@ def noise_sigma(image: np.ndarray) -> float:
     diffs = np.diff(np.asarray(image, dtype=np.float32)[::4], axis=1).ravel()
     if diffs.size == 0:
         return 0.0
-    return float(1.4826 * np.median(np.abs(diffs - np.median(diffs))) / np.sqrt(2.0))
+    return float(1.4826 * median(np.abs(diffs - median(diffs))) / np.sqrt(2.0))
+
+
+def percentile_range(image: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    """``np.percentile(image, percentiles)``; 8/16-bit images read it off their histogram: same bits, ~4x faster."""
+    small_ints = image.dtype.kind == "u" and image.dtype.itemsize <= 2 and image.size > 0
+    if not (small_ints and 0 <= min(percentiles) <= max(percentiles) <= 100):
+        return np.percentile(image, percentiles)
+    position = (image.size - 1) * (np.asarray(percentiles, dtype=np.float64) / 100)
+    below = np.floor(position).astype(np.intp)
+    cumulative = np.cumsum(np.bincount(image.ravel()))
+    a, b = np.searchsorted(cumulative, [below, np.minimum(below + 1, image.size - 1)], side="right")
+    gamma = position - below
+    return np.where(gamma >= 0.5, b - (b - a) * (1 - gamma), a + (b - a) * gamma)  # numpy's linear interpolation, op for op
 
 
 def normalize(
@@ -62,7 +84,7 @@ def normalize(
     The stretch never exceeds ``(lo + min_contrast_snr * noise) -> 1``: an empty field's sensor noise
     is not amplified into nucleus-like texture (0 turns the floor off, e.g. for crop augmentation).
     """
-    lo, hi = np.percentile(image, percentiles)
+    lo, hi = percentile_range(image, percentiles)
     floor = min_contrast_snr * noise_sigma(image) if min_contrast_snr > 0 else 0.0
     scale = max(hi - lo, floor)
     scale = scale if scale > 0 else 1.0
