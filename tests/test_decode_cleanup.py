@@ -4,7 +4,7 @@ import pytest
 from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels, relabel_sequential
 
-from napari_graphkd.decode.mws import drop_small, filter_3x3, merge_fragments, relabel
+from napari_graphkd.decode.mws import dilate_cross, drop_small, filter_3x3, merge_fragments, relabel
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +44,9 @@ def test_3x3_filter_equals_scipy_max_and_min_filters(scattered):
     odd = scattered[3:200, 5:161]
     assert np.array_equal(filter_3x3(odd, np.maximum), ndi.maximum_filter(odd, size=3))
     assert np.array_equal(filter_3x3(odd, np.minimum), ndi.minimum_filter(odd, size=3))
+
+
+def test_cross_dilation_equals_scipy_binary_dilation(scattered):
+    mask = scattered > 0
+    for iterations in (1, 2, 3):
+        assert np.array_equal(dilate_cross(mask, iterations), ndi.binary_dilation(mask, iterations=iterations))

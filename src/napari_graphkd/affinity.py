@@ -46,7 +46,7 @@ def embedding_affinities(embedding: torch.Tensor, offsets=OFFSETS, long_range_st
     """
     e = embedding.float()
     e = e * torch.rsqrt((e * e).sum(1, keepdim=True).clamp_min(1e-24))  # = F.normalize(eps=1e-12), faster on CPU
-    b, c, h, w = e.shape
+    b, _, h, w = e.shape
     out = e.new_zeros((b, len(offsets), h, w))
     in_place = not (torch.is_grad_enabled() and e.requires_grad)
     for k, off in enumerate(offsets):
@@ -55,8 +55,8 @@ def embedding_affinities(embedding: torch.Tensor, offsets=OFFSETS, long_range_st
         a, t = e[:, :, here[0], here[1]], e[:, :, there[0], there[1]]
         if in_place and step == 1:
             dot = out[:, k, here[0], here[1]]
-            for ch in range(c):
-                dot.addcmul_(a[:, ch], t[:, ch])
+            for a_channel, t_channel in zip(a.unbind(1), t.unbind(1)):  # one call for all channel views
+                dot.addcmul_(a_channel, t_channel)
         else:
             out[:, k, here[0], here[1]] = (a * t).sum(1)
     return out

@@ -6,9 +6,14 @@ negative = repel, processed in order of decreasing magnitude. Our affinities are
 ``aff - attractive_bias`` (attractive where the pixels agree) and long-range channels become
 ``aff - 1`` (never attractive, repelling with strength ``1 - aff``). Long-range edges are
 subsampled on a stride grid: faster, and less split-prone on noisy embeddings.
+
+With a foreground head the greedy rule runs on a graph of fragments near the foreground
+(:func:`fragment_mutex_watershed`, via ``mwatershed.cluster``); without one, on the whole pixel grid
+(:func:`mutex_watershed`, via ``mwatershed.agglom``).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 
 import mwatershed
@@ -66,9 +71,21 @@ def mutex_watershed(
     return agglomerate(signed_weights(affinities, offsets, attractive_bias), offsets, stride, randomized)
 
 
+def dilate_cross(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """Binary dilation by the 4-neighbour cross, repeated: ``ndi.binary_dilation``'s default, ~15x faster by array shifts."""
+    for _ in range(iterations):
+        grown = mask.copy()
+        grown[1:] |= mask[:-1]
+        grown[:-1] |= mask[1:]
+        grown[:, 1:] |= mask[:, :-1]
+        grown[:, :-1] |= mask[:, 1:]
+        mask = grown
+    return mask
+
+
 def support_mask(foreground: np.ndarray) -> np.ndarray:
     """Pixels that enter the graph: within SUPPORT_MARGIN grid px of a foreground probability >= SUPPORT_THRESHOLD."""
-    return ndi.binary_dilation(foreground >= SUPPORT_THRESHOLD, iterations=SUPPORT_MARGIN)
+    return dilate_cross(foreground >= SUPPORT_THRESHOLD, SUPPORT_MARGIN)
 
 
 def fragments(affinities: np.ndarray, foreground: np.ndarray, support: np.ndarray, attractive_bias: float,
@@ -154,8 +171,9 @@ def fragment_mutex_watershed(affinities: np.ndarray, foreground: np.ndarray, att
     edges = strongest_edges(*fragment_edges(affinities, fragment_ids, attractive_bias, stride, randomized))
     segment_of = np.arange(n + 1, dtype=np.int64)
     if edges:
-        clustered = np.array(mwatershed.cluster(edges), dtype=np.int64)
-        segment_of[clustered[:, 0]] = clustered[:, 1]
+        clustered = mwatershed.cluster(edges)  # (fragment, segment) pairs
+        pairs = np.fromiter(itertools.chain.from_iterable(clustered), dtype=np.int64, count=2 * len(clustered))
+        segment_of[pairs[0::2]] = pairs[1::2]
     # mwatershed picks a cluster's representative in no fixed order; name each segment after its
     # first fragment (raster order) so labels, and the clean-up ties that depend on ids, are reproducible
     representatives, first = np.unique(segment_of, return_index=True)
