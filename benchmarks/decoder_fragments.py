@@ -10,18 +10,13 @@ same support, the decoder before session 4), so the value is chosen on tune agai
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 from functools import partial
-from pathlib import Path
-
-import torch
 
 import napari_graphkd.decode.mws as mws
-from napari_graphkd.data import load_folder
-from napari_graphkd.evaluation import network_outputs, score_outputs
+from bundled_outputs import bundled_outputs, decoder_benchmark_args
+from napari_graphkd.evaluation import score_outputs
 from napari_graphkd.inference import decode_output
-from napari_graphkd.segment import load_segmenter
 
 ATTRACTIONS = (None, 0.9, 0.95, 0.98)  # None: no pre-merge at all (pixel-level graph)
 
@@ -37,20 +32,12 @@ def fragment_decoder(attraction: float | None):
 
 def main() -> int:
     """Print one markdown row per (model, attraction)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="folder with train/ and val/")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    val = load_folder(Path(args.data) / "val")
+    args = decoder_benchmark_args(__doc__)
     original = mws.fragment_mutex_watershed
     print("| model | pre-merge attraction | tune score | val F1@0.5 | val AJI | val PQ | decode ms (val median) |")
     print("|---|---|---|---|---|---|---|")
-    for name in ("teacher", "student"):
-        segmenter = load_segmenter(name)
+    for name, segmenter, (tune, tune_out), (val, val_out) in bundled_outputs(args.data):
         settings = segmenter.decode_settings
-        tune = load_folder(Path(args.data) / "train", names=segmenter.metadata["training_data"]["tune_images"])
-        tune_out, val_out = network_outputs(segmenter.model, tune), network_outputs(segmenter.model, val)
         for attraction in ATTRACTIONS:
             mws.fragment_mutex_watershed = fragment_decoder(attraction)
             try:

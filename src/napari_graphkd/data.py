@@ -8,7 +8,7 @@ import numpy as np
 import tifffile
 from scipy import ndimage as ndi
 
-from .preprocess import normalize, to_grayscale
+from .preprocess import grayscale, normalize
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def load_folder(root: str | Path, names: list[str] | None = None, invert: bool =
         label_path = label_dir / path.name
         if not label_path.exists():
             raise ValueError(f"missing label file {label_path} for image {path.name}")
-        image = normalize(to_grayscale(read_tiff(path), invert=invert))
+        image = normalize(grayscale(read_tiff(path), invert=invert))
         labels = read_tiff(label_path).astype(np.int32)
         if labels.shape != image.shape:
             raise ValueError(f"{path.name}: image shape {image.shape} != label shape {labels.shape}")

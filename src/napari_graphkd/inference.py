@@ -16,7 +16,7 @@ from scipy import ndimage as ndi
 from .affinity import OFFSETS, embedding_affinities
 from .decode.mws import DecodeSettings, decode, refine_upsampled
 from .models import EmbeddingUNet
-from .preprocess import InputError, normalize, to_grayscale
+from .preprocess import InputError, grayscale, normalize
 
 MIN_SIDE = 16
 DEFAULT_TILE = 1024
@@ -68,11 +68,10 @@ def _upsample(maps: np.ndarray, stride: int, shape: tuple[int, int]) -> np.ndarr
 
 def prepare_image(image: np.ndarray, invert: bool = False) -> np.ndarray:
     """Validated, grayscale, robustly normalised float32 2D image."""
-    gray = to_grayscale(image, invert=invert)
+    gray = grayscale(image, invert=invert)
     if min(gray.shape) < MIN_SIDE:
         raise InputError(f"image is too small ({gray.shape[0]}x{gray.shape[1]}); need at least {MIN_SIDE} px per side")
-    small_ints = image.ndim == 2 and not invert and image.dtype.kind == "u" and image.dtype.itemsize <= 2
-    return normalize(image if small_ints else gray)  # same result; 8/16-bit take the histogram percentiles
+    return normalize(gray)
 
 
 def rescale_factor(diameter: float | None, train_diameter: float) -> float:

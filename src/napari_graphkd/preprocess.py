@@ -40,6 +40,14 @@ def to_grayscale(image: np.ndarray, invert: bool = False) -> np.ndarray:
     return gray
 
 
+def grayscale(image: np.ndarray, invert: bool = False) -> np.ndarray:
+    """The 2D image to normalise: 8/16-bit grayscale as it is (exact histogram percentiles, no float copy), else :func:`to_grayscale`."""
+    image = np.asarray(image)
+    if image.ndim == 2 and not invert and image.dtype.kind == "u" and image.dtype.itemsize <= 2:
+        return image  # normalize gives the same float32 values as for its float32 copy
+    return to_grayscale(image, invert=invert)
+
+
 def median(values: np.ndarray) -> np.floating:
     """``np.median`` of a 1D float array, same bits, from one single-k partition (SIMD select): ~5x faster."""
     half = values.size // 2
