@@ -16,7 +16,7 @@ from functools import partial
 import napari_graphkd.decode.mws as mws
 from bundled_outputs import bundled_outputs, decoder_benchmark_args
 from napari_graphkd.evaluation import score_outputs
-from napari_graphkd.inference import decode_output
+from napari_graphkd.decode.policy import decode_output
 
 ATTRACTIONS = (None, 0.9, 0.95, 0.98)  # None: no pre-merge at all (pixel-level graph)
 

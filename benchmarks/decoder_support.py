@@ -11,7 +11,7 @@ from __future__ import annotations
 import napari_graphkd.decode.mws as mws
 from bundled_outputs import bundled_outputs, decoder_benchmark_args
 from napari_graphkd.evaluation import score_outputs
-from napari_graphkd.inference import decode_output
+from napari_graphkd.decode.policy import decode_output
 
 PAIRS = ((0.02, 3), (0.05, 2), (0.1, 2), (0.1, 1), (0.2, 1), (0.3, 1))
 

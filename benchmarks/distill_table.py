@@ -130,7 +130,7 @@ def timed_scores(segmenter, images_labels, threads: int, decode: DecodeSettings 
     torch.set_num_threads(threads)
     rows, net, dec = [], 0.0, 0.0
     for image, labels in images_labels:
-        result = segmenter.segment(image, decode=decode)
+        result = segment_any(segmenter, image, decode=decode)
         rows.append(evaluate(labels, result.labels))
         net, dec = net + result.network_seconds, dec + result.decode_seconds
     n = len(images_labels)

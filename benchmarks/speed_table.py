@@ -16,7 +16,7 @@ import torch
 
 from napari_graphkd.data import read_tiff
 from napari_graphkd.sample_data import SAMPLE_NAMES, load_sample
-from napari_graphkd.segment import load_segmenter
+from napari_graphkd.segment import load_segmenter, segment_any
 
 
 def load_images(folder: str | None) -> list:
@@ -29,11 +29,11 @@ def load_images(folder: str | None) -> list:
 def time_model(spec: str, images: list, repeat: int) -> dict:
     """Median network, decode and total seconds per image (first image is a warm-up)."""
     segmenter = load_segmenter(spec)
-    segmenter.segment(images[0])
+    segment_any(segmenter, images[0])
     net, dec = [], []
     for _ in range(repeat):
         for image in images:
-            result = segmenter.segment(image)
+            result = segment_any(segmenter, image)
             net.append(result.network_seconds)
             dec.append(result.decode_seconds)
     total = [n + d for n, d in zip(net, dec)]

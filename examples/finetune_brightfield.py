@@ -26,7 +26,7 @@ import torch
 
 from napari_graphkd.io.checkpoint import CheckpointError
 from napari_graphkd.metrics import evaluate, mean_metrics
-from napari_graphkd.segment import bundled_path, load_segmenter
+from napari_graphkd.segment import bundled_path, load_segmenter, segment_any
 from napari_graphkd.train.finetune import MODES, AnnotatedImage, FinetuneSettings, finetune_report, plan_finetune, run_finetune
 
 DATA = Path(__file__).parent / "data" / "brightfield"
@@ -44,7 +44,7 @@ def load_split(split: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
 def score(spec: str, crops: list, diameter: float) -> dict[str, float]:
     """Per-crop mean metrics of a model run as the Segment widget runs it (diameter, inverted input)."""
     segmenter = load_segmenter(spec)
-    return mean_metrics([evaluate(labels, segmenter.segment(image, diameter=diameter, invert=True).labels)
+    return mean_metrics([evaluate(labels, segment_any(segmenter, image, diameter=diameter, invert=True).labels)
                          for _, image, labels in crops])
 
 

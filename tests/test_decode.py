@@ -69,7 +69,8 @@ def test_coarse_decoding_of_a_perfect_embedding_recovers_the_instances(crop, res
     dense here: on a stride-4 grid a touching pair may get no repelling edge at all (1-2 of 14
     merge on this crop, depending on where the grid falls), which is the stride's trade-off, not
     the coarse grid's."""
-    from napari_graphkd.inference import NetworkOutput, decode_output
+    from napari_graphkd.decode.policy import decode_output
+    from napari_graphkd.inference import NetworkOutput
     from napari_graphkd.metrics import evaluate
 
     _, labels = crop

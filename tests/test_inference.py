@@ -6,10 +6,10 @@ import pytest
 import tifffile
 import torch
 
-from napari_graphkd.inference import prepare_image, run_network, tiled_network, _network
+from napari_graphkd.inference import prepare_image, tiled_network, _network
 from napari_graphkd.models import UNetConfig, build_model
 from napari_graphkd.preprocess import InputError, noise_sigma, normalize, to_grayscale
-from napari_graphkd.segment import ClassicalSegmenter, ModelSegmenter, is_stack, load_segmenter, segment_any
+from napari_graphkd.segment import ClassicalSegmenter, ModelSegmenter, load_segmenter, plane_layout, segment_any
 
 DATA = Path(__file__).parent / "data"
 
@@ -50,7 +50,7 @@ def test_half_resolution_decoding_returns_full_size_labels(tiny_checkpoint, crop
     from napari_graphkd.decode.mws import DecodeSettings
 
     seg = ModelSegmenter(tiny_checkpoint)
-    result = seg.segment(crop[0], decode=DecodeSettings(resolution="half"))
+    result = segment_any(seg, crop[0], decode=DecodeSettings(resolution="half"))
     assert result.labels.shape == crop[0].shape and result.labels.dtype == np.int32
 
 
@@ -90,16 +90,16 @@ def test_diameter_rescales_the_input_and_labels_come_back_at_the_original_size(t
     out = seg.run_network(crop[0], diameter=56.0)  # objects twice the training size -> half-size input
     assert out.full_embedding().shape[1:] == (80, 100) and out.scale == pytest.approx(0.5)
     assert out.embedding.shape[1:] == (40, 50)  # the half-resolution network's native grid
-    result = seg.segment(crop[0], diameter=56.0)
+    result = segment_any(seg, crop[0], diameter=56.0)
     assert result.labels.shape == crop[0].shape
 
 
 def test_stacks_are_segmented_plane_by_plane(crop):
     stack = np.stack([crop[0], crop[0][::-1]])
-    assert is_stack(stack) and not is_stack(np.zeros((100, 100, 3)))
-    planes = []
-    result = segment_any(ClassicalSegmenter(), stack, on_plane=lambda i, n: planes.append((i, n)))
-    assert result.labels.shape == stack.shape and planes == [(1, 2), (2, 2)]
+    assert plane_layout(stack.shape) == ((2,), (160, 200)) and plane_layout((100, 100, 3)) == ((), (100, 100, 3))
+    fractions = []
+    result = segment_any(ClassicalSegmenter(), stack, on_progress=fractions.append)
+    assert result.labels.shape == stack.shape and fractions == [0.5, 1.0]
     np.testing.assert_array_equal(result.labels[1] > 0, (result.labels[0] > 0)[::-1])
 
 
@@ -128,4 +128,4 @@ def test_normalisation_stretches_images_with_nuclei_but_not_the_noise_of_an_empt
 def test_bundled_models_find_no_nucleus_in_a_nucleus_free_field(model):
     """Empty wells are common in screens; amplified sensor noise once gave the student 12 false nuclei here."""
     empty = tifffile.imread(DATA / "bbbc039_L01_s2_nucleus_free_crop.tif")
-    assert load_segmenter(model).segment(empty).labels.max() == 0
+    assert segment_any(load_segmenter(model), empty).labels.max() == 0

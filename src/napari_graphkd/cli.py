@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .inference import DEFAULT_TILE
+
 IMAGE_SUFFIXES = (".tif", ".tiff")
 
 
@@ -312,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (OUT/<input stem>.tif)")
     p.add_argument("--diameter", type=float, default=None, help="typical nucleus diameter in px (rescales to the training size)")
     p.add_argument("--invert", action="store_true", default=None, help="dark nuclei on a bright background")
-    p.add_argument("--tile", type=int, default=1024, help="tile size for large images (px)")
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile size for large images (px)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for the network (0 = torch default)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=cmd_segment)

@@ -8,7 +8,8 @@ import numpy as np
 import tifffile
 from scipy import ndimage as ndi
 
-from .preprocess import grayscale, normalize
+from .inference import working_image
+from .preprocess import normalize
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def load_folder(root: str | Path, names: list[str] | None = None, invert: bool =
         label_path = label_dir / path.name
         if not label_path.exists():
             raise ValueError(f"missing label file {label_path} for image {path.name}")
-        image = normalize(grayscale(read_tiff(path), invert=invert))
+        image = working_image(read_tiff(path), invert=invert)
         labels = read_tiff(label_path).astype(np.int32)
         if labels.shape != image.shape:
             raise ValueError(f"{path.name}: image shape {image.shape} != label shape {labels.shape}")

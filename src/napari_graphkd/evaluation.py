@@ -7,23 +7,17 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-
 from .data import Sample
 from .decode.mws import DecodeSettings
-from .inference import NetworkOutput, decode_output, tiled_network
+from .decode.policy import decode_output
+from .inference import NetworkOutput, network_output
 from .metrics import evaluate, mean_metrics
 from .models import EmbeddingUNet
 
 
-def prepared_output(model: EmbeddingUNet, image: np.ndarray) -> NetworkOutput:
-    """Network output of an already normalised (and rescaled) 2D image."""
-    emb, fg = tiled_network(model, image)
-    return NetworkOutput(emb, fg, image.shape, 1.0, 0.0, stride=model.config.stem_stride)
-
-
 def network_outputs(model: EmbeddingUNet, samples: list[Sample]) -> list[NetworkOutput]:
-    """Network outputs of already-normalised samples (computed once, decoded many times)."""
-    return [prepared_output(model, s.image) for s in samples]
+    """Network outputs of samples already at the model's scale (computed once, decoded many times)."""
+    return [network_output(model, s.image) for s in samples]
 
 
 def selection_score(per_image: list[dict[str, float]]) -> float:

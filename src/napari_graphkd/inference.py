@@ -1,12 +1,14 @@
-"""Running a network on an image: input rules, object-size rescaling, seamless tiling, decoding.
+"""Running a network on an image: preparation at the model's scale, seamless tiling, the network output.
 
-One code path serves the CLI, the benchmarks and the napari widgets. The network output is kept
-(:class:`NetworkOutput`) so that decoder settings can be changed without re-running the network.
+:func:`working_image` is the one preparation (input rules, normalisation, object-size rescaling)
+every caller uses; :func:`network_output` runs a network on it. The output is kept
+(:class:`NetworkOutput`) so that decoder settings can be changed without re-running the network;
+:mod:`napari_graphkd.decode.policy` turns it into labels.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -14,11 +16,12 @@ import torch
 from scipy import ndimage as ndi
 
 from .affinity import OFFSETS, embedding_affinities
-from .decode.mws import DecodeSettings, decode, refine_upsampled
 from .models import EmbeddingUNet
 from .preprocess import InputError, grayscale, normalize
 
+TRAIN_DIAMETER = 28.0  # nucleus diameter (px) the bundled models were trained at (BBBC039: mean area ~600 px)
 MIN_SIDE = 16
+MAX_WORKING_PIXELS = 2**28  # largest image (after object-size rescaling) a network is run on
 DEFAULT_TILE = 1024
 TILE_OVERLAP = 64
 
@@ -76,9 +79,24 @@ def prepare_image(image: np.ndarray, invert: bool = False) -> np.ndarray:
 
 def rescale_factor(diameter: float | None, train_diameter: float) -> float:
     """Factor that brings objects of ``diameter`` px to the training diameter (1 when unset)."""
-    if diameter is None or diameter <= 0:
-        return 1.0
-    return float(train_diameter) / float(diameter)
+    return 1.0 if diameter is None else float(train_diameter) / float(diameter)
+
+
+def working_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
+    """(H,W) of an image of ``shape`` rescaled by ``scale`` (what ``ndi.zoom`` returns)."""
+    return tuple(int(round(n * scale)) for n in shape)
+
+
+def working_image(image: np.ndarray, invert: bool = False, scale: float = 1.0) -> np.ndarray:
+    """The image as the network sees it: prepared (:func:`prepare_image`), then rescaled by ``scale``."""
+    prepared = prepare_image(image, invert=invert)
+    if scale == 1.0:
+        return prepared
+    rescaled = ndi.zoom(prepared, scale, order=1)
+    if min(rescaled.shape) < MIN_SIDE:
+        raise InputError(f"the {prepared.shape[0]}x{prepared.shape[1]} image becomes too small "
+                         f"({rescaled.shape[0]}x{rescaled.shape[1]}) once rescaled by {scale:.3g}")
+    return rescaled
 
 
 def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
@@ -158,72 +176,11 @@ def tiled_network(
     return emb[:, :nh, :nw], (fg[:nh, :nw] if fg is not None else None)
 
 
-def run_network(
-    model: EmbeddingUNet,
-    image: np.ndarray,
-    *,
-    invert: bool = False,
-    diameter: float | None = None,
-    train_diameter: float = 28.0,
-    tile: int = DEFAULT_TILE,
-    on_tile: Callable[[int, int], None] | None = None,
-) -> NetworkOutput:
-    """Network output for a raw 2D image (any dtype, gray/RGB), rescaled to the training object size.
-
-    Its ``seconds`` count input preparation (normalisation, rescaling) and the network: everything
-    before decoding, as the classical pipeline's time includes its own normalisation.
-    """
+def network_output(model: EmbeddingUNet, working: np.ndarray, image_shape: tuple[int, int] | None = None,
+                   scale: float = 1.0, tile: int = DEFAULT_TILE,
+                   on_tile: Callable[[int, int], None] | None = None) -> NetworkOutput:
+    """Network output of a :func:`working_image` that came from an image of ``image_shape`` (default: its own)."""
     start = time.perf_counter()
-    prepared = prepare_image(image, invert=invert)
-    scale = rescale_factor(diameter, train_diameter)
-    if scale != 1.0:
-        prepared = ndi.zoom(prepared, scale, order=1)
-        if min(prepared.shape) < MIN_SIDE:
-            raise InputError(f"image becomes too small ({prepared.shape}) after rescaling to diameter {diameter}")
-    emb, fg = tiled_network(model, prepared, tile=tile, on_tile=on_tile)
-    return NetworkOutput(emb, fg, tuple(image.shape[:2]), scale, time.perf_counter() - start,
-                         stride=model.config.stem_stride, working_shape=prepared.shape)
-
-
-COARSE_FACTORS = {"full": 1, "half": 2, "quarter": 4}
-
-
-def coarse_grid(output: NetworkOutput, factor: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Embedding and foreground on a grid ``factor`` times coarser than the input, by average
-    pooling the network's native grid (a half-resolution network's own grid when factor is 2)."""
-    if factor % output.stride:
-        raise ValueError(f"cannot decode a stride-{output.stride} network on a {factor}x coarser grid")
-    pool = factor // output.stride
-    if pool == 1:
-        return output.embedding, output.foreground
-    fg = _pool(output.foreground[None], pool)[0] if output.foreground is not None else None
-    return _pool(output.embedding, pool), fg
-
-
-def _pool(maps: np.ndarray, k: int) -> np.ndarray:
-    """k x k average pooling of (C,H,W) maps (partial last rows/columns are averaged too)."""
-    return torch.nn.functional.avg_pool2d(torch.from_numpy(maps)[None], k, ceil_mode=True)[0].numpy()
-
-
-def decoding_affinities(embedding: np.ndarray, settings: DecodeSettings) -> np.ndarray:
-    """Affinities (K,h,w) of a (C,h,w) embedding, long-range ones only where the decoder's stride grid reads them."""
-    stride = 1 if settings.randomized_strides else settings.long_range_stride
-    return embedding_affinities(torch.from_numpy(embedding)[None], OFFSETS, stride)[0].numpy()
-
-
-def decode_output(output: NetworkOutput, settings: DecodeSettings = DecodeSettings()) -> tuple[np.ndarray, float]:
-    """Instance labels at the original image size, and the decode time (affinities + MWS + clean-up)."""
-    start = time.perf_counter()
-    factor = COARSE_FACTORS[settings.resolution]
-    if factor > 1:
-        emb, fg = coarse_grid(output, factor)
-        coarse_settings = replace(settings, min_size=max(1, settings.min_size // factor**2),
-                                  merge_distance=max(1, settings.merge_distance // factor))
-        coarse = decode(decoding_affinities(emb, settings), fg, coarse_settings)
-        labels = refine_upsampled(coarse, output.full_foreground(), output.full_shape, settings, factor)
-    else:
-        labels = decode(decoding_affinities(output.full_embedding(), settings), output.full_foreground(), settings)
-    if labels.shape != output.image_shape:
-        zoom = [o / s for o, s in zip(output.image_shape, labels.shape)]
-        labels = ndi.zoom(labels, zoom, order=0, grid_mode=True, mode="nearest")
-    return labels.astype(np.int32), time.perf_counter() - start
+    emb, fg = tiled_network(model, working, tile=tile, on_tile=on_tile)
+    return NetworkOutput(emb, fg, tuple(image_shape or working.shape), scale, time.perf_counter() - start,
+                         stride=model.config.stem_stride, working_shape=working.shape)

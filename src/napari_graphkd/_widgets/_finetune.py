@@ -6,9 +6,8 @@ torch thread, so a core stays free for the viewer, and relays its progress recor
 """
 from __future__ import annotations
 
-import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import napari  # noqa: F401 - the viewer annotation
@@ -36,9 +35,10 @@ from ..train.finetune import (
     run_finetune,
 )
 from ._base import JobWidget
-from ._jobs import _message
+from ._jobs import JobResult, _guard, relay
 from ._layers import provenance
-from ._segment import ModelPicker, SegmentWidget
+from ._models import ModelPicker
+from ._segment import SegmentWidget
 from ._state import MODELS
 
 COLOURS = ("#4fc3f7", "#ffb74d", "#aed581")
@@ -102,38 +102,22 @@ class FinetuneRequest:
     folder: Path
 
 
-@dataclass
-class FinetuneOutcome:
-    """What the job hands back to the widget (the fields JobWidget reads, plus the library's result)."""
-
-    request: FinetuneRequest
-    result: FinetuneResult | None = None
-    warnings: list[str] = field(default_factory=list)
-    error: str | None = None
-    cancelled: bool = False
-
-
 def finetune_job(request: FinetuneRequest, cancel: threading.Event):
-    """Run the library in a thread with one torch thread; yield its progress records; return the outcome."""
-    records: queue.Queue = queue.Queue()
-    outcome = FinetuneOutcome(request)
+    """Run the library with one torch thread; yield its progress records; return the outcome."""
+    return (yield from _guard(_finetune(request, cancel), request))
 
-    def work() -> None:
+
+def _finetune(request: FinetuneRequest, cancel: threading.Event):
+    def work(report) -> FinetuneResult:
         previous = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            outcome.result = run_finetune(request.plan, request.folder, on_progress=records.put, should_stop=cancel.is_set)
-            outcome.cancelled = outcome.result.cancelled
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a notification
-            outcome.error = _message(exc)
+            return run_finetune(request.plan, request.folder, on_progress=report, should_stop=cancel.is_set)
         finally:
             torch.set_num_threads(previous)
-            records.put(None)
 
-    threading.Thread(target=work, name="graphkd-finetune", daemon=True).start()
-    while (record := records.get()) is not None:
-        yield record
-    return outcome
+    result = yield from relay(work)
+    return JobResult(request, finetune=result, cancelled=result.cancelled)
 
 
 def same_placement(a: Layer, b: Layer) -> bool:
@@ -262,18 +246,18 @@ class FinetuneWidget(JobWidget):
         if record["loss"] is not None:
             self.curve.add(record["phase"], record["loss"])
 
-    def _on_returned(self, outcome: FinetuneOutcome, on_done) -> None:
+    def _on_returned(self, outcome: JobResult, on_done) -> None:
         super()._on_returned(outcome, on_done)
-        if outcome.cancelled:
-            self.report.value = finetune_report(outcome.result, outcome.request.plan)
+        if outcome.cancelled and outcome.finetune is not None:
+            self.report.value = finetune_report(outcome.finetune, outcome.request.plan)
 
     def _after_job(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
 
-    def _show(self, outcome: FinetuneOutcome) -> None:
-        result = outcome.result
+    def _show(self, outcome: JobResult) -> None:
+        result = outcome.finetune
         for role, path in result.saved.items():
             self.use_model(role, path)
         self.last_result = result

@@ -7,40 +7,25 @@ Everything here calls the library; nothing touches the viewer.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable, Generator, Hashable, TypeVar
 
 import numpy as np
 
 from ..affinity import OFFSETS
 from ..graph import affinity_disagreement, agreement, at_size, edge_cosines, edge_vectors, graph_disagreement
 from ..graph import instance_embeddings, instance_graph
-from ..inference import decode_output
 from ..io.checkpoint import CheckpointError
 from ..preprocess import InputError
+from ..segment import OutputCache, RunSettings, Stopped, plane_output, segment_any
 from ._layers import KEY, Placement, plane_data, stack_planes, with_plane_axis
 from ._state import CACHE, MODELS
 
 log = logging.getLogger(__name__)
 OFFSET_LIST = [list(o) for o in OFFSETS]
-
-
-class Cancelled(Exception):
-    """The user pressed Cancel."""
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """How the network is run (part of the cache key): object diameter, inversion, tile size."""
-
-    diameter: float | None = None
-    invert: bool | None = None
-    tile: int = 1024
-
-    def kwargs(self) -> dict:
-        """Keyword arguments of ``run_network`` / ``segment``."""
-        return {"diameter": self.diameter, "invert": self.invert, "tile": self.tile}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -72,17 +57,19 @@ class ModelResult:
     decode_seconds: float
     cached: bool
     decode: dict | None
+    inputs: str = ""  # what the input rules chose (diameter, inversion)
     ground_truth: dict | None = None
 
 
 @dataclass
 class JobResult:
-    """What a job hands back to the widget: results, or why there are none."""
+    """What every widget job hands back: its results, or why there are none."""
 
     request: Any
     models: list[ModelResult] = field(default_factory=list)
     agreement: dict | None = None
     layers: list[tuple] = field(default_factory=list)  # napari LayerData tuples (overlays)
+    finetune: Any = None  # the library's FinetuneResult (fine-tune jobs)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
     cancelled: bool = False
@@ -97,35 +84,52 @@ def _message(exc: Exception) -> str:
 
 
 def _guard(job, request):
-    """Run generator ``job``, turning Cancelled and errors into a JobResult."""
+    """Run generator ``job``, turning a stop request and errors into a JobResult."""
     try:
         return (yield from job)
-    except Cancelled:
+    except Stopped:
         return JobResult(request, cancelled=True)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a notification, never a crash
         return JobResult(request, error=_message(exc))
 
 
-def _checker(cancel: threading.Event):
-    """``on_tile`` callback that stops a running network when Cancel was pressed."""
+def relay(work: Callable[[Callable[[Any], None]], T]) -> Generator[Any, None, T]:
+    """Run ``work(report)`` in a thread of its own; yield what it reports; return its result (or raise its error).
 
-    def on_tile(done: int, total: int) -> None:
-        if cancel.is_set():
-            raise Cancelled
+    The library reports progress through callbacks from deep inside a run (per tile); a worker
+    generator can only yield, so the callbacks go through a queue.
+    """
+    records: queue.Queue = queue.Queue()
+    outcome: dict[str, Any] = {}
+    done = object()
 
-    return on_tile
+    def run() -> None:
+        try:
+            outcome["value"] = work(records.put)
+        except BaseException as exc:  # noqa: BLE001 - handed to the generator, which re-raises it
+            outcome["error"] = exc
+        finally:
+            records.put(done)
+
+    threading.Thread(target=run, name="graphkd-job", daemon=True).start()
+    while (record := records.get()) is not done:
+        yield record
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
-def network_output(image_id: str, data, plane, spec: str, run: RunSettings, cancel: threading.Event, allow_run: bool = True):
-    """(NetworkOutput, was_cached) of model ``spec`` on one plane, from the cache or the network."""
-    key, segmenter = MODELS.get(spec)
+def layer_cache(image_id: str, model_key: Hashable, data: Any, allow_run: bool = True) -> OutputCache:
+    """The shared network-output cache for one image layer and model (valid while the layer holds ``data``)."""
+    def fetch(key: Hashable, compute):
+        def guarded():
+            if not allow_run:
+                raise InputError("the network output is no longer cached (memory limit or changed image); press Run again")
+            return compute()
 
-    def compute():
-        if not allow_run:
-            raise InputError("the network output is no longer cached (memory limit or changed image); press Run again")
-        return segmenter.run_network(plane_data(data, plane), on_tile=_checker(cancel), **run.kwargs())
+        return CACHE.fetch((image_id, model_key, key), data, guarded)
 
-    return CACHE.fetch((image_id, key, plane, run), data, compute)
+    return fetch
 
 
 def segment_job(request: SegmentRequest, cancel: threading.Event):
@@ -134,31 +138,21 @@ def segment_job(request: SegmentRequest, cancel: threading.Event):
 
 
 def _segment(request: SegmentRequest, cancel: threading.Event):
-    steps, done = len(request.models) * len(request.planes), 0
     result = JobResult(request)
-    for role, spec in request.models:
-        _, segmenter = MODELS.get(spec)
-        decode = None
-        if segmenter.kind == "network":
-            decode = replace(segmenter.decode_settings, **(request.overrides or {}))
-        planes, net, dec, cached_all = [], 0.0, 0.0, True
-        for plane in request.planes:
-            if cancel.is_set():
-                raise Cancelled
-            if decode is None:
-                seg = segmenter.segment(plane_data(request.data, plane), **request.run.kwargs())
-                labels, seconds, net_seconds, cached = seg.labels, seg.decode_seconds, 0.0, False
-            else:
-                output, cached = network_output(request.image_id, request.data, plane, spec, request.run, cancel, request.network)
-                labels, seconds = decode_output(output, decode)
-                net_seconds = output.seconds
-            planes.append(labels)
-            net, dec, cached_all = net + net_seconds, dec + seconds, cached_all and cached
-            done += 1
-            yield done / steps
-        labels = stack_planes(planes, list(request.planes))
-        model = ModelResult(role, spec, segmenter.name, segmenter.describe(), labels, net, dec, cached_all,
-                            None if decode is None else decode.to_dict())
+    planes = None if request.planes == (None,) else list(request.planes)
+    for i, (role, spec) in enumerate(request.models):
+        key, segmenter = MODELS.get(spec)
+        decode = None if segmenter.kind != "network" else replace(segmenter.decode_settings, **(request.overrides or {}))
+        cache = layer_cache(request.image_id, key, request.data, request.network)
+
+        def work(report, segmenter=segmenter, decode=decode, cache=cache):
+            return segment_any(segmenter, request.data, **request.run.kwargs(), decode=decode, planes=planes, cache=cache,
+                               on_progress=report, should_stop=cancel.is_set)
+
+        seg = yield from _scaled(relay(work), i, len(request.models))
+        labels = seg.labels
+        model = ModelResult(role, spec, segmenter.name, segmenter.describe(), labels, seg.network_seconds, seg.decode_seconds,
+                            seg.cached, None if decode is None else decode.to_dict(), inputs=seg.inputs.describe())
         if request.ground_truth is not None:
             gt = stack_planes([plane_data(request.ground_truth, p) for p in request.planes], list(request.planes))
             if gt.shape == labels.shape:
@@ -170,6 +164,16 @@ def _segment(request: SegmentRequest, cancel: threading.Event):
     if "teacher" in by_role and "student" in by_role:
         result.agreement = agreement(by_role["teacher"].labels, by_role["student"].labels)
     return result
+
+
+def _scaled(progress: Generator[float, None, T], index: int, count: int) -> Generator[float, None, T]:
+    """Yield the fractions of job ``index`` of ``count`` as fractions of the whole; return its result."""
+    while True:
+        try:
+            fraction = next(progress)
+        except StopIteration as stop:
+            return stop.value
+        yield (index + fraction) / count
 
 
 @dataclass(frozen=True)
@@ -206,7 +210,9 @@ def overlay_job(request: OverlayRequest, cancel: threading.Event):
 
 def _maps(source: Source, cancel: threading.Event) -> tuple[np.ndarray, np.ndarray]:
     """Embedding (C,H,W) and affinities (K,H,W) of a source at the size of its labels."""
-    output, _ = network_output(source.image_id, source.image_data, source.image_plane, source.spec, source.run, cancel)
+    key, segmenter = MODELS.get(source.spec)
+    output, _ = plane_output(segmenter, source.image_data, source.image_plane, **source.run.kwargs(),
+                             cache=layer_cache(source.image_id, key, source.image_data), should_stop=cancel.is_set)
     shape = source.labels.shape
     return at_size(output.full_embedding(), shape), at_size(output.affinities(), shape)
 

@@ -8,7 +8,8 @@ from napari.utils.notifications import show_error
 
 from ..preprocess import InputError
 from ._base import JobWidget
-from ._jobs import JobResult, OverlayRequest, RunSettings, Source, overlay_job
+from ..segment import RunSettings
+from ._jobs import JobResult, OverlayRequest, Source, overlay_job
 from ._layers import current_plane, find_layer, placement, plane_data, provenance
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import asdict, replace
 from datetime import datetime
-from pathlib import Path
 
 import napari  # noqa: F401 - the viewer annotation
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushButton, SpinBox
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 
@@ -16,71 +15,17 @@ from ..inference import DEFAULT_TILE
 from ..io.checkpoint import CheckpointError
 from ..preprocess import InputError
 from ._base import JobWidget
-from ._jobs import JobResult, ModelResult, RunSettings, SegmentRequest, segment_job
+from ..segment import RunSettings
+from ._jobs import JobResult, ModelResult, SegmentRequest, segment_job
 from ._layers import KEY, check_image_layer, placement, planes_to_run, provenance
-from ._state import MODELS
+from ._models import ModelPicker
 
-SOURCES = [("bundled teacher", "teacher"), ("bundled student", "student"), ("checkpoint file...", "file")]
 DECODER_FIELDS = ("min_size", "foreground_threshold", "attractive_bias")
-
-
-def describe_model(description: dict) -> str:
-    """One line: architecture, widths, resolution and parameter count."""
-    config = description.get("config", {})
-    resolution = "half-resolution" if config.get("stem_stride") == 2 else "full-resolution"
-    widths = "-".join(str(w) for w in config.get("widths", []))
-    return (f"{description.get('architecture', '?')} ({config.get('block', 'residual')}, widths {widths}, "
-            f"{resolution}): {description.get('parameters', 0):,} parameters")
 
 
 def _mark_edited(event) -> None:
     """A result layer painted by hand is the user's now: never re-decode or replace it."""
     provenance(event.source)["edited"] = True
-
-
-class ModelPicker(Container):
-    """A bundled model or a checkpoint file, with its architecture and parameter count."""
-
-    def __init__(self, role: str, default: str):
-        self.role = role
-        self.source = ComboBox(label=role.title(), choices=SOURCES, value=default)
-        self.path = FileEdit(label="Checkpoint", mode="r", filter="*.safetensors", visible=False)
-        self.info = Label(value="")
-        self.info.native.setWordWrap(True)
-        super().__init__(widgets=[self.source, self.path, self.info], labels=True)
-        self.margins = (0, 0, 0, 0)
-        self.source.changed.connect(self._source_changed)
-
-    def _source_changed(self, value: str) -> None:
-        self.path.visible = value == "file"
-
-    @property
-    def spec(self) -> str:
-        """``teacher``/``student`` (bundled) or the checkpoint path; CheckpointError if none is chosen."""
-        if self.source.value != "file":
-            return self.source.value
-        path = Path(self.path.value) if self.path.value else None
-        if path is None or not path.is_file():
-            raise CheckpointError(f"choose a checkpoint file (.safetensors) for the {self.role}")
-        return str(path)
-
-    def load(self):
-        """The chosen segmenter (loaded once); CheckpointError says why it cannot be used."""
-        return MODELS.get(self.spec)[1]
-
-    @property
-    def pending(self) -> bool:
-        """True while "checkpoint file" is chosen but no file yet (nothing to complain about)."""
-        return self.source.value == "file" and str(self.path.value) in ("", ".")
-
-    def refresh(self) -> str | None:
-        """Show the model's architecture and size; return why it cannot be loaded, if it cannot."""
-        try:
-            self.info.value = describe_model(self.load().describe())
-        except CheckpointError as exc:
-            self.info.value = f"not available: {exc}"
-            return str(exc)
-        return None
 
 
 class SegmentWidget(JobWidget):
@@ -249,7 +194,7 @@ class SegmentWidget(JobWidget):
             "model": model.name, "model_spec": model.spec, "model_path": model.description.get("path"),
             "architecture": model.description.get("architecture"), "parameters": model.description.get("parameters"),
             "image_layer": request.image_name, "image_layer_id": request.image_id, "planes": list(request.planes),
-            "run": asdict(request.run), "decode": model.decode, "network_seconds": model.network_seconds,
+            "run": asdict(request.run), "inputs": model.inputs, "decode": model.decode, "network_seconds": model.network_seconds,
             "network_cached": model.cached, "decode_seconds": model.decode_seconds,
             "ground_truth_scores": model.ground_truth,
             "agreement_with_teacher": result.agreement if model.role == "student" else None,
@@ -282,7 +227,7 @@ def report_text(result: JobResult) -> str:
     lines = []
     for m in result.models:
         network = "-" if m.role == "classical" else f"{m.network_seconds:.2f} s" + (" (cached)" if m.cached else "")
-        lines.append(f"{m.role} [{m.name}]: network {network}, decode {m.decode_seconds:.2f} s")
+        lines.append(f"{m.role} [{m.name}]: network {network}, decode {m.decode_seconds:.2f} s; nuclei {m.inputs}")
         if m.ground_truth:
             gt = m.ground_truth
             lines.append(f"  vs ground truth: F1 {gt['f1']:.3f}, AJI {gt['aji']:.3f} ({gt['n_b']:.0f} nuclei, GT {gt['n_a']:.0f})")

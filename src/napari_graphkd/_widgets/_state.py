@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Hashable
 
 from .. import segment
-from ..segment import ClassicalSegmenter, ModelSegmenter
-
-Segmenter = ModelSegmenter | ClassicalSegmenter
+from ..segment import Segmenter
 CACHE_BYTES = 2 * 1024**3
 
 

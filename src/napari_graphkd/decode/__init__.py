@@ -1,1 +1,5 @@
-"""Turning network outputs (or raw images, for the classical baseline) into instance labels."""
+"""Turning network outputs (or raw images, for the classical baseline) into instance labels.
+
+``policy`` decodes a network output (grid, affinities, size), ``mws`` holds the mutex-watershed
+rules, ``classical`` the Otsu + watershed baseline.
+"""

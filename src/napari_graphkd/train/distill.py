@@ -27,6 +27,7 @@ from safetensors import safe_open
 from ..data import Sample, jitter_intensity, load_folder, split_tune
 from ..affinity import embedding_affinities
 from ..distill import DistillationObjective, DistillWeights, MemoryBank, NetOut, make_adapter, method_weights
+from ..inference import TRAIN_DIAMETER
 from ..io.checkpoint import atomic_save_tensors, load_checkpoint
 from ..models import EmbeddingUNet, build_model
 from .loop import TrainSettings, run_training, segmentation_loss
@@ -246,7 +247,7 @@ def distill_student(
         "distillation": distill.to_dict(),
         "training_data": {"folder": str(data_dir), "train_images": len(train), "tune_images": tune_names},
         "command": command,
-        "train_diameter": teacher_meta.get("train_diameter", 28.0),
+        "train_diameter": teacher_meta.get("train_diameter", TRAIN_DIAMETER),
     }
     validate = validate_factory(tune) if (validate_factory is not None and tune) else None
     return distill_samples(teacher, student, train, run_dir, settings, distill, metadata=metadata, validate=validate,

@@ -1,0 +1,27 @@
+"""Reporting a fine-tuning run: held-out scores before and after, and where the new models are."""
+from __future__ import annotations
+
+from .plan import MODES, FinetunePlan
+from .run import FinetuneResult
+
+SCORE_KEYS = {"recall@0.5": "recall@0.5", "mean_iou": "mean IoU", "aji": "AJI"}
+
+
+def scores_table(scores: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Before/after held-out scores of each role as a fixed-width text table."""
+    lines = [f"{'held-out cells':<15}" + "".join(f"{title:>11}" for title in SCORE_KEYS.values())]
+    for role, by_time in scores.items():
+        for when, values in by_time.items():
+            lines.append(f"{role + ' ' + when:<15}" + "".join(f"{values[k]:>11.3f}" for k in SCORE_KEYS))
+    return "\n".join(lines)
+
+
+def finetune_report(result: FinetuneResult, plan: FinetunePlan) -> str:
+    """What was held out, the before/after table, and where the new checkpoints are."""
+    lines = [f"{MODES[result.mode]}: {plan.train_cells} cells for training; {result.heldout}",
+             f"nuclei of {plan.diameter:.1f} px rescaled to {plan.train_diameter:.1f} px"
+             f" (use diameter {plan.diameter:.1f} in the Segment widget)", scores_table(result.scores)]
+    if result.cancelled:
+        lines.append("cancelled: nothing saved, the models are unchanged")
+    lines += [f"saved {role}: {path}" for role, path in result.saved.items()]
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""Running a fine-tuning plan: score, train, score again and save new checkpoints."""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ...data import AugmentConfig, Sample
+from ...decode.mws import DecodeSettings
+from ...decode.policy import decode_output
+from ...inference import network_output
+from ...io.checkpoint import load_checkpoint, save_checkpoint
+from ...models import EmbeddingUNet
+from ...segment import ModelSegmenter, segment_any
+from ..distill import DistillSettings, distill_samples, with_pseudo_labels
+from ..loop import TrainSettings, run_training, segmentation_batches, segmentation_loss
+from .plan import FinetunePlan
+from .rules import heldout_metrics, pseudo_instances
+
+DEFAULT_FOLDER = Path("~/.napari-graphkd/models")
+
+Progress = Callable[[dict[str, Any]], None]
+StopCheck = Callable[[], bool]
+
+
+@dataclass
+class FinetuneResult:
+    """New checkpoints (none when cancelled) and held-out scores before and after."""
+
+    mode: str
+    saved: dict[str, Path] = field(default_factory=dict)  # role -> new checkpoint
+    scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # role -> before/after -> metrics
+    heldout: str = ""
+    cancelled: bool = False
+
+
+def decode_working(model: EmbeddingUNet, image: np.ndarray, settings: DecodeSettings) -> np.ndarray:
+    """Instances of an image already at the model's scale (a training sample)."""
+    return decode_output(network_output(model, image), settings)[0]
+
+
+def heldout_scores(model: EmbeddingUNet, meta: dict[str, Any], plan: FinetunePlan) -> dict[str, float]:
+    """Held-out scores of a model run exactly as the Segment widget runs it (diameter, inversion, its decoder)."""
+    segmenter = ModelSegmenter(model=model, metadata=dict(meta, train_diameter=plan.train_diameter))
+    pred = segment_any(segmenter, plan.heldout.image, diameter=plan.diameter, invert=plan.invert).labels
+    return heldout_metrics(plan.heldout.cells, pred)
+
+
+def train_settings(plan: FinetunePlan) -> TrainSettings:
+    """Short fine-tuning schedule: saved once at the end, no snapshots, no scale augmentation."""
+    s = plan.settings
+    return TrainSettings(steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup=min(20, max(1, s.steps // 10)),
+                         seed=s.seed, save_every=s.steps, snapshot_every=10**9, validate_every=10**9,
+                         augment=AugmentConfig(crop=plan.crop, scale_range=None))
+
+
+def save_new_checkpoint(model: EmbeddingUNet, metadata: dict[str, Any], folder: str | Path, stem: str) -> Path:
+    """Save as ``folder/stem.safetensors`` or the first free ``stem-2``, ``stem-3``...: atomic, never overwrites."""
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{stem}.{uuid.uuid4().hex}.partial"
+    save_checkpoint(partial, model, metadata)
+    try:
+        for n in itertools.count(1):
+            path = folder / (f"{stem}.safetensors" if n == 1 else f"{stem}-{n}.safetensors")
+            try:
+                os.link(partial, path)  # fails if the name exists: no race with another writer
+                return path
+            except FileExistsError:
+                continue
+    finally:
+        partial.unlink()
+
+
+def _relay(phase: str, on_progress: Progress) -> Progress:
+    """run_training's per-step records as ``{"phase", "done", "total", "loss"}``."""
+    return lambda r: on_progress({"phase": phase, "done": r["step"], "total": r["total"], "loss": r["loss"]})
+
+
+def _train_teacher(teacher: EmbeddingUNet, plan: FinetunePlan, on_progress: Progress, should_stop: StopCheck) -> bool:
+    """Fine-tune the teacher on the annotated pixels (segmentation loss only); False if stopped."""
+    settings = train_settings(plan)
+
+    def step_loss(net: EmbeddingUNet, batch):
+        images, labels = batch
+        emb, fg = net(torch.from_numpy(images))
+        return segmentation_loss(emb, fg, labels, settings.foreground_weight)
+
+    with tempfile.TemporaryDirectory(prefix="graphkd-teacher-") as run_dir:
+        progress = run_training(teacher, segmentation_batches(plan.train, settings), Path(run_dir), settings,
+                                step_loss=step_loss, metadata={}, on_progress=_relay("training teacher", on_progress),
+                                should_stop=should_stop)
+    return progress["step"] == settings.steps
+
+
+def _with_teacher_instances(teacher: EmbeddingUNet, meta: dict[str, Any], plan: FinetunePlan,
+                            on_progress: Progress) -> list[Sample]:
+    """Training samples whose unannotated pixels carry the teacher's instances (pseudo-labels for IGD)."""
+    out = []
+    for i, s in enumerate(plan.train):
+        instances = decode_working(teacher, s.image, DecodeSettings(**meta.get("decode", {})))
+        out.append(Sample(s.name, s.image, with_pseudo_labels(s.labels, pseudo_instances(instances, s.labels))))
+        on_progress({"phase": "teacher pseudo-labels", "done": i + 1, "total": len(plan.train), "loss": None})
+    return out
+
+
+def _train_student(student: EmbeddingUNet, teacher: EmbeddingUNet, samples: list[Sample], plan: FinetunePlan,
+                   on_progress: Progress, should_stop: StopCheck) -> bool:
+    """Graph distillation from the teacher (+ segmentation loss unless ``distil``); False if stopped."""
+    settings = train_settings(plan)
+    distill = DistillSettings(segmentation_weight=0.0 if plan.settings.mode == "distil" else 1.0)
+    with tempfile.TemporaryDirectory(prefix="graphkd-student-") as run_dir:
+        progress = distill_samples(teacher, student, samples, run_dir, settings, distill, metadata={},
+                                   on_progress=_relay("training student", on_progress), should_stop=should_stop)
+    return progress["step"] == settings.steps
+
+
+def _digest(path: Path) -> str:
+    """First 16 hex digits of a file's SHA-256."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _metadata(role: str, base: dict[str, Any], plan: FinetunePlan, result: FinetuneResult, extra: dict) -> dict[str, Any]:
+    """Metadata of a new checkpoint: what it came from, on which data, and its held-out scores."""
+    path = plan.teacher_path if role == "teacher" else plan.student_path
+    record = {
+        "mode": plan.settings.mode, "base": {"path": str(path), "sha256_16": _digest(path), "name": base.get("name")},
+        "images": [s.name for s in plan.train], "heldout": result.heldout, "train_cells": plan.train_cells,
+        "diameter": plan.diameter, "scale": plan.scale, "settings": asdict(plan.settings),
+        "heldout_scores": result.scores[role],
+        "time": datetime.now().isoformat(timespec="seconds"), **extra,
+    }
+    keep = {k: base[k] for k in ("decode", "distillation") if k in base}
+    return dict(keep, name=f"{base.get('name') or role} ({plan.settings.mode})", train_diameter=plan.train_diameter,
+                input=dict(base.get("input", {}), invert=plan.invert), finetune=record)
+
+
+STEMS = {"distil": {"student": "student-distilled"}, "finetune": {"student": "student-finetuned"},
+         "teacher": {"teacher": "teacher-finetuned", "student": "student-redistilled"}}
+
+
+def run_finetune(plan: FinetunePlan, folder: str | Path = DEFAULT_FOLDER, *, on_progress: Progress = lambda record: None,
+                 should_stop: StopCheck = lambda: False) -> FinetuneResult:
+    """Score, train, score again and save new checkpoints; the input checkpoint files are never touched.
+
+    ``on_progress`` gets ``{"phase", "done", "total", "loss"}`` records; when ``should_stop()``
+    turns true the run ends after the current step, saves nothing and returns ``cancelled``.
+    """
+    teacher, t_meta = load_checkpoint(plan.teacher_path)
+    student, s_meta = load_checkpoint(plan.student_path)
+    models = {"teacher": (teacher, t_meta), "student": (student, s_meta)}
+    roles = list(STEMS[plan.settings.mode])
+    result = FinetuneResult(plan.settings.mode, heldout=plan.heldout.describe(plan.painted_cells))
+    for i, role in enumerate(roles):
+        result.scores[role] = {"before": heldout_scores(*models[role], plan)}
+        on_progress({"phase": "scoring before", "done": i + 1, "total": len(roles), "loss": None})
+    finished = plan.settings.mode != "teacher" or _train_teacher(teacher, plan, on_progress, should_stop)
+    finished = finished and not should_stop() and _train_student(
+        student, teacher, _with_teacher_instances(teacher, t_meta, plan, on_progress), plan, on_progress, should_stop)
+    if not finished:
+        result.cancelled = True
+        return result
+    for i, role in enumerate(roles):
+        result.scores[role]["after"] = heldout_scores(*models[role], plan)
+        on_progress({"phase": "scoring after", "done": i + 1, "total": len(roles), "loss": None})
+    for role in roles:
+        extra = {"teacher": {"path": str(result.saved.get("teacher", plan.teacher_path))}} if role == "student" else {}
+        meta = _metadata(role, models[role][1], plan, result, extra)
+        result.saved[role] = save_new_checkpoint(models[role][0], meta, folder, STEMS[plan.settings.mode][role])
+    return result
