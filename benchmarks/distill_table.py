@@ -329,7 +329,7 @@ def main() -> int:
     parser.add_argument("--results", default="benchmarks/results")
     parser.add_argument("--steps", type=int, default=2000, help="schedule of every full student row")
     parser.add_argument("--short-steps", type=int, default=600, help="schedule of sweeps and ablations")
-    parser.add_argument("--threads", type=int, default=2, help="threads for timing (2 = this machine)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for timing (the committed table uses 2)")
     parser.add_argument("--only", nargs="*", default=None, help="run keys to train (default: all)")
     parser.add_argument("--report", action="store_true", help="only assemble the table from cached rows")
     parser.add_argument("--rescore", action="store_true", help="re-evaluate and re-time every cached row, then assemble the table")

@@ -52,7 +52,7 @@ def test_label_checksum_ignores_ids_but_not_the_partition():
 
 
 def test_build_from_a_laid_out_folder_then_verify(tmp_path):
-    source, root = tmp_path / "shared", tmp_path / "layout"
+    source, root = tmp_path / "downloaded", tmp_path / "layout"
     todo = []
     for i, split in enumerate(["train", "val"]):
         image, labels = _pair(i)

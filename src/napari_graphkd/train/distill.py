@@ -1,7 +1,7 @@
 """Distilling a student from a frozen teacher whose outputs are computed once and cached.
 
 The teacher's embedding (and, for feature baselines, its decoder features) is computed once per
-training image (METHOD.md A.9). Each step crops the same window from image, labels and cached
+training image (docs/method.md, "Benchmark protocol"). Each step crops the same window from image, labels and cached
 teacher maps, applies the same flips/rotations to all of them, and jitters the intensities of
 the student's input only. Crop origins are multiples of 16 so cached coarse features stay
 aligned. There is no scale augmentation here (it would need the teacher re-run); every student
