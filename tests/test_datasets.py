@@ -144,3 +144,19 @@ def test_real_data_rebuilds_to_the_manifest(tmp_path):
     report = build(tmp_path, index_sources([root / "bbbc039"]), todo)
     assert (report.written, report.missing, report.different) == (20, [], [])
     assert verify(tmp_path, todo) == []
+
+
+def test_a_tune_folder_beside_train_is_the_tune_split(tmp_path):
+    from napari_graphkd.data import load_train_tune
+
+    for split, stems in (("train", ["a", "b", "c"]), ("tune", ["t"])):
+        for stem in stems:
+            image, labels = _pair(len(stem))
+            for kind, array in (("images", image), ("labels", labels)):
+                (tmp_path / split / kind).mkdir(parents=True, exist_ok=True)
+                tifffile.imwrite(tmp_path / split / kind / f"{stem}.tif", array)
+    train, tune = load_train_tune(tmp_path / "train", n_tune=1)
+    assert [s.name for s in train] == ["a", "b", "c"] and [s.name for s in tune] == ["t"]
+    (tmp_path / "tune").rename(tmp_path / "elsewhere")  # no sibling: n_tune images of train/ are held out
+    train, tune = load_train_tune(tmp_path / "train", n_tune=1)
+    assert len(train) == 2 and len(tune) == 1 and tune[0].name in "abc"

@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--elastic", action="store_true", help="add elastic deformation")
-    p.add_argument("--n-tune", type=int, default=10, help="images held out of training to validate/tune on")
+    p.add_argument("--n-tune", type=int, default=10, help="images held out of training to validate/tune on (unless a tune/ folder sits beside DATA=.../train)")
     p.add_argument("--validate-every", type=int, default=1000)
     p.set_defaults(func=cmd_train)
 
@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="tune the decoder on the tune split and write a compact checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("out")
-    p.add_argument("--tune-data", default=None, help="the training folder (its tune images are read from metadata)")
+    p.add_argument("--tune-data", default=None, help="folder holding the tune images listed in the checkpoint (e.g. DATA/bbbc039/tune)")
     p.add_argument("--half", action="store_true", help="store fp16 weights")
     p.add_argument("--resolution", choices=["full", "half", "quarter"], default=None,
                    help="restrict the decoder search to this decoding grid (default: search full and half)")
