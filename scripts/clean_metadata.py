@@ -15,13 +15,14 @@ import json
 import re
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from napari_graphkd.io.checkpoint import METADATA_KEY, atomic_save_tensors
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "napari_graphkd" / "weights"
-DATA_PREFIX = re.compile(r"(?:/[^\s\"']*?|\.\./[^\s\"']*?|)(?<![\w.])(?:shared/)?data/(?=bbbc039|dsb2018)")
+DATA_PREFIX = re.compile(r"[^\s\"'=]*/(?=bbbc039|dsb2018)")  # any folder path in front of a dataset name
 RUNS_PREFIX = re.compile(r"/[^\s\"']*?/runs/")
 
 
@@ -69,12 +70,18 @@ def clean(path: Path, teacher_digests: dict[str, str]) -> bool:
         return False
     tensors = load_file(str(path))
     atomic_save_tensors(tensors, path, {**raw, METADATA_KEY: json.dumps(meta)}, overwrite=True)
-    after = load_file(str(path))
-    assert after.keys() == tensors.keys() and all(
-        after[k].dtype == tensors[k].dtype and after[k].shape == tensors[k].shape
-        and after[k].contiguous().view(-1).view(dtype=__import__("torch").uint8).equal(
-            tensors[k].contiguous().view(-1).view(dtype=__import__("torch").uint8)) for k in tensors)
+    if not same_bytes(tensors, load_file(str(path))):
+        raise SystemExit(f"{path}: tensors changed on rewrite")
     return True
+
+
+def same_bytes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Same tensor names, dtypes, shapes and bytes."""
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous().view(-1).view(torch.uint8)
+
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and raw(a[k]).equal(raw(b[k]))
+                                        for k in a)
 
 
 def main() -> int:
