@@ -151,7 +151,7 @@ def test_a_tune_folder_beside_train_is_the_tune_split(tmp_path):
 
     for split, stems in (("train", ["a", "b", "c"]), ("tune", ["t"])):
         for stem in stems:
-            image, labels = _pair(len(stem))
+            image, labels = _pair(len(stem), shape=(20, 24))  # load_folder needs 16 px per side
             for kind, array in (("images", image), ("labels", labels)):
                 (tmp_path / split / kind).mkdir(parents=True, exist_ok=True)
                 tifffile.imwrite(tmp_path / split / kind / f"{stem}.tif", array)
