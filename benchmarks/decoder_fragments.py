@@ -4,9 +4,9 @@ The decoder pre-merges support pixels whose nearest-neighbour weight exceeds FRA
 and background pixels, into fragments, then runs the mutex watershed on the fragment graph. This
 prints, per attraction value, each bundled model's tune selection score, val F1/AJI and median
 decode time; the row "pixels" turns both pre-merges off (the pixel-level mutex watershed of the
-same support, the decoder before session 4), so the value is chosen on tune against it.
+same support), so the value is chosen on tune against it.
 
-    python benchmarks/decoder_fragments.py --data ../shared/data/bbbc039 [--threads 2]
+    python benchmarks/decoder_fragments.py --data DATA [--threads 2]     # DATA: laid out by `graphkd data`
 """
 from __future__ import annotations
 

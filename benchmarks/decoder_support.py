@@ -4,7 +4,7 @@ The mutex watershed only decodes pixels near a foreground probability >= SUPPORT
 (dilated by SUPPORT_MARGIN grid px). Tighter support is faster; this prints, per pair, each bundled
 model's tune selection score, val F1/AJI and decode time, so the constants are chosen on tune.
 
-    python benchmarks/decoder_support.py --data ../shared/data/bbbc039 [--threads 2]
+    python benchmarks/decoder_support.py --data DATA [--threads 2]       # DATA: laid out by `graphkd data`
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Does distillation help? Student rows (no-KD, baselines, GRD, ablations) against teacher and classical.
 
-Honest-benchmark rules (METHOD.md A.9): one teacher; every student row has the same architecture,
+Honest-benchmark rules (docs/method.md, "Benchmark protocol"): one teacher; every student row has the same architecture,
 data, augmentation and schedule (ablations: a stated shorter schedule); the rows that carry the
 claim (no-KD, GRD intra+inter) run with 3 seeds; every baseline gets a weight sweep at the short
 schedule on the tune split (0.1x, 1x, 10x its published weight, one decade further if the best is
@@ -8,10 +8,10 @@ at an end); every row is scored at its last checkpoint (no checkpoint selection)
 settings chosen on the tune split (10 train images never used for gradient steps) by the pooled
 selection score (napari_graphkd.evaluation.selection_score), and only val is reported. Resumable:
 every training run resumes from its folder and every finished row is cached as JSON, so the table
-can span sessions.
+can be built over several invocations.
 
     python benchmarks/distill_table.py --teacher src/napari_graphkd/weights/teacher.safetensors \
-        --data ../shared/data/bbbc039 --runs runs/bench            # all rows (hours on 2 cores)
+        --data DATA --runs RUNS                                      # all rows (hours on 2 cores)
     python benchmarks/distill_table.py ... --only grd_s0 noKD_s0     # some runs only
     python benchmarks/distill_table.py ... --report                  # table from cached rows only
     python benchmarks/distill_table.py ... --rescore                 # re-evaluate every cached row (machine idle)
@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from provenance import bbbc039, command_line, header, tune_folder
 
 from napari_graphkd.data import AugmentConfig, load_folder
 from napari_graphkd.decode.mws import DecodeSettings
@@ -118,8 +119,8 @@ def train_run(run: Run, args, run_dir: Path | None = None) -> Path:
 
     start = time.time()
     torch.set_num_threads(args.threads)
-    distill_student(args.teacher, Path(args.data) / "train", run_dir, STUDENT, settings, distill, validate_factory=factory,
-                    command="python benchmarks/distill_table.py " + " ".join(sys.argv[1:]),
+    distill_student(args.teacher, bbbc039(args.data) / "train", run_dir, STUDENT, settings, distill, validate_factory=factory,
+                    command=command_line(),
                     targets_dir=Path(args.runs) / "teacher-targets")
     print(f"  {run.key}: trained/resumed in {time.time() - start:.0f} s", flush=True)
     return run_dir
@@ -323,12 +324,12 @@ def main() -> int:
     """Run (or resume) every row, then write benchmarks/results/distill_table.md."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True)
-    parser.add_argument("--data", required=True, help="folder with train/ and val/")
-    parser.add_argument("--runs", default="runs/bench")
+    parser.add_argument("--data", required=True, help="the folder laid out by `graphkd data` (its bbbc039/ is used)")
+    parser.add_argument("--runs", required=True, help="folder of the training runs (one sub-folder per row; resumable)")
     parser.add_argument("--results", default="benchmarks/results")
     parser.add_argument("--steps", type=int, default=2000, help="schedule of every full student row")
     parser.add_argument("--short-steps", type=int, default=600, help="schedule of sweeps and ablations")
-    parser.add_argument("--threads", type=int, default=2, help="threads for timing (2 = this machine)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for timing (the committed table uses 2)")
     parser.add_argument("--only", nargs="*", default=None, help="run keys to train (default: all)")
     parser.add_argument("--report", action="store_true", help="only assemble the table from cached rows")
     parser.add_argument("--rescore", action="store_true", help="re-evaluate and re-time every cached row, then assemble the table")
@@ -341,11 +342,12 @@ def main() -> int:
     args.report = args.report or args.rescore or args.memory
 
     tune_names = load_checkpoint(args.teacher)[1]["training_data"]["tune_images"]
-    tune = load_folder(Path(args.data) / "train", names=tune_names)
-    val_samples = load_folder(Path(args.data) / "val")
+    folder = bbbc039(args.data)
+    tune = load_folder(tune_folder(folder), names=tune_names)
+    val_samples = load_folder(folder / "val")
     import tifffile
 
-    val = [(tifffile.imread(Path(args.data) / "val" / "images" / f"{s.name}.tif"), s.labels) for s in val_samples]
+    val = [(tifffile.imread(folder / "val" / "images" / f"{s.name}.tif"), s.labels) for s in val_samples]
 
     if args.rescore:
         rescore_rows(args, tune, val)
@@ -366,9 +368,9 @@ def main() -> int:
     refs = reference_rows(args, val)
     rows = {name: [row_result(r, args, tune, val) if r.key not in waiting else {} for r in runs]
             for name, runs in plan(args.steps, args.short_steps, best_weights).items()}
-    command = (f"python benchmarks/distill_table.py --teacher {args.teacher} --data {args.data} --runs {args.runs} "
+    command = (f"python benchmarks/distill_table.py --teacher {args.teacher} --data DATA --runs RUNS "
                f"--steps {args.steps} --short-steps {args.short_steps}")
-    text = (f"# Does distillation help? (BBBC039 val, 50 images)\n\nMade by `{command}` (trains every missing row, "
+    text = (f"# Does distillation help? (BBBC039 val, 50 images)\n\n{header()}\n\nMade by `{command}` (trains every missing row, "
             f"resuming row by row; `--only KEY...` trains some rows, so several processes can share the work), then "
             f"`{command} --rescore` with nothing else running (every row re-evaluated and timed by the same code) and "
             f"`{command} --memory` (peak training memory, one fresh process per row, {PROBE_STEPS} steps).\n\n"

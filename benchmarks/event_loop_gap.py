@@ -23,6 +23,7 @@ import numpy as np
 from napari_graphkd.sample_data import SAMPLE_NAMES, load_sample
 from napari_graphkd.segment import bundled_path
 from napari_graphkd.train.finetune import MODES
+from provenance import header
 
 TICK_MS = 20
 
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         saved = widget.last_result.saved if widget.last_result else {}
     viewer.close()
+    print(header() + "\n")
     print(f"{args.sample} ({image.shape[0]}x{image.shape[1]}), {args.mode}, {args.steps} steps in {seconds:.1f} s, "
           f"saved {', '.join(p.name for p in saved.values()) or 'nothing'}")
     print(f"| viewer | ticks of {TICK_MS} ms | max gap (ms) | p95 gap (ms) | median gap (ms) |")

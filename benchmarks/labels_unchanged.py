@@ -4,8 +4,8 @@ Run once with ``--save`` before a change to the segmentation code and with ``--c
 every label image (plain, rescaled, tiled, inverted RGB, stacks), the fine-tune working images and
 the tune-split scores must be identical. Prints one line per case and exits 1 on any difference.
 
-    python benchmarks/labels_unchanged.py --data DIR --save before.npz [--images 10]
-    python benchmarks/labels_unchanged.py --data DIR --compare before.npz
+    python benchmarks/labels_unchanged.py --data DATA --save before.npz [--images 10]   # DATA: laid out by `graphkd data`
+    python benchmarks/labels_unchanged.py --data DATA --compare before.npz
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import bbbc039, header
 
 from napari_graphkd.data import load_folder, read_tiff
 from napari_graphkd.evaluation import score_model
@@ -65,14 +66,15 @@ def labels_of(data: Path, n_images: int) -> dict[str, np.ndarray]:
 def main() -> int:
     """Save or compare the labels."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="the BBBC039 folder (with val/images)")
+    parser.add_argument("--data", required=True, help="the folder laid out by `graphkd data` (its bbbc039/val is used)")
     parser.add_argument("--images", type=int, default=10, help="number of val images")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--save", help="write the labels to this .npz")
     group.add_argument("--compare", help="compare with the labels in this .npz")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = labels_of(Path(args.data), args.images)
+    print(header())
+    results = labels_of(bbbc039(args.data), args.images)
     if args.save:
         np.savez_compressed(args.save, **results)
         print(f"saved {len(results)} arrays to {args.save}")

@@ -3,7 +3,10 @@
 Run with nothing else on the machine (no training): times are wall-clock per 520x696 image,
 network and decode separately, median over the images after one warm-up image.
 
-    python benchmarks/speed_table.py [--images DIR] [--threads 2] [--repeat 1]
+    python benchmarks/speed_table.py [--data DATA | --images DIR] [--threads 2] [--repeat 1]
+
+DATA is the folder laid out by ``graphkd data`` (its 50 BBBC039 val images are timed); without it,
+the bundled samples.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from provenance import bbbc039, header
 
 from napari_graphkd.data import read_tiff
 from napari_graphkd.sample_data import SAMPLE_NAMES, load_sample
@@ -44,14 +48,16 @@ def time_model(spec: str, images: list, repeat: int) -> dict:
 def main() -> int:
     """Print the speed table (markdown)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="the folder laid out by `graphkd data` (times bbbc039/val)")
     parser.add_argument("--images", default=None, help="folder of TIFFs (default: the bundled samples)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    images = load_images(args.images)
+    images = load_images(str(bbbc039(args.data) / "val" / "images") if args.data else args.images)
     rows = {spec: time_model(spec, images, args.repeat) for spec in ("teacher", "student", "classical")}
     teacher = rows["teacher"]
+    print(header() + "\n")
     print(f"{len(images)} images, {args.threads} threads, median per image\n")
     print("| model | parameters | network ms | decode ms | total ms | params vs teacher | time vs teacher |")
     print("|---|---|---|---|---|---|---|")

@@ -9,6 +9,7 @@ the same set, which the fine-tuning never saw. The crops ship in ``examples/data
     python examples/finetune_brightfield.py                       # bundled teacher and student
     python examples/finetune_brightfield.py --teacher t.safetensors --student s.safetensors
     python examples/finetune_brightfield.py --mode teacher        # fine-tune the teacher, re-distil
+    python examples/finetune_brightfield.py --data DIR            # other crops: DIR/{train,test}/{images,labels}
 
 New checkpoints go to a fresh temporary folder unless ``--out`` is given; nothing is overwritten.
 """
@@ -30,13 +31,15 @@ from napari_graphkd.segment import bundled_path, load_segmenter, segment_any
 from napari_graphkd.train.finetune import MODES, AnnotatedImage, FinetuneSettings, finetune_report, plan_finetune, run_finetune
 
 DATA = Path(__file__).parent / "data" / "brightfield"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from provenance import header  # noqa: E402  (version, commit and command line of this run)
 SCORES = ("f1@0.5", "aji", "pq")
 COLUMNS = (*SCORES, "n_pred", "n_gt")
 
 
-def load_split(split: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, image, labels) of every crop of ``train`` or ``test``."""
-    folder = DATA / split
+def load_split(data: Path, split: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, image, labels) of every crop of ``data/train`` or ``data/test``."""
+    folder = data / split
     return [(p.stem, tifffile.imread(p), tifffile.imread(folder / "labels" / p.name).astype(np.int32))
             for p in sorted((folder / "images").glob("*.tif"))]
 
@@ -61,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the bundled teacher)")
     p.add_argument("--student", default=None, help="student checkpoint (default: the bundled student)")
+    p.add_argument("--data", type=Path, default=DATA, help="folder with train/ and test/ (default: the shipped crops)")
     p.add_argument("--mode", default="finetune", choices=list(MODES))
     p.add_argument("--steps", type=int, default=FinetuneSettings.steps)
     p.add_argument("--out", default=None, help="folder for the new checkpoints (default: a new temporary folder)")
@@ -80,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"pass --{role} PATH to a napari-graphkd checkpoint", file=sys.stderr)
             return 2
     start = time.perf_counter()
-    train = [AnnotatedImage(name, image, labels, np.ones(labels.shape, bool)) for name, image, labels in load_split("train")]
-    test = load_split("test")
+    print(header() + "\n")
+    train = [AnnotatedImage(name, image, labels, np.ones(labels.shape, bool)) for name, image, labels in load_split(args.data, "train")]
+    test = load_split(args.data, "test")
     try:
         plan = plan_finetune(train, FinetuneSettings(mode=args.mode, steps=args.steps, invert=True), teacher, student)
     except (CheckpointError, ValueError) as exc:

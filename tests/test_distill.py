@@ -394,7 +394,7 @@ def test_objective_computes_in_float32_under_autocast():
 
 
 def test_inter_agd_gram_form_equals_the_explicit_cross_image_affinity_matrices():
-    """mean_{p,q} (C^S - C^T)^2 with C = P_m P^T (METHOD.md §5.3), computed the slow explicit way."""
+    """mean_{p,q} (C^S - C^T)^2 with C = P_m P^T (docs/method.md, "Distillation"), computed the slow explicit way."""
     import torch.nn.functional as F
 
     t, s = randn(2, C, 30, 23, seed=71), randn(2, C, 30, 23, seed=72)

@@ -10,6 +10,7 @@ from scipy import ndimage as ndi
 
 import napari_graphkd
 from napari_graphkd.evaluation import selection_score
+from napari_graphkd.io.datasets import env_data_root
 from napari_graphkd.metrics import (
     METRIC_KEYS,
     abs_dic,
@@ -23,7 +24,7 @@ from napari_graphkd.metrics import (
     sbd,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbbc039"
+DATA = (env_data_root() or Path("GRAPHKD_DATA-unset")) / "bbbc039"  # folder laid out by `graphkd data`
 SAMPLES = Path(napari_graphkd.__file__).parent / "samples"
 
 # A: 2x2 = 4 px (top left), B: 3x3 = 9 px (bottom right).
@@ -191,7 +192,7 @@ def _compare_with_stardist(gt: np.ndarray) -> None:
 def test_matches_stardist_on_bbbc039():
     files = sorted((DATA / "val" / "labels").glob("*.tif"))
     if not files:
-        pytest.skip(f"BBBC039 data not found under {DATA}")
+        pytest.skip(f"BBBC039 val not found under {DATA}: set GRAPHKD_DATA to the folder laid out by `graphkd data`")
     for path in files[:2]:
         _compare_with_stardist(tifffile.imread(path))
 

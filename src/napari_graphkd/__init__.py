@@ -1,2 +1,2 @@
 """napari-graphkd: fast instance segmentation by graph relation distillation."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -82,7 +82,7 @@ def label_affinities(labels: np.ndarray, offsets=OFFSETS) -> tuple[np.ndarray, n
 
 
 def balance_weights(target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per-sample class-balancing weights of METHOD.md §1.3 (positive fraction clipped to [0.05, 0.99])."""
+    """Per-sample class-balancing weights (docs/method.md, "Segmentation loss"; positive fraction clipped to [0.05, 0.99])."""
     dims = tuple(range(1, target.dim()))
     n_valid = valid.float().sum(dims, keepdim=True).clamp_min(1.0)
     frac = ((target * valid).sum(dims, keepdim=True) / n_valid).clamp(0.05, 0.99)
@@ -92,7 +92,7 @@ def balance_weights(target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def affinity_loss(affinities: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Class-balanced weighted MSE of METHOD.md §1.3, summed over offsets, divided by B*H*W."""
+    """Class-balanced weighted MSE (docs/method.md, "Segmentation loss"), summed over offsets, divided by B*H*W."""
     weights = balance_weights(target, valid)
     b, _, h, w = affinities.shape
     return (weights * (affinities - target) ** 2).sum() / (b * h * w)

@@ -296,6 +296,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """Build (from --from folders/archives, or by downloading) and verify the benchmark data layout."""
+    from .io import datasets
+
+    root = Path(args.root)
+    names = args.dataset or list(datasets.DATASETS)
+    todo = datasets.entries(names)
+    if args.verify:
+        problems = datasets.verify(root, todo)
+        if problems:
+            raise CLIError(f"{len(problems)} of {len(todo)} images missing or different under {root}: {', '.join(problems[:5])}"
+                           + (" ..." if len(problems) > 5 else ""))
+        print(f"{len(todo)} images verified under {root}")
+        return 0
+    if args.source:
+        sources = [Path(s) for s in args.source]
+        absent = [s for s in sources if not s.exists()]
+        if absent:
+            raise CLIError(f"--from path not found: {absent[0]}")
+        if any(root.resolve() == s.resolve() or root.resolve() in s.resolve().parents for s in sources):
+            raise CLIError("--from must not lie inside the output folder")
+    else:
+        urls = dict.fromkeys(u for name in names for u in datasets.DOWNLOADS[name])
+        sources = datasets.download(urls, root / "downloads")
+    index = datasets.index_sources(sources)
+    bar = progress(todo, len(todo), "data")
+    report = datasets.build(root, index, todo, overwrite=args.overwrite, on_entry=lambda entry: bar.update(1))
+    bar.close()
+    print(report.summary())
+    if report.missing or report.different:
+        raise CLIError("the layout is incomplete or differs from the recorded checksums (see above)")
+    return 0
+
+
 def display_available() -> bool:
     """Whether a GUI can open (X11/Wayland on Linux; always on macOS and Windows)."""
     import os
@@ -346,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--elastic", action="store_true", help="add elastic deformation")
-    p.add_argument("--n-tune", type=int, default=10, help="images held out of training to validate/tune on")
+    p.add_argument("--n-tune", type=int, default=10, help="images held out of training to validate/tune on (unless a tune/ folder sits beside DATA=.../train)")
     p.add_argument("--validate-every", type=int, default=1000)
     p.set_defaults(func=cmd_train)
 
@@ -373,13 +407,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="tune the decoder on the tune split and write a compact checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("out")
-    p.add_argument("--tune-data", default=None, help="the training folder (its tune images are read from metadata)")
+    p.add_argument("--tune-data", default=None, help="folder holding the tune images listed in the checkpoint (e.g. DATA/bbbc039/tune)")
     p.add_argument("--half", action="store_true", help="store fp16 weights")
     p.add_argument("--resolution", choices=["full", "half", "quarter"], default=None,
                    help="restrict the decoder search to this decoding grid (default: search full and half)")
     p.add_argument("--name", default=None)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("data", help="build the benchmark data layout (BBBC039, DSB 2018) and verify its checksums")
+    p.add_argument("root", help="output folder (give it to the benchmarks as --data)")
+    p.add_argument("--from", dest="source", action="append", metavar="PATH",
+                   help="folder or .zip with the archives or a laid-out copy (repeatable; default: download)")
+    p.add_argument("--dataset", action="append", choices=["bbbc039", "dsb2018_fluo", "dsb2018_brightfield"],
+                   help="only this dataset (repeatable; default: all)")
+    p.add_argument("--verify", action="store_true", help="only check the files under ROOT against the checksums")
+    p.add_argument("--overwrite", action="store_true", help="replace files under ROOT whose content differs")
+    p.set_defaults(func=cmd_data)
     return parser
 
 

@@ -68,6 +68,18 @@ def split_tune(names: list[str], n_tune: int, seed: int = 0) -> tuple[list[str],
     return sorted(set(names) - set(tune)), tune
 
 
+def load_train_tune(data_dir: str | Path, n_tune: int = 10) -> tuple[list[Sample], list[Sample]]:
+    """(train, tune) samples: the ``tune/`` folder beside a ``train/`` folder (the layout of ``graphkd data``)
+    is the tune split; without one, :func:`split_tune` holds ``n_tune`` images of ``data_dir`` out."""
+    data_dir = Path(data_dir)
+    sibling = data_dir.parent / "tune"
+    if data_dir.name == "train" and (sibling / "images").is_dir():
+        return load_folder(data_dir), load_folder(sibling)
+    samples = load_folder(data_dir)
+    train_names, tune_names = split_tune([s.name for s in samples], n_tune, seed=0)
+    return [s for s in samples if s.name in set(train_names)], [s for s in samples if s.name in set(tune_names)]
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """Augmentation switches and ranges."""

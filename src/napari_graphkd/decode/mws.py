@@ -1,6 +1,6 @@
 """Mutex-watershed decoding of affinities into instance labels, with background and fragment rules.
 
-Sign convention (METHOD.md A.8): ``mwatershed.agglom`` wants signed weights, positive = attract,
+Sign convention (docs/method.md, "Decoder"): ``mwatershed.agglom`` wants signed weights, positive = attract,
 negative = repel, processed in order of decreasing magnitude. Our affinities are cosines in
 [-1, 1] with target 1 (same object) / 0 (different objects). Nearest-neighbour channels become
 ``aff - attractive_bias`` (attractive where the pixels agree) and long-range channels become

@@ -1,4 +1,4 @@
-"""Intra-image affinity graph distillation (AGD, METHOD.md §4, with the Part A.3 fix)."""
+"""Intra-image affinity graph distillation (AGD, docs/method.md, "Distillation"; invalid pairs excluded)."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +10,7 @@ def agd_loss(emb_t: torch.Tensor, emb_s: torch.Tensor, offsets=OFFSETS, affiniti
     """Squared error of student vs teacher cosine affinities over valid pairs, summed over offsets, / (B*H*W).
 
     Only pairs whose partner lies inside the image count (the released code's roll wrap-around
-    pairs are not distilled, METHOD.md §12.10). ``affinities_s`` reuses the student affinities
+    pairs are not distilled, docs/method.md, "Deviations from the published code"). ``affinities_s`` reuses the student affinities
     the segmentation loss already computed.
     """
     a_t = embedding_affinities(emb_t.detach(), offsets)

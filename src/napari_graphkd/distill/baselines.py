@@ -1,4 +1,4 @@
-"""Published dense-prediction knowledge-distillation baselines (METHOD.md §8), teacher always detached.
+"""Published dense-prediction knowledge-distillation baselines (docs/method.md, "Baselines"), teacher always detached.
 
 Where each is applied is decided in :mod:`.objective` (see ``distillation_resolutions``):
 mimicry on the final embedding at input resolution; AT, SKD and CWD on decoder stages matched
@@ -74,7 +74,7 @@ def cwd_loss(feat_s: torch.Tensor, feat_t: torch.Tensor, tau: float = 4.0) -> to
 
 
 class Adapter(nn.Module):
-    """Learned 1×1 conv from student to teacher channels for feature-level baselines (METHOD.md A.3).
+    """Learned 1×1 conv from student to teacher channels for feature-level baselines (docs/method.md, "Deviations from the published code").
 
     Trained with the student (pass it to the optimiser), dropped at export; never re-drawn per
     iteration as the released code's random projections.

@@ -1,4 +1,4 @@
-"""Intra-image instance graph distillation (IGD, METHOD.md §3, 2D).
+"""Intra-image instance graph distillation (IGD, docs/method.md, "Distillation"; 2D).
 
 Nodes are the mean *raw* embeddings of the ground-truth instances (background id 0 excluded);
 edges are cosine similarities between nodes. The teacher side is always detached.
@@ -46,7 +46,7 @@ def batch_nodes(embeddings: torch.Tensor, labels: torch.Tensor) -> list[torch.Te
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarities (N,M) of node sets (N,C), (M,C) with DETACHED norms.
 
-    As the released code (METHOD.md §12.3): the gradient flows through the dot products only, the
+    As the released code: the gradient flows through the dot products only, the
     normalisers are treated as constants.
     """
     a_n = a / (a.norm(dim=1, keepdim=True).detach() + _EPS)

@@ -1,16 +1,16 @@
-"""Inter-image distillation against a memory bank of teacher crops (METHOD.md §5.2, §5.3).
+"""Inter-image distillation against a memory bank of teacher crops (docs/method.md, "Distillation").
 
 Normalisation choices (weights stay 1, as in the released configs):
 
-* Inter-IGD uses the *intended* bipartite formula of §5.2, not the released cumulative
+* Inter-IGD uses the *intended* bipartite formula, not the released cumulative
   concatenation: each current image b and memory item m give
-  ``L(b,m) = 1/(N_b N_m) Σ_ij (cos(v_i^T,u_j) − cos(v_i^S,u_j))²``. The factor 2 of §5.2 is dropped:
+  ``L(b,m) = 1/(N_b N_m) Σ_ij (cos(v_i^T,u_j) − cos(v_i^S,u_j))²``. The released factor 2 is dropped:
   it only compensates the released code counting both orientations of a masked N×N matrix,
   while the bipartite N_b×N_m matrix is computed once here. ``L`` is averaged over (b,m) pairs.
 * Inter-AGD is averaged over (b,m) pairs, not summed: the released sum (×K on BBBC/C. elegans,
   B/K on CVPPP) makes the weight depend on batch and sample sizes. At equal weight our inter-AGD
   is B·K times smaller than the BBBC/C. elegans trainers' sum and our inter-IGD 2B times smaller
-  than the released (1/K)·Σ_b Σ_m 2·L(b,m); the weight sweeps of METHOD.md A.9 absorb that.
+  than the released (1/K)·Σ_b Σ_m 2·L(b,m); the weight sweeps (docs/method.md, "Benchmark protocol") absorb that.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FIFO memory bank of teacher embeddings for inter-image distillation (METHOD.md §5.1, Part A.3)."""
+"""FIFO memory bank of teacher embeddings for inter-image distillation (docs/method.md, "Distillation")."""
 from __future__ import annotations
 
 from collections import deque

@@ -28,11 +28,11 @@ from .memory import MemoryBank
 
 INTER_TERMS: tuple[str, ...] = ("inter_affinity", "inter_node", "inter_edge")
 FEATURE_TERMS: tuple[str, ...] = ("at", "skd", "cwd")
-# Default weight of each baseline when it is the method (METHOD.md A.9: sweep them anyway).
+# Default weight of each baseline when it is the method (docs/method.md, "Baselines"; the benchmark sweeps them anyway).
 BASELINE_WEIGHTS: dict[str, float] = {
     "mimic": 1.0,  # plain MSE, unit weight (Li et al. 2017 use an unweighted L2 mimic loss)
     "at": 500.0,  # Zagoruyko & Komodakis' code: β/2 · Σ_stages at_loss with β = 1e3 (1e4 in some setups)
-    "skd": 10.0,  # weight quoted for SKD's pairwise term in METHOD.md A.9
+    "skd": 10.0,  # the weight published for SKD's pairwise term
     "cwd": 3.0,  # Shu et al.'s segmentation default on score maps with τ = 4 (their range: 3-50)
 }
 METHODS: tuple[str, ...] = ("grd", "grd-intra", "none", *BASELINE_WEIGHTS)
@@ -40,7 +40,7 @@ METHODS: tuple[str, ...] = ("grd", "grd-intra", "none", *BASELINE_WEIGHTS)
 
 @dataclass(frozen=True)
 class DistillWeights:
-    """Weight of every distillation term; GRD defaults from the released configs (METHOD.md §6)."""
+    """Weight of every distillation term; GRD defaults from the released configs (docs/method.md, "Distillation")."""
 
     affinity: float = 10.0  # intra-image AGD
     node: float = 0.1  # intra-image IGD node

@@ -4,12 +4,12 @@ from __future__ import annotations
 from .unet import EMBEDDING_DIM, EmbeddingUNet, UNetConfig, count_parameters
 
 NAMED_CONFIGS: dict[str, UNetConfig] = {
-    # METHOD.md §2.1: the paper's teacher and student widths (3-channel input as in the paper).
+    # docs/method.md, "Architectures": the paper's teacher and student widths (3-channel input as in the paper).
     "resunet-paper-teacher": UNetConfig(widths=(32, 64, 179, 349, 680), in_channels=3, foreground_head=False),
     "resunet-paper-tiny": UNetConfig(widths=(4, 8, 16, 32, 64), in_channels=3, foreground_head=False),
-    # The bundled CPU-trainable teacher (METHOD.md A.2).
+    # The bundled CPU-trainable teacher (docs/method.md, "Architectures").
     "resunet-cpu-teacher": UNetConfig(widths=(16, 32, 64, 128, 256)),
-    # Half-resolution students (METHOD.md A.7): stride-2 stem, no full-resolution block.
+    # Half-resolution students (docs/method.md, "Architectures"): stride-2 stem, no full-resolution block.
     "halfres-student": UNetConfig(widths=(8, 12, 16), stem_stride=2),
     "mobile-student": UNetConfig(widths=(12, 24, 32, 48), stem_stride=2, block="separable"),
 }

@@ -6,7 +6,7 @@ from torch import nn
 
 
 class ResidualBlock(nn.Module):
-    """Residual block of METHOD.md §2.1: two 3x3 conv+BN with a 3x3 conv+BN projection shortcut."""
+    """Residual block of the published ResUNet: two 3x3 conv+BN with a 3x3 conv+BN projection shortcut."""
 
     def __init__(self, in_channels: int, out_channels: int, projection_kernel: int = 3):
         super().__init__()

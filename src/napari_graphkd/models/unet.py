@@ -20,7 +20,7 @@ class UNetConfig:
     in_channels: int = 1
     embedding_dim: int = EMBEDDING_DIM
     stem_stride: int = 1  # 2 = half-resolution network, only the outputs are upsampled
-    block: str = "residual"  # "residual" (METHOD.md §2.1) or "separable" (mobile)
+    block: str = "residual"  # "residual" (the published ResUNet block) or "separable" (mobile)
     foreground_head: bool = True
 
     def to_dict(self) -> dict:
@@ -47,7 +47,7 @@ def _block(kind: str, cin: int, cout: int) -> nn.Module:
 class EmbeddingUNet(nn.Module):
     """U-Net mapping an image to a 16-d pixel embedding and a foreground logit, at input size.
 
-    With ``stem_stride=2`` every block runs at half resolution or below (METHOD.md A.7: tiny
+    With ``stem_stride=2`` every block runs at half resolution or below (docs/method.md, "Architectures": tiny
     networks are bound by full-resolution memory traffic); only the final outputs are upsampled.
     """
 

@@ -1,7 +1,7 @@
 """Distilling a student from a frozen teacher whose outputs are computed once and cached.
 
 The teacher's embedding (and, for feature baselines, its decoder features) is computed once per
-training image (METHOD.md A.9). Each step crops the same window from image, labels and cached
+training image (docs/method.md, "Benchmark protocol"). Each step crops the same window from image, labels and cached
 teacher maps, applies the same flips/rotations to all of them, and jitters the intensities of
 the student's input only. Crop origins are multiples of 16 so cached coarse features stay
 aligned. There is no scale augmentation here (it would need the teacher re-run); every student
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..data import Sample, jitter_intensity, load_folder, split_tune
+from ..data import Sample, jitter_intensity, load_train_tune
 from ..affinity import embedding_affinities
 from ..distill import DistillationObjective, DistillWeights, MemoryBank, NetOut, make_adapter, method_weights
 from ..inference import TRAIN_DIAMETER
@@ -234,10 +234,8 @@ def distill_student(
     ``targets_dir`` keeps the teacher's outputs on disk between runs (one file per teacher, redone for other images).
     """
     teacher, teacher_meta = load_checkpoint(teacher_checkpoint)
-    samples = load_folder(data_dir)
-    train_names, tune_names = split_tune([s.name for s in samples], n_tune, seed=0)
-    train = [s for s in samples if s.name in set(train_names)]
-    tune = [s for s in samples if s.name in set(tune_names)]
+    train, tune = load_train_tune(data_dir, n_tune)
+    tune_names = [s.name for s in tune]
     torch.manual_seed(settings.seed)
     student = build_model(student_architecture)
     digest = hashlib.sha256(Path(teacher_checkpoint).read_bytes()).hexdigest()[:16]

@@ -73,7 +73,7 @@ def segmentation_loss(
     embedding: torch.Tensor, fg_logit: torch.Tensor | None, labels: np.ndarray, foreground_weight: float,
     affinities: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Affinity loss (METHOD.md §1.3) plus BCE of the foreground head, on annotated pixels only.
+    """Affinity loss (docs/method.md, "Segmentation loss") plus BCE of the foreground head, on annotated pixels only.
 
     ``affinities`` of ``embedding`` may be passed when already computed (distillation reuses them).
     """

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..data import load_folder, median_diameter, split_tune
+from ..data import load_train_tune, median_diameter
 from ..io.checkpoint import load_checkpoint
 from ..models import EmbeddingUNet, build_model
 from .loop import TrainSettings, run_training, segmentation_batches, segmentation_loss
@@ -25,11 +25,9 @@ def train_segmentation(
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> dict[str, Any]:
-    """Train on ``data_dir`` minus ``n_tune`` held-out tune images (validated on those)."""
-    samples = load_folder(data_dir)
-    train_names, tune_names = split_tune([s.name for s in samples], n_tune, seed=0)
-    train = [s for s in samples if s.name in set(train_names)]
-    tune = [s for s in samples if s.name in set(tune_names)]
+    """Train on ``data_dir`` minus its tune images (a sibling ``tune/`` folder, else ``n_tune`` held out; validated on those)."""
+    train, tune = load_train_tune(data_dir, n_tune)
+    tune_names = [s.name for s in tune]
     torch.manual_seed(settings.seed)
     if init_checkpoint is not None:
         model, _ = load_checkpoint(init_checkpoint)

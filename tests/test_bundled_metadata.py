@@ -1,0 +1,37 @@
+"""The bundled checkpoints' metadata names no machine: no absolute or parent-relative paths."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import napari_graphkd
+from napari_graphkd.io.checkpoint import read_metadata
+
+WEIGHTS = Path(napari_graphkd.__file__).parent / "weights"
+
+PATH_START = re.compile(r"(^|[\s=])(/|\.\./|~/|[A-Za-z]:\\)\S")
+
+
+def strings(value):
+    """Every string in a JSON-like value, at any depth."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+@pytest.mark.parametrize("name", ["teacher", "student"])
+def test_bundled_metadata_holds_no_machine_path(name):
+    meta = read_metadata(WEIGHTS / f"{name}.safetensors")
+    found = [s for s in strings(meta) if PATH_START.search(s)]
+    assert found == []
+    assert meta["training_data"]["folder"] == "bbbc039/train"  # relative to the folder laid out by `graphkd data`
+    assert "--data DATA/bbbc039" in meta["command"]
+
+
+def test_the_path_check_catches_machine_paths():
+    assert [s for s in strings({"a": ["--data /home/me/x", "../other/y", "C:\\data"], "b": "bbbc039/train 0.5/1"})
+            if PATH_START.search(s)] == ["--data /home/me/x", "../other/y", "C:\\data"]
