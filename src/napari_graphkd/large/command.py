@@ -8,7 +8,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from ..preprocess import InputError
-from .run import DEFAULT_CHUNK, ChunkError, DaskExecutor, Progress, run_to_end, segment_large
+from .chunks import DEFAULT_CHUNK
 from .zarr_io import LabelsTarget, Source, default_target, open_image
 
 LARGE_IMAGE_PIXELS = 50_000_000  # planes larger than this (~7k x 7k) take the chunked path automatically
@@ -76,7 +76,7 @@ class StageBar:
     def __init__(self):
         self.stage, self.bar = None, None
 
-    def update(self, progress: Progress) -> None:
+    def update(self, progress) -> None:
         """Show a progress record."""
         from tqdm import tqdm
 
@@ -95,6 +95,8 @@ class StageBar:
 
 def segment_chunked(args: argparse.Namespace) -> int:
     """``graphkd segment`` for large inputs: one Zarr labels array per input."""
+    from .run import ChunkError, DaskExecutor, run_to_end, segment_large
+
     sources = [open_image(p) for p in args.inputs]
     outputs = targets(args, sources)
     with ExitStack() as stack:

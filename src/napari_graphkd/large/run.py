@@ -29,12 +29,11 @@ from ..decode.mws import DecodeSettings
 from ..inference import COARSE_FACTORS, DEFAULT_TILE, NetworkOutput, decode_output, rescale_factor, tiled_network
 from ..preprocess import InputError, stretch, to_grayscale
 from . import stitch
-from .chunks import Box, Chunk, ChunkPlan, intersect, local, round_up
+from .chunks import DEFAULT_CHUNK, Box, Chunk, ChunkPlan, intersect, local, round_up
 from .stats import ChunkStats, chunk_stats, combine, is_exact, plane_normalization
 from .zarr_io import (LabelsTarget, Source, atomic_savez, atomic_write_json, create_labels_array, create_local_array,
                       finish_target, open_labels_array, open_local_array, remove_target)
 
-DEFAULT_CHUNK = 2048
 # Context around each chunk, in px at the training scale: the largest nuclei (~80 px) plus the reach of the
 # network (32 px, as its seamless tiling keeps) and of the decoder's longest affinity (27 grid px at half resolution).
 HALO = 128
