@@ -80,6 +80,8 @@ class StageBar:
         """Show a progress record."""
         from tqdm import tqdm
 
+        if progress.stage in ("done", "stopped"):
+            return self.close()
         if progress.stage != self.stage:
             self.close()
             self.stage = progress.stage
@@ -91,6 +93,7 @@ class StageBar:
         """Close the open bar."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def segment_chunked(args: argparse.Namespace) -> int:

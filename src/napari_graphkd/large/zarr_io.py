@@ -77,7 +77,8 @@ class Source:
 
     def read(self, plane: int, box: tuple[int, int, int, int]) -> np.ndarray:
         """Pixels of ``box`` in one plane as (h, w) or (h, w, channels)."""
-        data = np.asarray(self.array[self.index(plane, box)]) if self.kind == "array" else np.asarray(_open(self)[self.index(plane, box)])
+        array = self.array if self.kind == "array" else _open(self.kind, self.path, self.component)
+        data = np.asarray(array[self.index(plane, box)])
         kept = [a for a in self.axes if a in "yxc"]
         if "c" in kept:
             data = np.moveaxis(data, kept.index("c"), -1)
@@ -90,15 +91,15 @@ class Source:
 
 
 @functools.lru_cache(maxsize=8)
-def _open(source: Source):
-    """The source opened once per process (workers reuse it for every chunk)."""
+def _open(kind: str, path: str, component: str):
+    """A file source opened once per process (workers reuse it for every chunk)."""
     import zarr
 
-    if source.kind == "tiff":
+    if kind == "tiff":
         import tifffile
 
-        return zarr.open(tifffile.imread(source.path, aszarr=True, series=0, level=0), mode="r")
-    return zarr.open_array(source.path, path=source.component or None, mode="r")
+        return zarr.open(tifffile.imread(path, aszarr=True, series=0, level=0), mode="r")
+    return zarr.open_array(path, path=component or None, mode="r")
 
 
 def infer_axes(shape: tuple[int, ...]) -> str:
@@ -237,8 +238,9 @@ def create_labels_array(target: LabelsTarget, source: Source, chunk: int):
     shape = source.labels_shape
     chunks = tuple(chunk if a in "yx" else 1 for a in source.labels_axes)
     fmt = zarr_format_of(source) if target.ome_root else 3
+    names = {"dimension_names": list(source.labels_axes)} if fmt == 3 else {}
     return zarr.open_array(target.array_path, mode="a", shape=shape, chunks=chunks, dtype=LABELS_DTYPE,
-                           fill_value=0, zarr_format=fmt)
+                           fill_value=0, zarr_format=fmt, **names)
 
 
 def open_labels_array(target: LabelsTarget):
@@ -261,6 +263,7 @@ def finish_target(target: LabelsTarget, source: Source, provenance: dict) -> Non
 
     fmt = format_from_version(str(source.ome["version"]))
     group = zarr.open_group(target.path, mode="a")
+    group.attrs["graphkd"] = provenance
     transforms = [dict(t) for t in source.ome["datasets"][0].get("coordinateTransformations", [])]
     keep = [i for i, a in enumerate(source.axes) if a != "c"]
     for t in transforms:
@@ -272,7 +275,6 @@ def finish_target(target: LabelsTarget, source: Source, provenance: dict) -> Non
                                name=target.name)
     write_label_metadata(zarr.open_group(str(Path(target.path).parent), mode="a"), target.name, fmt=fmt,
                          source={"image": "../../"})
-    group.attrs["graphkd"] = provenance
 
 
 def atomic_write_json(path: Path, data: dict) -> None:
