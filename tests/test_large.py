@@ -11,6 +11,7 @@ from scipy import ndimage as ndi
 from napari_graphkd.cli import main
 from napari_graphkd.large import ChunkError, LabelsTarget, from_array, open_image, run_to_end, segment_large
 from napari_graphkd.large import run as large_run
+from napari_graphkd.large import worker as large_worker
 from napari_graphkd.large.chunks import ChunkPlan
 from napari_graphkd.large.stats import chunk_stats, combine, plane_normalization
 from napari_graphkd.large.stitch import global_ids, matching_pairs
@@ -115,14 +116,14 @@ def test_stopped_run_resumes_and_skips_finished_chunks(mosaic, chunked, tmp_path
 
 def test_a_failing_chunk_names_itself_in_one_line_and_keeps_finished_ones(mosaic, tmp_path, monkeypatch):
     target = LabelsTarget(str(tmp_path / "l.zarr"))
-    original = large_run.chunk_labels
+    original = large_worker.chunk_labels
 
     def broken(job, pixels):
         if job.chunk.key == "0_1_1":
             raise MemoryError("out of memory")
         return original(job, pixels)
 
-    monkeypatch.setattr(large_run, "chunk_labels", broken)
+    monkeypatch.setattr(large_worker, "chunk_labels", broken)
     with pytest.raises(ChunkError) as info:
         run_to_end(segment_large(from_array(mosaic[0][:512, :512]), target, "student", chunk=CHUNK))
     message = str(info.value)

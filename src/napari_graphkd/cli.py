@@ -44,15 +44,16 @@ def progress(iterable, total: int, desc: str):
 
 def cmd_segment(args: argparse.Namespace) -> int:
     """Segment TIFF files into OUT_DIR/<stem>.tif label images."""
+    from .large.command import segment_chunked, wants_chunked
+
+    if wants_chunked(args):  # Zarr inputs and large TIFFs: chunk by chunk into Zarr
+        return segment_chunked(args)
     import tifffile
     import torch
 
     from .data import read_tiff
-    from .large.command import segment_chunked, wants_chunked
     from .segment import load_segmenter, segment_any
 
-    if wants_chunked(args):
-        return segment_chunked(args)
     if args.out is None:
         raise CLIError("--out is required (a folder for the label TIFFs)")
     if args.threads:

@@ -15,24 +15,21 @@ the folder is removed when the labels are complete. Workers load the model once 
 from __future__ import annotations
 
 import concurrent.futures
-import functools
-import math
+import json
 import os
-import time
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..decode.mws import DecodeSettings
-from ..inference import COARSE_FACTORS, DEFAULT_TILE, NetworkOutput, decode_output, rescale_factor, tiled_network
-from ..preprocess import InputError, stretch, to_grayscale
 from . import stitch
-from .chunks import DEFAULT_CHUNK, Box, Chunk, ChunkPlan, intersect, local, round_up
-from .stats import ChunkStats, chunk_stats, combine, is_exact, plane_normalization
+from .chunks import DEFAULT_CHUNK, Box, Chunk, ChunkPlan, round_up
+from .stats import ChunkStats, combine, plane_normalization
+from .worker import Job, chunk_statistics, match_pair, model_facts, relabel_chunk, segment_chunk
 from .zarr_io import (LabelsTarget, Source, atomic_savez, atomic_write_json, create_labels_array, create_local_array,
-                      finish_target, open_labels_array, open_local_array, remove_target)
+                      finish_target, remove_target)
 
 # Context around each chunk, in px at the training scale: the largest nuclei (~80 px) plus the reach of the
 # network (32 px, as its seamless tiling keeps) and of the decoder's longest affinity (27 grid px at half resolution).
@@ -51,133 +48,6 @@ class Progress:
     done: int
     total: int
     message: str = ""
-
-
-@dataclass(frozen=True)
-class Job:
-    """Everything a worker needs for one chunk (pickled to worker processes)."""
-
-    source: Source
-    chunk: Chunk
-    work: str
-    model: str = ""
-    neighbours: tuple[tuple[str, Box], ...] = ()
-    normalization: tuple[float, float, float] = (0.0, 1.0, 0.0)  # offset, scale, maximum (for invert)
-    invert: bool = False
-    zoom: float = 1.0
-    tile: int = DEFAULT_TILE
-    threads: int = 1
-    decode: DecodeSettings | None = None
-    region: np.ndarray | None = None  # pixels of the box read, for in-memory inputs
-
-
-# ----------------------------------------------------------------------------------------------- workers
-
-
-@functools.lru_cache(maxsize=2)
-def cached_segmenter(spec: str):
-    """The model, loaded once per process and reused for every chunk."""
-    from ..segment import load_segmenter
-
-    return load_segmenter(spec)
-
-
-def _threads(n: int) -> None:
-    """Limit torch's threads in this worker (once)."""
-    import torch
-
-    if n and torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-
-
-def _pixels(job: Job, box: Box) -> np.ndarray:
-    """Pixels of ``box`` from the job's in-memory region or from the source."""
-    return job.region if job.region is not None else job.source.read(job.chunk.plane, box)
-
-
-def plain_gray(pixels: np.ndarray) -> np.ndarray:
-    """The 2D plane the statistics describe: 8/16-bit gray as it is, anything else float32 gray."""
-    if pixels.ndim == 2 and is_exact(pixels.dtype):
-        return pixels
-    return to_grayscale(pixels)
-
-
-def chunk_statistics(job: Job) -> ChunkStats:
-    """Histograms (or samples) of one chunk's core, read with one extra column for the border difference."""
-    y0, y1, x0, x1 = job.chunk.core
-    box = (y0, y1, x0, min(x1 + 1, job.source.plane_shape[1]))
-    return chunk_stats(plain_gray(_pixels(job, box)), y0, x1 - x0)
-
-
-def network_input(pixels: np.ndarray, job: Job) -> np.ndarray:
-    """Grayscale, inverted against the plane's maximum if asked, normalised with the plane's statistics."""
-    offset, scale, maximum = job.normalization
-    gray = plain_gray(pixels)
-    if job.invert:
-        gray = np.float32(maximum) - gray.astype(np.float32)
-    return stretch(gray, np.float64(offset), np.float64(scale))
-
-
-def chunk_labels(job: Job, pixels: np.ndarray) -> np.ndarray:
-    """Labels (local ids 1..n) of a haloed box, from the network and the decoder."""
-    from scipy import ndimage as ndi
-
-    segmenter = cached_segmenter(job.model)
-    start = time.perf_counter()
-    prepared = network_input(pixels, job)
-    if job.zoom != 1.0:
-        prepared = ndi.zoom(prepared, job.zoom, order=1)
-    emb, fg = tiled_network(segmenter.model, prepared, tile=job.tile)
-    output = NetworkOutput(emb, fg, tuple(pixels.shape[:2]), job.zoom, time.perf_counter() - start,
-                           stride=segmenter.model.config.stem_stride, working_shape=prepared.shape)
-    labels, _ = decode_output(output, job.decode or segmenter.decode_settings)
-    return labels
-
-
-def segment_chunk(job: Job) -> int:
-    """Segment one chunk with its halo: core labels to the local array, overlaps with neighbours to its record."""
-    _threads(job.threads)
-    chunk, work = job.chunk, Path(job.work)
-    labels = chunk_labels(job, _pixels(job, chunk.outer))
-    core = labels[local(chunk.core, chunk.outer)]
-    open_local_array(work)[chunk.plane, chunk.core[0] : chunk.core[1], chunk.core[2] : chunk.core[3]] = core
-    overlaps = {f"n_{key}": labels[local(intersect(chunk.outer, outer), chunk.outer)] for key, outer in job.neighbours}
-    present = np.flatnonzero(np.bincount(core.ravel()))
-    atomic_savez(work / "chunks" / f"{chunk.key}.npz", count=np.int64(labels.max(initial=0)),
-                 present=present[present > 0], **overlaps)
-    return int(present[present > 0].size)
-
-
-def match_pair(work: str, a: Chunk, b: Chunk) -> np.ndarray:
-    """Matched (id in a, id in b) pairs where the haloed boxes of two neighbouring chunks overlap, inside either core."""
-    box = intersect(a.outer, b.outer)
-    with np.load(Path(work) / "chunks" / f"{a.key}.npz") as fa, np.load(Path(work) / "chunks" / f"{b.key}.npz") as fb:
-        la, lb = fa[f"n_{b.key}"], fb[f"n_{a.key}"]
-    region = np.zeros(la.shape, dtype=bool)
-    for core in (a.core, b.core):
-        inside = intersect(box, core)
-        if inside is not None:
-            region[local(inside, box)] = True
-    return stitch.matching_pairs(la, lb, region)
-
-
-@functools.lru_cache(maxsize=1)
-def _tables(path: str, mtime: float) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated id tables and their offsets, loaded once per process and run."""
-    with np.load(path) as f:
-        return f["tables"], f["offsets"]
-
-
-def relabel_chunk(job: Job, index: int, target: LabelsTarget) -> None:
-    """Write one core chunk of the output with global ids and record it."""
-    chunk, work = job.chunk, Path(job.work)
-    ids = work / "ids.npz"
-    tables, offsets = _tables(str(ids), ids.stat().st_mtime)
-    y0, y1, x0, x1 = chunk.core
-    local_ids = open_local_array(work)[chunk.plane, y0:y1, x0:x1]
-    open_labels_array(target)[job.source.index(chunk.plane, chunk.core, drop_channel=True)] = \
-        tables[offsets[index] + local_ids].astype(local_ids.dtype)
-    (work / "done" / chunk.key).touch()
 
 
 # ----------------------------------------------------------------------------------------------- executors
@@ -261,20 +131,18 @@ def run_tasks(executor, jobs: list, fn: Callable, describe: Callable[[Any], str]
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def chunk_geometry(segmenter, chunk: int, halo: int | None, zoom: float, decode: DecodeSettings) -> tuple[int, int]:
-    """Chunk and halo rounded so every haloed box starts on the grids of the network and the decoder."""
-    factor = COARSE_FACTORS[decode.resolution]
-    align = math.lcm(segmenter.model.size_multiple, factor * decode.long_range_stride)
+def chunk_geometry(align: int, chunk: int, halo: int | None, zoom: float) -> tuple[int, int]:
+    """Chunk and halo rounded to ``align`` so every haloed box starts on the grids of the network and the decoder."""
     halo = HALO / min(zoom, 1.0) if halo is None else halo
     return round_up(max(chunk, align), align), round_up(halo, align)
 
 
-def run_settings(source: Source, model: str, plan: ChunkPlan, zoom: float, invert: bool, tile: int,
-                 decode: DecodeSettings) -> dict:
+def run_settings(source: Source, model: str, plan: ChunkPlan, zoom: float, invert: bool, tile: int | None,
+                 decode: dict) -> dict:
     """What a resumed run must share with the unfinished one."""
     return {"input": source.path or "<array>", "shape": list(source.shape), "axes": source.axes, "model": model,
             "chunk": plan.chunk, "halo": plan.halo, "zoom": zoom, "invert": invert, "tile": tile,
-            "decode": decode.to_dict()}
+            "decode": decode}
 
 
 def prepare_work(target: LabelsTarget, settings: dict, overwrite: bool) -> dict:
@@ -285,8 +153,6 @@ def prepare_work(target: LabelsTarget, settings: dict, overwrite: bool) -> dict:
     if Path(target.path).exists() and not target.work.exists():
         raise FileExistsError(f"{target.path} exists; pass --overwrite (overwrite=True) or choose another output")
     if record_path.exists():
-        import json
-
         record = json.loads(record_path.read_text())
         if record["settings"] != settings:
             changed = sorted(k for k in settings if record["settings"].get(k) != settings[k])
@@ -302,27 +168,31 @@ def prepare_work(target: LabelsTarget, settings: dict, overwrite: bool) -> dict:
 
 def segment_large(source: Source, target: LabelsTarget, model: str = "student", *, chunk: int = DEFAULT_CHUNK,
                   halo: int | None = None, diameter: float | None = None, invert: bool | None = None,
-                  tile: int = DEFAULT_TILE, decode: DecodeSettings | None = None, executor=None, workers: int = 1,
+                  tile: int | None = None, decode: dict | None = None, executor=None, workers: int = 1,
                   threads: int = 1, overwrite: bool = False,
                   should_stop: Callable[[], bool] | None = None) -> Iterator[Progress]:
     """Segment a large image or stack chunk by chunk into a Zarr labels array, yielding progress.
 
-    ``executor`` is a :class:`DaskExecutor` (cluster) or None for ``workers`` threads here. Stopping
-    (``should_stop`` returns True) or a failed chunk leave the work recorded: calling again resumes.
+    ``executor`` is a :class:`DaskExecutor` (cluster) or None for ``workers`` threads here; ``decode``
+    overrides the model's decoder settings (``DecodeSettings`` fields). Stopping (``should_stop``
+    returns True) or a failed chunk leave the work recorded: calling again resumes.
     """
-    segmenter = cached_segmenter(model)
-    if getattr(segmenter, "kind", "") != "network":
-        raise InputError("chunked segmentation needs a network model (teacher, student or a checkpoint)")
-    decode = decode or segmenter.decode_settings
-    invert = segmenter.invert if invert is None else bool(invert)
-    zoom = rescale_factor(diameter, segmenter.train_diameter)
-    chunk, halo = chunk_geometry(segmenter, chunk, halo, zoom, decode)
-    plan = ChunkPlan(source.planes, source.plane_shape, chunk, halo)
-    record = prepare_work(target, run_settings(source, model, plan, zoom, invert, tile, decode), overwrite)
-    work = target.work
     own_executor = executor is None
     executor = executor or ThreadExecutor(workers)
     try:
+        facts = executor.submit(model_facts, model, diameter, decode).result()
+    except BaseException:
+        if own_executor:
+            executor.close()
+        raise
+    decode = facts["decode"]
+    invert = facts["invert"] if invert is None else bool(invert)
+    zoom = facts["zoom"]
+    chunk, halo = chunk_geometry(facts["align"], chunk, halo, zoom)
+    plan = ChunkPlan(source.planes, source.plane_shape, chunk, halo)
+    work = target.work
+    try:
+        record = prepare_work(target, run_settings(source, model, plan, zoom, invert, tile, decode), overwrite)
         chunks = list(plan.chunks())
         base = dict(source=source.without_array(), work=str(work))
 
@@ -423,8 +293,6 @@ def segment_large(source: Source, target: LabelsTarget, model: str = "student", 
 
 def remove_target_work(target: LabelsTarget) -> None:
     """Delete the work folder of a completed run."""
-    import shutil
-
     shutil.rmtree(target.work, ignore_errors=True)
 
 
