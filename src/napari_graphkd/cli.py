@@ -44,12 +44,18 @@ def progress(iterable, total: int, desc: str):
 
 def cmd_segment(args: argparse.Namespace) -> int:
     """Segment TIFF files into OUT_DIR/<stem>.tif label images."""
+    from .large.command import segment_chunked, wants_chunked
+
+    if wants_chunked(args):  # Zarr inputs and large TIFFs: chunk by chunk into Zarr
+        return segment_chunked(args)
     import tifffile
     import torch
 
     from .data import read_tiff
     from .segment import load_segmenter, segment_any
 
+    if args.out is None:
+        raise CLIError("--out is required (a folder for the label TIFFs)")
     if args.threads:
         torch.set_num_threads(args.threads)
     files = expand_inputs(args.inputs)
@@ -343,14 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("segment", help="segment TIFF images into label images")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="TIFF files or folders of TIFFs")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="TIFF files, folders of TIFFs, or Zarr/OME-Zarr images")
     p.add_argument("--model", default="teacher", help="teacher, student, classical, or a checkpoint path")
-    p.add_argument("--out", required=True, help="output folder (OUT/<input stem>.tif)")
+    p.add_argument("--out", default=None, help="output folder (OUT/<input stem>.tif; chunked: OUT/<stem>.zarr or "
+                   "OUT.zarr; default for OME-Zarr inputs: their labels/ group)")
     p.add_argument("--diameter", type=float, default=None, help="typical nucleus diameter in px (rescales to the training size)")
     p.add_argument("--invert", action="store_true", default=None, help="dark nuclei on a bright background")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile size for large images (px)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for the network (0 = torch default)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    from .large.command import add_arguments as add_chunked_arguments
+
+    add_chunked_arguments(p)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("demo", help="segment the bundled samples with the bundled models and print metrics")

@@ -74,10 +74,16 @@ def percentile_range(image: np.ndarray, percentiles: tuple[float, float]) -> np.
     small_ints = image.dtype.kind == "u" and image.dtype.itemsize <= 2 and image.size > 0
     if not (small_ints and 0 <= min(percentiles) <= max(percentiles) <= 100):
         return np.percentile(image, percentiles)
-    position = (image.size - 1) * (np.asarray(percentiles, dtype=np.float64) / 100)
+    return histogram_percentiles(np.bincount(image.ravel()), percentiles)
+
+
+def histogram_percentiles(counts: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    """``np.percentile`` of the non-negative integers whose histogram is ``counts`` (also for images read in chunks)."""
+    size = int(counts.sum())
+    position = (size - 1) * (np.asarray(percentiles, dtype=np.float64) / 100)
     below = np.floor(position).astype(np.intp)
-    cumulative = np.cumsum(np.bincount(image.ravel()))
-    a, b = np.searchsorted(cumulative, [below, np.minimum(below + 1, image.size - 1)], side="right")
+    cumulative = np.cumsum(counts)
+    a, b = np.searchsorted(cumulative, [below, np.minimum(below + 1, size - 1)], side="right")
     gamma = position - below
     return np.where(gamma >= 0.5, b - (b - a) * (1 - gamma), a + (b - a) * gamma)  # numpy's linear interpolation, op for op
 
@@ -93,7 +99,16 @@ def normalize(
     is not amplified into nucleus-like texture (0 turns the floor off, e.g. for crop augmentation).
     """
     lo, hi = percentile_range(image, percentiles)
-    floor = min_contrast_snr * noise_sigma(image) if min_contrast_snr > 0 else 0.0
-    scale = max(hi - lo, floor)
-    scale = scale if scale > 0 else 1.0
+    noise = noise_sigma(image) if min_contrast_snr > 0 else 0.0
+    return stretch(image, *stretch_range(lo, hi, noise, min_contrast_snr))
+
+
+def stretch_range(lo: float, hi: float, noise: float, min_contrast_snr: float = MIN_CONTRAST_SNR) -> tuple[float, float]:
+    """(offset, scale) of :func:`normalize` from the image's percentiles and noise std."""
+    scale = max(hi - lo, min_contrast_snr * noise if min_contrast_snr > 0 else 0.0)
+    return lo, (scale if scale > 0 else 1.0)
+
+
+def stretch(image: np.ndarray, lo: float, scale: float) -> np.ndarray:
+    """``(image - lo) / scale`` as float32: the normalisation, also applied chunk by chunk with whole-image statistics."""
     return ((image.astype(np.float32) - lo) / scale).astype(np.float32)

@@ -1,0 +1,131 @@
+"""``graphkd segment`` on Zarr/OME-Zarr inputs and large TIFFs: the chunked path, on a Dask cluster."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from ..preprocess import InputError
+from .chunks import DEFAULT_CHUNK
+from .zarr_io import LabelsTarget, Source, default_target, open_image
+
+LARGE_IMAGE_PIXELS = 50_000_000  # planes larger than this (~7k x 7k) take the chunked path automatically
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the chunked path on the ``segment`` parser."""
+    group = parser.add_argument_group("large images (Zarr/OME-Zarr inputs and TIFFs over 50 Mpx take this path)")
+    group.add_argument("--chunked", action="store_true", help="segment chunk by chunk into a Zarr labels array")
+    group.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="chunk size in px (default %(default)s)")
+    group.add_argument("--halo", type=int, default=None, help="context read around each chunk in px (default: 128 at the training scale)")
+    group.add_argument("--workers", type=int, default=1,
+                       help="local Dask worker processes (default 1; 0 = run here without Dask)")
+    group.add_argument("--scheduler", default=None, help="address of a running Dask scheduler, e.g. tcp://host:8786")
+    group.add_argument("--labels-name", default="graphkd", help="name of the labels group inside an OME-Zarr input")
+
+
+def is_chunked_input(path: str) -> bool:
+    """Zarr inputs, and TIFFs whose planes exceed LARGE_IMAGE_PIXELS, go the chunked way."""
+    p = Path(path)
+    if p.suffix.lower() == ".zarr" or (p.is_dir() and any((p / n).exists() for n in ("zarr.json", ".zgroup", ".zarray"))):
+        return True
+    if p.is_file() and p.suffix.lower() in (".tif", ".tiff"):
+        try:
+            h, w = open_image(p).plane_shape
+        except InputError:
+            return False
+        return h * w > LARGE_IMAGE_PIXELS
+    return False
+
+
+def wants_chunked(args: argparse.Namespace) -> bool:
+    """Whether ``graphkd segment`` takes the chunked path for these arguments."""
+    return bool(getattr(args, "chunked", False)) or any(is_chunked_input(p) for p in args.inputs)
+
+
+def targets(args: argparse.Namespace, sources: list[Source]) -> list[LabelsTarget]:
+    """Output of each input: ``--out X.zarr`` (one input), ``--out FOLDER`` -> FOLDER/<stem>.zarr, or inside an OME-Zarr input."""
+    if args.out is None:
+        return [default_target(s, None, args.labels_name) for s in sources]
+    out = Path(args.out)
+    if out.suffix == ".zarr":
+        if len(sources) > 1:
+            raise InputError("--out names one .zarr but several inputs were given; give a folder instead")
+        return [default_target(sources[0], out)]
+    return [default_target(s, out / f"{Path(s.path).stem}.zarr") for s in sources]
+
+
+def client_for(args: argparse.Namespace, stack: ExitStack):
+    """A Dask client: the given scheduler, or a local cluster of ``--workers`` processes; None for ``--workers 0``."""
+    if args.scheduler is None and args.workers == 0:
+        return None
+    from distributed import Client, LocalCluster
+
+    if args.scheduler:
+        return stack.enter_context(Client(args.scheduler))
+    import dask
+
+    # distributed sets MALLOC_TRIM_THRESHOLD_ for its workers, which turns off glibc's adaptive mmap threshold:
+    # every large temporary array is then mapped and unmapped afresh, doubling the time per chunk
+    stack.enter_context(dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}))
+    cluster = stack.enter_context(LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                                               dashboard_address=None))
+    return stack.enter_context(Client(cluster))
+
+
+class StageBar:
+    """One tqdm bar per stage on stderr."""
+
+    def __init__(self):
+        self.stage, self.bar = None, None
+
+    def update(self, progress) -> None:
+        """Show a progress record."""
+        from tqdm import tqdm
+
+        if progress.stage in ("done", "stopped"):
+            return self.close()
+        if progress.stage != self.stage:
+            self.close()
+            self.stage = progress.stage
+            self.bar = tqdm(total=progress.total, initial=progress.done, desc=progress.stage, file=sys.stderr, leave=False)
+        self.bar.n = progress.done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        """Close the open bar."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def segment_chunked(args: argparse.Namespace) -> int:
+    """``graphkd segment`` for large inputs: one Zarr labels array per input."""
+    from .run import ChunkError, DaskExecutor, run_to_end, segment_large
+
+    sources = [open_image(p) for p in args.inputs]
+    outputs = targets(args, sources)
+    with ExitStack() as stack:
+        client = client_for(args, stack)
+        executor = DaskExecutor(client) if client is not None else None
+        where = f"Dask scheduler {args.scheduler}" if args.scheduler else f"{args.workers} local worker(s)" if client else "this process"
+        for source, target in zip(sources, outputs):
+            start = time.perf_counter()
+            bar = StageBar()
+            try:
+                last = run_to_end(segment_large(source, target, args.model, chunk=args.chunk, halo=args.halo,
+                                                diameter=args.diameter, invert=args.invert, tile=args.tile,
+                                                executor=executor, threads=args.threads or 1,
+                                                overwrite=args.overwrite), bar.update)
+            except ChunkError as exc:
+                bar.close()
+                print(f"graphkd segment: error: {exc} (finished chunks are kept: run the same command to resume)", file=sys.stderr)
+                return 2
+            bar.close()
+            seconds = time.perf_counter() - start
+            mpx = source.planes * source.plane_shape[0] * source.plane_shape[1] / 1e6
+            print(f"{Path(source.path).name}: {last.message} -> {target.array_path} "
+                  f"({mpx:.1f} Mpx in {seconds:.1f} s, {mpx / seconds:.2f} Mpx/s on {where})", flush=True)
+    return 0
