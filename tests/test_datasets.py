@@ -160,3 +160,16 @@ def test_a_tune_folder_beside_train_is_the_tune_split(tmp_path):
     (tmp_path / "tune").rename(tmp_path / "elsewhere")  # no sibling: n_tune images of train/ are held out
     train, tune = load_train_tune(tmp_path / "train", n_tune=1)
     assert len(train) == 2 and len(tune) == 1 and tune[0].name in "abc"
+
+
+def test_download_fetches_each_archive_once(tmp_path):
+    source = tmp_path / "server" / "masks.zip"
+    source.parent.mkdir()
+    with zipfile.ZipFile(source, "w") as z:
+        z.writestr("masks/x.png", b"png bytes")
+    messages = []
+    paths = datasets.download([source.as_uri()], tmp_path / "downloads", log=messages.append)
+    assert paths == [tmp_path / "downloads" / "masks.zip"] and paths[0].read_bytes() == source.read_bytes()
+    assert datasets.download([source.as_uri()], tmp_path / "downloads", log=messages.append) == paths
+    assert len(messages) == 1  # the second call reuses the archive
+    assert list(datasets.walk_members(tmp_path / "downloads"))[0][0] == ("masks", "masks", "x.png")
