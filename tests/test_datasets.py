@@ -173,3 +173,19 @@ def test_download_fetches_each_archive_once(tmp_path):
     assert datasets.download([source.as_uri()], tmp_path / "downloads", log=messages.append) == paths
     assert len(messages) == 1  # the second call reuses the archive
     assert list(datasets.walk_members(tmp_path / "downloads"))[0][0] == ("masks", "masks", "x.png")
+
+
+def test_cli_builds_then_verifies(tmp_path, monkeypatch, capsys):
+    image, labels = _pair(5)
+    for kind, array in (("images", image), ("labels", labels)):
+        (tmp_path / "mine" / kind).mkdir(parents=True)
+        tifffile.imwrite(tmp_path / "mine" / kind / "s5.tif", array)
+    fake = [_entry("bbbc039", "val", "s5", image, labels)]
+    monkeypatch.setattr(datasets, "entries", lambda names: fake)
+    out = tmp_path / "DATA"
+    assert main(["data", str(out), "--from", str(tmp_path / "mine")]) == 0
+    assert "1 images written" in capsys.readouterr().out
+    assert (out / "bbbc039" / "val" / "labels" / "s5.tif").exists()
+    assert main(["data", str(out), "--verify"]) == 0
+    assert main(["data", str(out), "--from", str(out / "bbbc039")]) == 2  # a source inside the output folder
+    assert "must not lie inside" in capsys.readouterr().err
