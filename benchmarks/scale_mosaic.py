@@ -1,4 +1,4 @@
-"""Chunked segmentation at scale, on mosaics of real BBBC039 images (the data folder given with --data).
+"""Chunked segmentation at scale, on mosaics of real BBBC039 val images (DATA: the folder laid out by `graphkd data`).
 
 (a) agreement: a rows x cols mosaic of val images (5 x 5 = 2600 x 3480 px) segmented whole and in
     chunks; matched F1@0.5 between the two, and both scored against the mosaic's ground truth.
@@ -7,14 +7,13 @@
     process tree (command, scheduler, workers), sampled every 0.1 s; throughput in megapixels/s of
     the whole command (cluster start, statistics, segmentation, stitching, writing).
 
-    python benchmarks/scale_mosaic.py --data DIR [--model student] [--size 16384] [--workers 1 2]
+    python benchmarks/scale_mosaic.py --data DATA [--model student] [--size 16384] [--workers 1 2]
         [--chunk 2048] [--skip-agreement] [--skip-scale] [--out benchmarks/results/scale.md]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import bbbc039, header
 
 from napari_graphkd.data import read_tiff
 
@@ -61,12 +61,12 @@ def agreement(pairs: list, model: str, rows: int, cols: int, chunk: int) -> dict
     """(a): whole-image vs chunked labels of a mosaic, and both against its ground truth."""
     from napari_graphkd.large import LabelsTarget, from_array, run_to_end, segment_large
     from napari_graphkd.metrics import evaluate, f1_at
-    from napari_graphkd.segment import load_segmenter
+    from napari_graphkd.segment import load_segmenter, segment_any
     import zarr
 
     image, truth = mosaic(pairs, rows, cols)
     start = time.perf_counter()
-    whole = load_segmenter(model).segment(image).labels
+    whole = segment_any(load_segmenter(model), image).labels
     whole_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         target = LabelsTarget(str(Path(tmp) / "labels.zarr"))
@@ -139,26 +139,10 @@ def scale_run(zarr_path: Path, out: Path, model: str, workers: int, chunk: int, 
     return {"workers": workers, "seconds": seconds, "peak_gb": peak / 1e9, "line": stdout.strip().splitlines()[-1]}
 
 
-def provenance() -> str:
-    """Package version and git commit of this run."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        v = version("napari-graphkd")
-    except PackageNotFoundError:
-        v = "source tree"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", ""
-    return f"napari-graphkd {v}, commit {commit}{' (with local changes)' if dirty else ''}, {os.cpu_count()} CPUs"
-
-
 def main() -> int:
     """Run (a) and (b), print the tables and write them to --out."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="folder with images/ and labels/ (BBBC039 val)")
+    parser.add_argument("--data", required=True, help="the folder laid out by `graphkd data` (its bbbc039/val is used)")
     parser.add_argument("--model", default="student")
     parser.add_argument("--grid", type=int, nargs=2, default=(5, 5), metavar=("ROWS", "COLS"), help="(a) mosaic tiles")
     parser.add_argument("--agreement-chunk", type=int, default=512, help="(a) chunk size")
@@ -173,9 +157,9 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    pairs = image_pairs(Path(args.data))
+    pairs = image_pairs(bbbc039(args.data) / "val")
     lines = [f"# Chunked segmentation at scale ({args.model})", "",
-             f"Command: `python benchmarks/scale_mosaic.py {shlex.join(sys.argv[1:])}`  ", provenance(), ""]
+             header(), ""]
     if not args.skip_agreement:
         a = agreement(pairs, args.model, *args.grid, args.agreement_chunk)
         lines += [f"## (a) {args.grid[0]} x {args.grid[1]} mosaic of {len(pairs)} images ({a['shape'][0]} x {a['shape'][1]} px), "

@@ -136,13 +136,17 @@ def test_cli_reports_missing_data_in_one_line(tmp_path, capsys):
 
 
 def test_real_data_rebuilds_to_the_manifest(tmp_path):
-    """Dev suite: `graphkd data --from $GRAPHKD_DATA` rebuilds BBBC039 images exactly as recorded (tune + 10 val)."""
+    """Dev suite: `graphkd data --from $GRAPHKD_DATA` rebuilds BBBC039 images exactly as recorded (tune + 5 val, 3 bright-field)."""
     root = env_data_root()
     if root is None or not (root / "bbbc039").is_dir():
         pytest.skip(f"set {datasets.DATA_ENV} to a folder holding bbbc039/ (e.g. one laid out by `graphkd data`)")
-    todo = [e for e in entries(["bbbc039"]) if e.split == "tune"] + [e for e in entries(["bbbc039"]) if e.split == "val"][:10]
-    report = build(tmp_path, index_sources([root / "bbbc039"]), todo)
-    assert (report.written, report.missing, report.different) == (20, [], [])
+    todo = [e for e in entries(["bbbc039"]) if e.split == "tune"] + [e for e in entries(["bbbc039"]) if e.split == "val"][:5]
+    sources = [root / "bbbc039"]
+    if (root / "dsb2018_brightfield").is_dir():  # a dataset without split lists: flat layout
+        todo += entries(["dsb2018_brightfield"])[:3]
+        sources.append(root / "dsb2018_brightfield")
+    report = build(tmp_path, index_sources(sources), todo)
+    assert (report.written, report.missing, report.different) == (len(todo), [], [])
     assert verify(tmp_path, todo) == []
 
 
@@ -160,3 +164,32 @@ def test_a_tune_folder_beside_train_is_the_tune_split(tmp_path):
     (tmp_path / "tune").rename(tmp_path / "elsewhere")  # no sibling: n_tune images of train/ are held out
     train, tune = load_train_tune(tmp_path / "train", n_tune=1)
     assert len(train) == 2 and len(tune) == 1 and tune[0].name in "abc"
+
+
+def test_download_fetches_each_archive_once(tmp_path):
+    source = tmp_path / "server" / "masks.zip"
+    source.parent.mkdir()
+    with zipfile.ZipFile(source, "w") as z:
+        z.writestr("masks/x.png", b"png bytes")
+    messages = []
+    paths = datasets.download([source.as_uri()], tmp_path / "downloads", log=messages.append)
+    assert paths == [tmp_path / "downloads" / "masks.zip"] and paths[0].read_bytes() == source.read_bytes()
+    assert datasets.download([source.as_uri()], tmp_path / "downloads", log=messages.append) == paths
+    assert len(messages) == 1  # the second call reuses the archive
+    assert list(datasets.walk_members(tmp_path / "downloads"))[0][0] == ("masks", "masks", "x.png")
+
+
+def test_cli_builds_then_verifies(tmp_path, monkeypatch, capsys):
+    image, labels = _pair(5)
+    for kind, array in (("images", image), ("labels", labels)):
+        (tmp_path / "mine" / kind).mkdir(parents=True)
+        tifffile.imwrite(tmp_path / "mine" / kind / "s5.tif", array)
+    fake = [_entry("bbbc039", "val", "s5", image, labels)]
+    monkeypatch.setattr(datasets, "entries", lambda names: fake)
+    out = tmp_path / "DATA"
+    assert main(["data", str(out), "--from", str(tmp_path / "mine")]) == 0
+    assert "1 images written" in capsys.readouterr().out
+    assert (out / "bbbc039" / "val" / "labels" / "s5.tif").exists()
+    assert main(["data", str(out), "--verify"]) == 0
+    assert main(["data", str(out), "--from", str(out / "bbbc039")]) == 2  # a source inside the output folder
+    assert "must not lie inside" in capsys.readouterr().err

