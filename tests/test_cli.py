@@ -80,20 +80,18 @@ def test_a_folder_with_unreadable_files_segments_the_rest_and_resumes(image_fold
 
 
 def test_a_killed_write_leaves_no_half_written_label_file(image_folder, tmp_path, monkeypatch):
-    import napari_graphkd.cli as cli
-
     images, _ = image_folder
     out = tmp_path / "out"
-    original = cli.tifffile.imwrite
+    original = tifffile.imwrite
 
     def killed(path, *args, **kwargs):
         Path(path).write_bytes(b"II*\x00 half")  # the first bytes of a TIFF, then the process dies
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.tifffile, "imwrite", killed)
+    monkeypatch.setattr(tifffile, "imwrite", killed)
     assert main(["segment", "--model", "classical", "--out", str(out), str(images / "a.tif")]) == 130
     assert list(out.iterdir()) == []
-    monkeypatch.setattr(cli.tifffile, "imwrite", original)
+    monkeypatch.setattr(tifffile, "imwrite", original)
     assert main(["segment", "--model", "classical", "--out", str(out), str(images / "a.tif")]) == 0
     assert tifffile.imread(out / "a.tif").max() > 5
 

@@ -128,6 +128,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if len({t.name for t in targets}) != len(targets):
         raise CLIError("two inputs share a file name; outputs would collide")
     todo = [(f, t) for f, t in zip(files, targets) if args.overwrite or not t.exists()]
+    tile = {} if args.tile is None else {"tile": args.tile}
     segmenter = load_segmenter(args.model)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"model {segmenter.name}: {segmenter.parameters:,} parameters")
@@ -136,7 +137,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     done, failed = 0, []
     for path, target in progress(todo, len(todo), "segment"):
         try:
-            result = segment_any(segmenter, read_tiff(path), diameter=args.diameter, invert=args.invert, tile=args.tile)
+            result = segment_any(segmenter, read_tiff(path), diameter=args.diameter, invert=args.invert, **tile)
             write_labels(target, result.labels)
         except (InputError, ValueError, OSError, MemoryError) as exc:
             failed.append(path.name)

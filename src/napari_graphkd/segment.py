@@ -181,7 +181,7 @@ class ModelSegmenter:
 
     def describe(self) -> dict[str, Any]:
         """Metadata plus parameter count, for ``graphkd info`` and the widgets."""
-        return dict(self.metadata, parameters=self.parameters, path=str(self.path))
+        return dict(self.metadata, parameters=self.parameters, path=None if self.path is None else str(self.path))
 
     def run_network(self, image: np.ndarray, *, diameter: float | None = None, invert: bool | None = None,
                     tile: int = DEFAULT_TILE, on_tile: OnTile | None = None) -> NetworkOutput:
@@ -248,11 +248,21 @@ def load_segmenter(spec: str) -> ModelSegmenter | ClassicalSegmenter:
     return ModelSegmenter(path)
 
 
-def _fetcher(cache: OutputCache | None, key: Hashable) -> Fetch | None:
-    """``fetch`` of one plane: the cache under ``key``, or None (always compute)."""
+def _fetcher(cache: OutputCache | None, index: tuple[int, ...], inputs: InputDecision, tile: int) -> Fetch:
+    """``fetch`` of one plane: the cache under the plane's key (index, input rules, tile), or always compute."""
     if cache is None:
-        return None
+        return lambda compute: (compute(), False)
+    key = (index or None, inputs, tile)
     return lambda compute: cache(key, compute)
+
+
+def _stopper(should_stop: Callable[[], bool] | None) -> Callable[[], None]:
+    """A check that raises :class:`Stopped` once ``should_stop()`` is true."""
+    def check() -> None:
+        if should_stop is not None and should_stop():
+            raise Stopped
+
+    return check
 
 
 def _plane_indices(stack: tuple[int, ...], planes: Sequence[int] | None, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -273,17 +283,13 @@ def plane_output(segmenter: ModelSegmenter, image: Any, plane: int | None, *, di
     """(network output, was cached) of one plane (None: a 2D image) under the same rules and cache keys as :func:`segment_any`."""
     inputs = decide_inputs(segmenter, image, diameter, invert)
     index = () if plane is None else (plane,)
-    key = (index or None, inputs, tile)
-
-    def on_tile(done: int, total: int) -> None:
-        if should_stop is not None and should_stop():
-            raise Stopped
+    stop_check = _stopper(should_stop)
 
     def compute() -> NetworkOutput:
         return segmenter.run_network(np.asarray(image[index] if index else image), diameter=inputs.diameter,
-                                     invert=inputs.invert, tile=tile, on_tile=on_tile)
+                                     invert=inputs.invert, tile=tile, on_tile=lambda done, total: stop_check())
 
-    return cache(key, compute) if cache is not None else (compute(), False)
+    return _fetcher(cache, index, inputs, tile)(compute)
 
 
 def segment_any(segmenter: Segmenter, image: Any, *, diameter: Diameter = None, invert: bool | None = None,
@@ -304,11 +310,7 @@ def segment_any(segmenter: Segmenter, image: Any, *, diameter: Diameter = None, 
     inputs = decide_inputs(segmenter, image, diameter, invert)
     indices = _plane_indices(stack, planes, shape)
     results: list[SegmentResult] = []
-
-    def stop_check() -> None:
-        if should_stop is not None and should_stop():
-            raise Stopped
-
+    stop_check = _stopper(should_stop)
     for i, index in enumerate(indices):
         stop_check()
 
@@ -320,7 +322,7 @@ def segment_any(segmenter: Segmenter, image: Any, *, diameter: Diameter = None, 
         plane = np.asarray(image[index] if index else image)
         try:
             result = segmenter.segment_plane(plane, inputs, tile=tile, decode=decode,
-                                             fetch=_fetcher(cache, (index or None, inputs, tile)), on_tile=on_tile)
+                                             fetch=_fetcher(cache, index, inputs, tile), on_tile=on_tile)
         except InputError as exc:
             if not index:
                 raise
