@@ -15,8 +15,8 @@ from napari_graphkd.evaluation import network_outputs
 from napari_graphkd.inference import working_image
 from napari_graphkd.preprocess import InputError
 from napari_graphkd.sample_data import SAMPLE_NAMES, load_sample
-from napari_graphkd.segment import (ClassicalSegmenter, Stopped, count_objects, decide_inputs, load_segmenter,
-                                    plane_layout, segment_any)
+from napari_graphkd.planes import plane_layout
+from napari_graphkd.segment import ClassicalSegmenter, Stopped, count_objects, decide_inputs, load_segmenter, segment_any
 
 torch.set_num_threads(1)
 

@@ -1,7 +1,7 @@
 """Segmenters (a bundled or user network, or the classical pipeline) and the one pipeline every caller runs.
 
 :func:`segment_any` is that pipeline (CLI, widgets, fine-tune scoring, benchmarks): the image's
-shape decides its planes (:func:`plane_layout`, one stack rule), the input rules decide the
+shape decides its planes (:func:`napari_graphkd.planes.plane_layout`, the one stack rule), the input rules decide the
 nucleus diameter and inversion once per image (:func:`decide_inputs`), then each plane is
 prepared at the model's scale, run through the network (outputs optionally cached) and decoded.
 Progress is reported per tile and per plane; a stop request ends the run at the next tile.
@@ -24,12 +24,11 @@ from .inference import (DEFAULT_TILE, MAX_WORKING_PIXELS, TRAIN_DIAMETER, Networ
                         prepare_image, rescale_factor, working_image, working_shape)
 from .io.checkpoint import CheckpointError, load_checkpoint
 from .models import EmbeddingUNet, count_parameters
+from .planes import plane_layout
 from .preprocess import InputError
 
 BUNDLED = {"teacher": "teacher.safetensors", "student": "student.safetensors"}
 AUTO = "auto"  # diameter chosen per image by the input rules
-MAX_CHANNELS = 8  # a last axis this short holds channels (a plane needs more pixels per side)
-MAX_STACK_AXES = 2  # (T, Z) in front of the planes
 
 Diameter = float | str | None
 Fetch = Callable[[Callable[[], NetworkOutput]], tuple[NetworkOutput, bool]]
@@ -111,22 +110,6 @@ def count_objects(labels: np.ndarray) -> int:
 def bundled_path(name: str) -> Path:
     """Path of a checkpoint shipped inside the package."""
     return Path(str(resources.files("napari_graphkd") / "weights" / BUNDLED[name]))
-
-
-def plane_layout(shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(stack shape, plane shape) of an image array: the one rule for which axes are planes.
-
-    A last axis of at most MAX_CHANNELS holds channels (RGB(A) or multi-channel, converted per plane);
-    the two axes before it (or the last two) are a plane; up to two axes in front, (Z,) or (T, Z),
-    are a stack segmented plane by plane. A channel-first array (C,Y,X) is a stack of C planes.
-    """
-    shape = tuple(int(n) for n in shape)
-    plane_ndim = 3 if len(shape) >= 3 and shape[-1] <= MAX_CHANNELS else 2
-    stack = shape[: max(0, len(shape) - plane_ndim)]
-    if len(shape) < 2 or len(stack) > MAX_STACK_AXES:
-        raise InputError(f"cannot segment an image of shape {shape}: expected (Y,X), (Z,Y,X) or (T,Z,Y,X), "
-                         f"optionally with up to {MAX_CHANNELS} channels last")
-    return stack, shape[len(stack):]
 
 
 def check_diameter(diameter: Diameter) -> float | None:
