@@ -75,6 +75,14 @@ def progress(iterable, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, disable=total < 2, file=sys.stderr, leave=False)
 
 
+def image_bar(total: int):
+    """tqdm bar over images on an interactive stderr, advanced per tile and plane (so one large image shows progress)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="segment", unit="image", file=sys.stderr, leave=False, disable=None,
+                bar_format="{l_bar}{bar}| {n:.1f}/{total} images [{elapsed}<{remaining}]")
+
+
 def say(line: str, file=None) -> None:
     """Print a line (stdout by default) without breaking a running progress bar."""
     from tqdm import tqdm
@@ -135,9 +143,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     print(f"{'image':<40} {'objects':>7} {'network ms':>10} {'decode ms':>9}  nuclei")
     net_total = dec_total = 0.0
     done, failed = 0, []
-    for path, target in progress(todo, len(todo), "segment"):
+    bar = image_bar(len(todo))
+    for i, (path, target) in enumerate(todo):
         try:
-            result = segment_any(segmenter, read_tiff(path), diameter=args.diameter, invert=args.invert, **tile)
+            result = segment_any(segmenter, read_tiff(path), diameter=args.diameter, invert=args.invert, **tile,
+                                 on_progress=lambda fraction, i=i: bar.update(i + fraction - bar.n))
             write_labels(target, result.labels)
         except (InputError, ValueError, OSError, MemoryError) as exc:
             failed.append(path.name)
@@ -148,6 +158,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         dec_total += result.decode_seconds
         say(f"{path.name:<40} {result.objects:>7d} {1000 * result.network_seconds:>10.0f} "
             f"{1000 * result.decode_seconds:>9.0f}  {result.inputs.describe()}")
+    bar.close()
     k = max(1, done)
     print(f"{'mean':<40} {'':>7} {1000 * net_total / k:>10.0f} {1000 * dec_total / k:>9.0f}")
     skipped = len(files) - len(todo)
