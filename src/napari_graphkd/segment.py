@@ -1,9 +1,10 @@
 """Segmenters (a bundled or user network, or the classical pipeline) and the one pipeline every caller runs.
 
 :func:`segment_any` is that pipeline (CLI, widgets, fine-tune scoring, benchmarks): the image's
-shape decides its planes (:func:`napari_graphkd.planes.plane_layout`, the one stack rule), the input rules decide the
-nucleus diameter and inversion once per image (:func:`decide_inputs`), then each plane is
-prepared at the model's scale, run through the network (outputs optionally cached) and decoded.
+shape decides its planes (:func:`napari_graphkd.planes.plane_layout`, the one stack rule), the
+input rules decide the nucleus diameter and inversion once per image (:func:`decide_inputs`), then
+each plane is prepared at the model's scale, run through the network (outputs optionally cached)
+and decoded.
 Progress is reported per tile and per plane; a stop request ends the run at the next tile.
 """
 from __future__ import annotations
@@ -112,7 +113,7 @@ def bundled_path(name: str) -> Path:
     return Path(str(resources.files("napari_graphkd") / "weights" / BUNDLED[name]))
 
 
-def check_diameter(diameter: Diameter) -> float | None:
+def check_diameter(diameter: Diameter) -> Diameter:
     """The diameter as a positive finite float (None or ``auto`` as given); InputError otherwise."""
     if diameter is None or diameter == AUTO:
         return diameter
