@@ -126,13 +126,18 @@ def check_diameter(diameter: Diameter) -> Diameter:
     return value
 
 
+def requested_diameter(diameter: Diameter) -> float | None:
+    """The diameter a caller asked for, checked; None when it is left to the model (None or ``auto``)."""
+    value = check_diameter(diameter)
+    return None if value == AUTO else value
+
+
 def decide_inputs(segmenter: Segmenter, image: Any, diameter: Diameter = None, invert: bool | None = None) -> InputDecision:
     """The input rules of one image (2D or stack): the nucleus diameter it is rescaled from, and its inversion.
 
     Refuses a diameter whose rescaled planes would exceed MAX_WORKING_PIXELS.
     """
-    value = check_diameter(diameter)
-    chosen = None if value == AUTO else value
+    chosen = requested_diameter(diameter)
     if chosen is not None:
         h, w = plane_layout(np.shape(image))[1][:2]
         scale = rescale_factor(chosen, segmenter.train_diameter)

@@ -86,13 +86,14 @@ def model_facts(spec: str, diameter: float | None, decode: dict | None) -> dict:
     from ..decode.mws import DecodeSettings
     from ..decode.policy import COARSE_FACTORS
     from ..inference import rescale_factor
+    from ..segment import requested_diameter
 
     segmenter = cached_segmenter(spec)
     if getattr(segmenter, "kind", "") != "network":
         raise InputError("chunked segmentation needs a network model (teacher, student or a checkpoint)")
     settings = DecodeSettings(**decode) if decode else segmenter.decode_settings
     align = math.lcm(segmenter.model.size_multiple, COARSE_FACTORS[settings.resolution] * settings.long_range_stride)
-    return {"align": align, "zoom": rescale_factor(diameter, segmenter.train_diameter), "invert": segmenter.invert,
+    return {"align": align, "zoom": rescale_factor(requested_diameter(diameter), segmenter.train_diameter), "invert": segmenter.invert,
             "decode": settings.to_dict()}
 
 
