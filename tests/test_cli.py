@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,16 +40,104 @@ def test_segment_with_a_checkpoint_and_threads(image_folder, tmp_path, tiny_chec
     assert tifffile.imread(tmp_path / "o" / "a.tif").shape == (160, 200)
 
 
-def test_segment_refuses_to_overwrite_results(image_folder, tmp_path, capsys):
+def test_rerun_skips_finished_outputs_unless_overwrite(image_folder, tmp_path, capsys):
     images, _ = image_folder
     out = tmp_path / "out"
     assert main(["segment", "--model", "classical", "--out", str(out), str(images)]) == 0
     before = (out / "a.tif").stat().st_mtime_ns
-    assert main(["segment", "--model", "classical", "--out", str(out), str(images)]) == 2
-    assert "exists" in capsys.readouterr().err
+    assert main(["segment", "--model", "classical", "--out", str(out), str(images)]) == 0
+    assert "0 segmented, 0 failed; 2 skipped (output exists; --overwrite to redo)" in capsys.readouterr().out
     assert (out / "a.tif").stat().st_mtime_ns == before
+    assert main(["segment", "--model", "classical", "--overwrite", "--out", str(out), str(images)]) == 0
+    assert "2 segmented, 0 failed" in capsys.readouterr().out and (out / "a.tif").stat().st_mtime_ns != before
 
 
+@pytest.mark.parametrize("out, inputs", [("{images}", ["{images}"]), ("{images}/../images", ["{images}"]),
+                                         ("{images}", ["{images}/a.tif"])])
+def test_outputs_never_replace_inputs_whatever_the_flags(image_folder, capsys, out, inputs):
+    images, _ = image_folder
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    args = ["segment", "--model", "classical", "--overwrite", "--out", out.format(images=images), *(i.format(images=images) for i in inputs)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "choose another" in err
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before
+
+
+def test_a_folder_with_unreadable_files_segments_the_rest_and_resumes(image_folder, tmp_path, capsys):
+    images, _ = image_folder
+    (images / "bad.tif").write_bytes(b"not a tiff")
+    (images / "empty.tif").write_bytes(b"")
+    out = tmp_path / "out"
+    assert main(["segment", "--model", "classical", "--out", str(out), str(images)]) == 1
+    captured = capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["a.tif", "b.tif"]
+    assert "2 segmented, 2 failed: bad.tif, empty.tif" in captured.out
+    failures = [line for line in captured.err.splitlines() if line.startswith("graphkd segment:")]
+    assert [line.split(":")[1].strip() for line in failures] == ["bad.tif", "empty.tif"]
+    assert main(["segment", "--model", "classical", "--out", str(out), str(images)]) == 1  # resumes: only the bad ones again
+    assert "0 segmented, 2 failed: bad.tif, empty.tif; 2 skipped" in capsys.readouterr().out
+
+
+def test_a_killed_write_leaves_no_half_written_label_file(image_folder, tmp_path, monkeypatch):
+    images, _ = image_folder
+    out = tmp_path / "out"
+    original = tifffile.imwrite
+
+    def killed(path, *args, **kwargs):
+        Path(path).write_bytes(b"II*\x00 half")  # the first bytes of a TIFF, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tifffile, "imwrite", killed)
+    assert main(["segment", "--model", "classical", "--out", str(out), str(images / "a.tif")]) == 130
+    assert list(out.iterdir()) == []
+    monkeypatch.setattr(tifffile, "imwrite", original)
+    assert main(["segment", "--model", "classical", "--out", str(out), str(images / "a.tif")]) == 0
+    assert tifffile.imread(out / "a.tif").max() > 5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["segment", "--threads", "-1"], "--threads: must be 0"),
+    (["demo", "--threads", "-1"], "--threads: must be 0"),
+    (["segment", "--threads", "two"], "not a whole number"),
+    (["segment", "--diameter", "nan"], "--diameter: must be a positive number"),
+    (["segment", "--diameter", "inf"], "--diameter: must be a positive number"),
+    (["segment", "--diameter", "-10"], "--diameter: must be a positive number"),
+    (["segment", "--diameter", "0"], "--diameter: must be a positive number"),
+    (["segment", "--diameter", "big"], "neither a number of pixels nor 'auto'"),
+])
+def test_bad_numbers_are_one_line(args, message, image_folder, tmp_path, capsys):
+    images, _ = image_folder
+    extra = ["--out", str(tmp_path / "o"), str(images)] if args[0] == "segment" else []
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err and err.startswith(f"graphkd {args[0]}: error:")
+
+
+def test_a_tiny_diameter_is_refused_before_anything_is_allocated(image_folder, tmp_path, tiny_checkpoint, capsys):
+    images, _ = image_folder
+    assert main(["segment", "--model", str(tiny_checkpoint), "--diameter", "0.01", "--out", str(tmp_path / "o"), str(images / "a.tif")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nucleus diameter 0.01 px would rescale" in err and "268,435,456" in err
+
+
+def test_stacks_and_time_series_are_segmented_plane_by_plane(crop, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = crop[0]
+    tifffile.imwrite(folder / "plane.tif", image)
+    tifffile.imwrite(folder / "stack.tif", np.stack([image] * 3))
+    tifffile.imwrite(folder / "series.tif", np.stack([np.stack([image] * 2)] * 2))  # (T, Z, Y, X)
+    tifffile.imwrite(folder / "five_d.tif", np.zeros((2, 2, 2, 160, 200), np.uint16))
+    assert main(["segment", "--model", "classical", "--diameter", "30", "--invert", "--out", str(tmp_path / "o"), str(folder)]) == 1
+    captured = capsys.readouterr()
+    rows = {line.split()[0]: line.split() for line in captured.out.splitlines() if line.endswith("inverted")}
+    plane = int(rows["plane.tif"][1])
+    assert plane > 0 and int(rows["stack.tif"][1]) == 3 * plane and int(rows["series.tif"][1]) == 4 * plane
+    assert rows["plane.tif"][-3:] == ["30", "px,", "inverted"]
+    assert tifffile.imread(tmp_path / "o" / "series.tif").shape == (2, 2, 160, 200)
+    assert "five_d.tif: cannot segment an image of shape (2, 2, 2, 160, 200)" in captured.err
 def test_evaluate_prints_a_table_and_json(image_folder, tmp_path, capsys):
     images, gt = image_folder
     main(["segment", "--model", "classical", "--out", str(tmp_path / "p"), str(images)])
@@ -84,9 +173,9 @@ def test_bad_arguments_exit_non_zero_with_one_line(args, message, tmp_path, monk
     assert "Traceback" not in proc.stderr
 
 
-def test_unreadable_image_is_one_line(tmp_path):
+def test_unreadable_image_is_one_line_and_a_failed_exit(tmp_path):
     bad = tmp_path / "bad.tif"
     bad.write_text("not a tiff")
     proc = subprocess.run([sys.executable, "-m", "napari_graphkd.cli", "segment", "--model", "classical", "--out",
                            str(tmp_path / "o"), str(bad)], capture_output=True, text=True)
-    assert proc.returncode == 2 and "cannot read" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "cannot read" in proc.stderr and "Traceback" not in proc.stderr

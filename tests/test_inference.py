@@ -9,7 +9,8 @@ import torch
 from napari_graphkd.inference import prepare_image, tiled_network, _network
 from napari_graphkd.models import UNetConfig, build_model
 from napari_graphkd.preprocess import InputError, noise_sigma, normalize, to_grayscale
-from napari_graphkd.segment import ClassicalSegmenter, ModelSegmenter, load_segmenter, plane_layout, segment_any
+from napari_graphkd.planes import plane_layout
+from napari_graphkd.segment import ClassicalSegmenter, ModelSegmenter, load_segmenter, segment_any
 
 DATA = Path(__file__).parent / "data"
 

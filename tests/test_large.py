@@ -18,7 +18,7 @@ from napari_graphkd.large.stitch import global_ids, matching_pairs
 from napari_graphkd.metrics import f1_at
 from napari_graphkd.preprocess import normalize
 from napari_graphkd.sample_data import SAMPLE_NAMES, load_sample
-from napari_graphkd.segment import load_segmenter
+from napari_graphkd.segment import load_segmenter, segment_any
 
 CHUNK = 256
 
@@ -29,7 +29,7 @@ def mosaic():
     torch.set_num_threads(1)
     crops = [load_sample(name)[0][:384, :512] for name in SAMPLE_NAMES]
     image = np.block([[crops[0], crops[1]], [crops[2], crops[0][:, ::-1]]])
-    return image, load_segmenter("student").segment(image).labels
+    return image, segment_any(load_segmenter("student"), image).labels
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_cli_segments_an_ome_zarr_into_its_labels_group(tmp_path, capsys):
     nodes = list(Reader(parse_url(str(path)))())
     labels = [n for n in nodes if n.load(Label)]
     assert labels and np.asarray(labels[0].data[0]).shape == (300, 400)
-    whole = load_segmenter("student").segment(image).labels
+    whole = segment_any(load_segmenter("student"), image).labels
     assert f1_at(whole, np.asarray(labels[0].data[0])) >= 0.995
     assert main(args) == 2  # the labels exist now: never overwritten without --overwrite
     assert "exists" in capsys.readouterr().err
@@ -161,7 +161,7 @@ def test_cli_reads_a_tiled_tiff_lazily_into_a_zarr(tmp_path, sample):
                  "--threads", "1", "--out", str(out)]) == 0
     labels = zarr.open_array(str(out / "big.zarr"), mode="r")
     assert labels.chunks == (256, 256)
-    assert f1_at(load_segmenter("student").segment(sample[0]).labels, labels[:]) >= 0.995
+    assert f1_at(segment_any(load_segmenter("student"), sample[0]).labels, labels[:]) >= 0.995
 
 
 def test_two_worker_local_cluster_gives_the_same_labels(mosaic, chunked, tmp_path):

@@ -15,8 +15,8 @@ from napari_graphkd.evaluation import network_outputs
 from napari_graphkd.inference import working_image
 from napari_graphkd.preprocess import InputError
 from napari_graphkd.sample_data import SAMPLE_NAMES, load_sample
-from napari_graphkd.segment import (ClassicalSegmenter, Stopped, count_objects, decide_inputs, load_segmenter,
-                                    plane_layout, segment_any)
+from napari_graphkd.planes import plane_layout
+from napari_graphkd.segment import ClassicalSegmenter, Stopped, count_objects, decide_inputs, load_segmenter, segment_any
 
 torch.set_num_threads(1)
 
@@ -88,3 +88,25 @@ def test_input_rules_are_recorded_in_the_result(samples):
     result = segment_any(ClassicalSegmenter(), samples[0], diameter=40.0, invert=False)
     assert result.inputs == decide_inputs(ClassicalSegmenter(), samples[0], 40.0, False)
     assert result.inputs.describe() == "40 px" and decide_inputs(ClassicalSegmenter(), samples[0], "auto", True).describe() == "as trained, inverted"
+
+
+@pytest.mark.parametrize("diameter", [0, -10, float("nan"), float("inf"), "x"])
+def test_bad_diameters_are_refused(diameter, samples):
+    with pytest.raises(InputError, match="diameter"):
+        segment_any(ClassicalSegmenter(), samples[0], diameter=diameter)
+
+
+def test_a_diameter_that_would_blow_up_the_working_image_is_refused(student, samples):
+    with pytest.raises(InputError, match="nucleus diameter 0.01 px would rescale each 256x352 plane"):
+        segment_any(student, samples[0], diameter=0.01)
+
+
+def test_a_time_series_is_segmented_and_its_errors_name_the_file_shape(samples):
+    series = np.stack([np.stack(samples[:2])] * 2)  # (T, Z, Y, X)
+    result = segment_any(ClassicalSegmenter(), series)
+    assert result.labels.shape == series.shape
+    np.testing.assert_array_equal(result.labels[1, 0], segment_any(ClassicalSegmenter(), samples[0]).labels)
+    broken = series.astype(np.float32)
+    broken[1, 0, 5, 5] = np.nan
+    with pytest.raises(InputError, match=r"plane 1, 0 of the image of shape \(2, 2, 256, 352\): .*NaN"):
+        segment_any(ClassicalSegmenter(), broken)

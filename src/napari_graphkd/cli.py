@@ -3,19 +3,52 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shlex
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
-
-from .inference import DEFAULT_TILE
 
 IMAGE_SUFFIXES = (".tif", ".tiff")
 
 
 class CLIError(Exception):
     """An error reported as one line and a non-zero exit."""
+
+
+class Parser(argparse.ArgumentParser):
+    """Argument parser whose errors are one line (``graphkd CMD: error: ...``, exit 2), like every other error."""
+
+    def error(self, message: str):
+        """Print one line and exit 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def threads_arg(text: str) -> int:
+    """``--threads``: a whole number >= 0 (0 = torch's default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (torch's default) or more, got {value}")
+    return value
+
+
+def diameter_arg(text: str) -> float | str:
+    """``--diameter``: a positive, finite number of pixels, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of pixels nor 'auto'") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of pixels, got {text}")
+    return value
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -42,16 +75,54 @@ def progress(iterable, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, disable=total < 2, file=sys.stderr, leave=False)
 
 
+def image_bar(total: int):
+    """tqdm bar over images on an interactive stderr, advanced per tile and plane (so one large image shows progress)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="segment", unit="image", file=sys.stderr, leave=False, disable=None,
+                bar_format="{l_bar}{bar}| {n:.1f}/{total} images [{elapsed}<{remaining}]")
+
+
+def say(line: str, file=None) -> None:
+    """Print a line (stdout by default) without breaking a running progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=file or sys.stdout)
+
+
+def refuse_input_overwrite(inputs: list[str], files: list[Path], out_dir: Path, targets: list[Path]) -> None:
+    """CLIError when ``out_dir`` is an input folder or an output would replace an input file (whatever the flags)."""
+    for item in inputs:
+        if Path(item).is_dir() and out_dir.exists() and os.path.samefile(item, out_dir):
+            raise CLIError(f"--out {out_dir} is an input folder: label images would replace or mix with its images; "
+                           "choose another folder")
+    for source, target in zip(files, targets):
+        if target.resolve() == source.resolve() or (target.exists() and os.path.samefile(source, target)):
+            raise CLIError(f"output {target} would replace the input {source}; choose another --out")
+
+
+def write_labels(target: Path, labels: np.ndarray) -> None:
+    """Write a label image atomically (temporary file, then rename): a killed run leaves no half-written file."""
+    import tifffile
+
+    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
+    try:
+        tifffile.imwrite(partial, labels.astype(np.uint16 if labels.max(initial=0) < 65536 else np.uint32), compression="zlib")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
-    """Segment TIFF files into OUT_DIR/<stem>.tif label images."""
+    """Segment TIFF files into OUT_DIR/<stem>.tif label images; files that fail are listed and the rest go on."""
     from .large.command import segment_chunked, wants_chunked
 
     if wants_chunked(args):  # Zarr inputs and large TIFFs: chunk by chunk into Zarr
         return segment_chunked(args)
-    import tifffile
     import torch
 
     from .data import read_tiff
+    from .preprocess import InputError
     from .segment import load_segmenter, segment_any
 
     if args.out is None:
@@ -60,28 +131,40 @@ def cmd_segment(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     files = expand_inputs(args.inputs)
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     targets = [out_dir / f"{f.stem}.tif" for f in files]
-    clashes = [t for t in targets if t.exists()]
-    if clashes and not args.overwrite:
-        raise CLIError(f"{clashes[0]} exists (and {len(clashes) - 1} more); pass --overwrite or choose another --out")
+    refuse_input_overwrite(args.inputs, files, out_dir, targets)
     if len({t.name for t in targets}) != len(targets):
         raise CLIError("two inputs share a file name; outputs would collide")
+    todo = [(f, t) for f, t in zip(files, targets) if args.overwrite or not t.exists()]
+    tile = {} if args.tile is None else {"tile": args.tile}
     segmenter = load_segmenter(args.model)
+    out_dir.mkdir(parents=True, exist_ok=True)
     print(f"model {segmenter.name}: {segmenter.parameters:,} parameters")
-    print(f"{'image':<40} {'objects':>7} {'network ms':>10} {'decode ms':>9}")
+    print(f"{'image':<40} {'objects':>7} {'network ms':>10} {'decode ms':>9}  nuclei")
     net_total = dec_total = 0.0
-    for path, target in progress(zip(files, targets), len(files), "segment"):
-        image = read_tiff(path)
-        result = segment_any(segmenter, image, diameter=args.diameter, invert=args.invert, tile=args.tile)
-        tifffile.imwrite(target, result.labels.astype(np.uint16 if result.labels.max() < 65536 else np.uint32), compression="zlib")
-        n = int(len(np.unique(result.labels)) - (0 in result.labels))
+    done, failed = 0, []
+    bar = image_bar(len(todo))
+    for i, (path, target) in enumerate(todo):
+        try:
+            result = segment_any(segmenter, read_tiff(path), diameter=args.diameter, invert=args.invert, **tile,
+                                 on_progress=lambda fraction, i=i: bar.update(i + fraction - bar.n))
+            write_labels(target, result.labels)
+        except (InputError, ValueError, OSError, MemoryError) as exc:
+            failed.append(path.name)
+            say(f"graphkd segment: {path.name}: {exc or type(exc).__name__}", file=sys.stderr)
+            continue
+        done += 1
         net_total += result.network_seconds
         dec_total += result.decode_seconds
-        print(f"{path.name:<40} {n:>7d} {1000 * result.network_seconds:>10.0f} {1000 * result.decode_seconds:>9.0f}", flush=True)
-    k = max(1, len(files))
+        say(f"{path.name:<40} {result.objects:>7d} {1000 * result.network_seconds:>10.0f} "
+            f"{1000 * result.decode_seconds:>9.0f}  {result.inputs.describe()}")
+    bar.close()
+    k = max(1, done)
     print(f"{'mean':<40} {'':>7} {1000 * net_total / k:>10.0f} {1000 * dec_total / k:>9.0f}")
-    return 0
+    skipped = len(files) - len(todo)
+    print(f"{done} segmented, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else "")
+          + (f"; {skipped} skipped (output exists; --overwrite to redo)" if skipped else ""))
+    return 1 if failed else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -345,26 +428,28 @@ def display_available() -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``graphkd``."""
-    parser = argparse.ArgumentParser(prog="graphkd", description=__doc__)
+    parser = Parser(prog="graphkd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("segment", help="segment TIFF images into label images")
+    p = sub.add_parser("segment", help="segment TIFF images (2D, stacks, time series) into label images")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="TIFF files, folders of TIFFs, or Zarr/OME-Zarr images")
     p.add_argument("--model", default="teacher", help="teacher, student, classical, or a checkpoint path")
     p.add_argument("--out", default=None, help="output folder (OUT/<input stem>.tif; chunked: OUT/<stem>.zarr or "
                    "OUT.zarr; default for OME-Zarr inputs: their labels/ group)")
-    p.add_argument("--diameter", type=float, default=None, help="typical nucleus diameter in px (rescales to the training size)")
+    p.add_argument("--diameter", type=diameter_arg, default=None,
+                   help="typical nucleus diameter in px (rescales to the training size), or 'auto'")
     p.add_argument("--invert", action="store_true", default=None, help="dark nuclei on a bright background")
-    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile size for large images (px)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for the network (0 = torch default)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--tile", type=int, default=None, help="tile size for large images (px; default 1024)")
+    p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads for the network (0 = torch default)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="segment again images whose output exists (default: skip them); inputs are never replaced")
     from .large.command import add_arguments as add_chunked_arguments
 
     add_chunked_arguments(p)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("demo", help="segment the bundled samples with the bundled models and print metrics")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads (0 = torch default)")
     p.add_argument("--viewer", action="store_true", help="then open napari with the sample, models and widgets")
     p.set_defaults(func=cmd_demo)
 

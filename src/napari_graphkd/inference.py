@@ -90,13 +90,16 @@ def working_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
 def working_image(image: np.ndarray, invert: bool = False, scale: float = 1.0) -> np.ndarray:
     """The image as the network sees it: prepared (:func:`prepare_image`), then rescaled by ``scale``."""
     prepared = prepare_image(image, invert=invert)
-    if scale == 1.0:
-        return prepared
-    rescaled = ndi.zoom(prepared, scale, order=1)
-    if min(rescaled.shape) < MIN_SIDE:
+    working = rescaled(prepared, scale)
+    if min(working.shape) < MIN_SIDE:
         raise InputError(f"the {prepared.shape[0]}x{prepared.shape[1]} image becomes too small "
-                         f"({rescaled.shape[0]}x{rescaled.shape[1]}) once rescaled by {scale:.3g}")
-    return rescaled
+                         f"({working.shape[0]}x{working.shape[1]}) once rescaled by {scale:.3g}")
+    return working
+
+
+def rescaled(prepared: np.ndarray, scale: float) -> np.ndarray:
+    """A prepared image rescaled by ``scale`` (linear interpolation; itself when 1)."""
+    return prepared if scale == 1.0 else ndi.zoom(prepared, scale, order=1)
 
 
 def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:

@@ -1,9 +1,10 @@
 """Segmenters (a bundled or user network, or the classical pipeline) and the one pipeline every caller runs.
 
 :func:`segment_any` is that pipeline (CLI, widgets, fine-tune scoring, benchmarks): the image's
-shape decides its planes (:func:`plane_layout`, one stack rule), the input rules decide the
-nucleus diameter and inversion once per image (:func:`decide_inputs`), then each plane is
-prepared at the model's scale, run through the network (outputs optionally cached) and decoded.
+shape decides its planes (:func:`napari_graphkd.planes.plane_layout`, the one stack rule), the
+input rules decide the nucleus diameter and inversion once per image (:func:`decide_inputs`), then
+each plane is prepared at the model's scale, run through the network (outputs optionally cached)
+and decoded.
 Progress is reported per tile and per plane; a stop request ends the run at the next tile.
 """
 from __future__ import annotations
@@ -24,12 +25,11 @@ from .inference import (DEFAULT_TILE, MAX_WORKING_PIXELS, TRAIN_DIAMETER, Networ
                         prepare_image, rescale_factor, working_image, working_shape)
 from .io.checkpoint import CheckpointError, load_checkpoint
 from .models import EmbeddingUNet, count_parameters
+from .planes import plane_layout
 from .preprocess import InputError
 
 BUNDLED = {"teacher": "teacher.safetensors", "student": "student.safetensors"}
 AUTO = "auto"  # diameter chosen per image by the input rules
-MAX_CHANNELS = 8  # a last axis this short holds channels (a plane needs more pixels per side)
-MAX_STACK_AXES = 2  # (T, Z) in front of the planes
 
 Diameter = float | str | None
 Fetch = Callable[[Callable[[], NetworkOutput]], tuple[NetworkOutput, bool]]
@@ -113,23 +113,7 @@ def bundled_path(name: str) -> Path:
     return Path(str(resources.files("napari_graphkd") / "weights" / BUNDLED[name]))
 
 
-def plane_layout(shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(stack shape, plane shape) of an image array: the one rule for which axes are planes.
-
-    A last axis of at most MAX_CHANNELS holds channels (RGB(A) or multi-channel, converted per plane);
-    the two axes before it (or the last two) are a plane; up to two axes in front, (Z,) or (T, Z),
-    are a stack segmented plane by plane. A channel-first array (C,Y,X) is a stack of C planes.
-    """
-    shape = tuple(int(n) for n in shape)
-    plane_ndim = 3 if len(shape) >= 3 and shape[-1] <= MAX_CHANNELS else 2
-    stack = shape[: max(0, len(shape) - plane_ndim)]
-    if len(shape) < 2 or len(stack) > MAX_STACK_AXES:
-        raise InputError(f"cannot segment an image of shape {shape}: expected (Y,X), (Z,Y,X) or (T,Z,Y,X), "
-                         f"optionally with up to {MAX_CHANNELS} channels last")
-    return stack, shape[len(stack):]
-
-
-def check_diameter(diameter: Diameter) -> float | None:
+def check_diameter(diameter: Diameter) -> Diameter:
     """The diameter as a positive finite float (None or ``auto`` as given); InputError otherwise."""
     if diameter is None or diameter == AUTO:
         return diameter
@@ -142,13 +126,18 @@ def check_diameter(diameter: Diameter) -> float | None:
     return value
 
 
+def requested_diameter(diameter: Diameter) -> float | None:
+    """The diameter a caller asked for, checked; None when it is left to the model (None or ``auto``)."""
+    value = check_diameter(diameter)
+    return None if value == AUTO else value
+
+
 def decide_inputs(segmenter: Segmenter, image: Any, diameter: Diameter = None, invert: bool | None = None) -> InputDecision:
     """The input rules of one image (2D or stack): the nucleus diameter it is rescaled from, and its inversion.
 
     Refuses a diameter whose rescaled planes would exceed MAX_WORKING_PIXELS.
     """
-    value = check_diameter(diameter)
-    chosen = None if value == AUTO else value
+    chosen = requested_diameter(diameter)
     if chosen is not None:
         h, w = plane_layout(np.shape(image))[1][:2]
         scale = rescale_factor(chosen, segmenter.train_diameter)
@@ -181,7 +170,7 @@ class ModelSegmenter:
 
     def describe(self) -> dict[str, Any]:
         """Metadata plus parameter count, for ``graphkd info`` and the widgets."""
-        return dict(self.metadata, parameters=self.parameters, path=str(self.path))
+        return dict(self.metadata, parameters=self.parameters, path=None if self.path is None else str(self.path))
 
     def run_network(self, image: np.ndarray, *, diameter: float | None = None, invert: bool | None = None,
                     tile: int = DEFAULT_TILE, on_tile: OnTile | None = None) -> NetworkOutput:
@@ -248,11 +237,21 @@ def load_segmenter(spec: str) -> ModelSegmenter | ClassicalSegmenter:
     return ModelSegmenter(path)
 
 
-def _fetcher(cache: OutputCache | None, key: Hashable) -> Fetch | None:
-    """``fetch`` of one plane: the cache under ``key``, or None (always compute)."""
+def _fetcher(cache: OutputCache | None, index: tuple[int, ...], inputs: InputDecision, tile: int) -> Fetch:
+    """``fetch`` of one plane: the cache under the plane's key (index, input rules, tile), or always compute."""
     if cache is None:
-        return None
+        return lambda compute: (compute(), False)
+    key = (index or None, inputs, tile)
     return lambda compute: cache(key, compute)
+
+
+def _stopper(should_stop: Callable[[], bool] | None) -> Callable[[], None]:
+    """A check that raises :class:`Stopped` once ``should_stop()`` is true."""
+    def check() -> None:
+        if should_stop is not None and should_stop():
+            raise Stopped
+
+    return check
 
 
 def _plane_indices(stack: tuple[int, ...], planes: Sequence[int] | None, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -273,17 +272,13 @@ def plane_output(segmenter: ModelSegmenter, image: Any, plane: int | None, *, di
     """(network output, was cached) of one plane (None: a 2D image) under the same rules and cache keys as :func:`segment_any`."""
     inputs = decide_inputs(segmenter, image, diameter, invert)
     index = () if plane is None else (plane,)
-    key = (index or None, inputs, tile)
-
-    def on_tile(done: int, total: int) -> None:
-        if should_stop is not None and should_stop():
-            raise Stopped
+    stop_check = _stopper(should_stop)
 
     def compute() -> NetworkOutput:
         return segmenter.run_network(np.asarray(image[index] if index else image), diameter=inputs.diameter,
-                                     invert=inputs.invert, tile=tile, on_tile=on_tile)
+                                     invert=inputs.invert, tile=tile, on_tile=lambda done, total: stop_check())
 
-    return cache(key, compute) if cache is not None else (compute(), False)
+    return _fetcher(cache, index, inputs, tile)(compute)
 
 
 def segment_any(segmenter: Segmenter, image: Any, *, diameter: Diameter = None, invert: bool | None = None,
@@ -304,11 +299,7 @@ def segment_any(segmenter: Segmenter, image: Any, *, diameter: Diameter = None, 
     inputs = decide_inputs(segmenter, image, diameter, invert)
     indices = _plane_indices(stack, planes, shape)
     results: list[SegmentResult] = []
-
-    def stop_check() -> None:
-        if should_stop is not None and should_stop():
-            raise Stopped
-
+    stop_check = _stopper(should_stop)
     for i, index in enumerate(indices):
         stop_check()
 
@@ -320,7 +311,7 @@ def segment_any(segmenter: Segmenter, image: Any, *, diameter: Diameter = None, 
         plane = np.asarray(image[index] if index else image)
         try:
             result = segmenter.segment_plane(plane, inputs, tile=tile, decode=decode,
-                                             fetch=_fetcher(cache, (index or None, inputs, tile)), on_tile=on_tile)
+                                             fetch=_fetcher(cache, index, inputs, tile), on_tile=on_tile)
         except InputError as exc:
             if not index:
                 raise

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,32 +84,28 @@ def network_input(pixels: np.ndarray, job: Job) -> np.ndarray:
 def model_facts(spec: str, diameter: float | None, decode: dict | None) -> dict:
     """What the driver needs to plan chunks, computed where the model lives (the driver never imports torch)."""
     from ..decode.mws import DecodeSettings
-    from ..inference import COARSE_FACTORS, rescale_factor
+    from ..decode.policy import COARSE_FACTORS
+    from ..inference import rescale_factor
+    from ..segment import requested_diameter
 
     segmenter = cached_segmenter(spec)
     if getattr(segmenter, "kind", "") != "network":
         raise InputError("chunked segmentation needs a network model (teacher, student or a checkpoint)")
     settings = DecodeSettings(**decode) if decode else segmenter.decode_settings
     align = math.lcm(segmenter.model.size_multiple, COARSE_FACTORS[settings.resolution] * settings.long_range_stride)
-    return {"align": align, "zoom": rescale_factor(diameter, segmenter.train_diameter), "invert": segmenter.invert,
+    return {"align": align, "zoom": rescale_factor(requested_diameter(diameter), segmenter.train_diameter), "invert": segmenter.invert,
             "decode": settings.to_dict()}
 
 
 def chunk_labels(job: Job, pixels: np.ndarray) -> np.ndarray:
     """Labels (local ids 1..n) of a haloed box, from the network and the decoder."""
-    from scipy import ndimage as ndi
-
     from ..decode.mws import DecodeSettings
-    from ..inference import DEFAULT_TILE, NetworkOutput, decode_output, tiled_network
+    from ..decode.policy import decode_output
+    from ..inference import DEFAULT_TILE, network_output, rescaled
 
     segmenter = cached_segmenter(job.model)
-    start = time.perf_counter()
-    prepared = network_input(pixels, job)
-    if job.zoom != 1.0:
-        prepared = ndi.zoom(prepared, job.zoom, order=1)
-    emb, fg = tiled_network(segmenter.model, prepared, tile=job.tile or DEFAULT_TILE)
-    output = NetworkOutput(emb, fg, tuple(pixels.shape[:2]), job.zoom, time.perf_counter() - start,
-                           stride=segmenter.model.config.stem_stride, working_shape=prepared.shape)
+    working = rescaled(network_input(pixels, job), job.zoom)
+    output = network_output(segmenter.model, working, tuple(pixels.shape[:2]), job.zoom, job.tile or DEFAULT_TILE)
     labels, _ = decode_output(output, DecodeSettings(**job.decode) if job.decode else segmenter.decode_settings)
     return labels
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..planes import plane_layout
 from ..preprocess import InputError
 
 LABELS_DTYPE = np.int32
@@ -103,14 +104,9 @@ def _open(kind: str, path: str, component: str):
 
 
 def infer_axes(shape: tuple[int, ...]) -> str:
-    """Axes of a bare array, as ``segment_any`` reads it: (y,x), (y,x,rgb), (z,y,x) or (z,y,x,c)."""
-    if len(shape) == 2:
-        return "yx"
-    if len(shape) == 3:
-        return "yxc" if shape[-1] in (3, 4) and shape[0] > 4 else "zyx"
-    if len(shape) == 4:
-        return "zyxc"
-    raise InputError(f"expected a 2D image, an RGB image or a stack, got shape {shape}")
+    """Axes of a bare array by the pipeline's stack rule (:func:`plane_layout`): [t][z]yx[c]."""
+    stack, plane = plane_layout(shape)
+    return "tz"[2 - len(stack):] + ("yxc" if len(plane) == 3 else "yx")
 
 
 def from_array(array: Any, axes: str | None = None) -> Source:
