@@ -325,12 +325,39 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Tune decoder settings on the checkpoint's tune images and write a small (fp16) copy."""
+    """Tune decoder settings on the checkpoint's tune images and write a small (fp16) copy; or write standard formats."""
+    if not (args.out or args.bioimageio or args.onnx):
+        raise CLIError("name an output: OUT (checkpoint), --bioimageio OUT.zip and/or --onnx OUT.onnx")
+    from .segment import BUNDLED, bundled_path
+
+    source = str(bundled_path(args.checkpoint)) if args.checkpoint in BUNDLED else args.checkpoint
+    if args.out:
+        write_compact_checkpoint(source, args)
+    if args.bioimageio or args.onnx:
+        write_standard_formats(args.out or source, args)
+    return 0
+
+
+def write_standard_formats(checkpoint: str, args: argparse.Namespace) -> None:
+    """``export --bioimageio`` / ``--onnx``: the checkpoint's network as a bioimage.io package and/or ONNX file."""
+    from .io.bioimageio import export_bioimageio, export_onnx
+    from .io.checkpoint import load_checkpoint
+
+    if args.onnx:
+        export_onnx(load_checkpoint(checkpoint)[0], args.onnx, overwrite=args.overwrite)
+        print(f"wrote {args.onnx} ({Path(args.onnx).stat().st_size / 1e6:.2f} MB)")
+    if args.bioimageio:
+        export_bioimageio(checkpoint, args.bioimageio, name=args.name, overwrite=args.overwrite)
+        print(f"wrote {args.bioimageio} ({Path(args.bioimageio).stat().st_size / 1e6:.2f} MB; passes bioimageio.core's model test)")
+
+
+def write_compact_checkpoint(checkpoint: str, args: argparse.Namespace) -> None:
+    """``export CHECKPOINT OUT``: tune the decoder if asked, then write the (fp16) copy."""
     from .data import load_folder
     from .evaluation import DECODE_GRID, network_outputs, tune_decoder
     from .io.checkpoint import load_checkpoint, save_checkpoint
 
-    model, meta = load_checkpoint(args.checkpoint)
+    model, meta = load_checkpoint(checkpoint)
     tune_names = meta.get("training_data", {}).get("tune_images")
     extra = {}
     if args.tune_data:
@@ -345,7 +372,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         extra["name"] = args.name
     save_checkpoint(args.out, model, dict(meta, **extra), overwrite=args.overwrite, half=args.half)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB)")
-    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -499,9 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate-every", type=int, default=500)
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("export", help="tune the decoder on the tune split and write a compact checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("out")
+    p = sub.add_parser("export", help="tune the decoder and write a compact checkpoint; or write bioimage.io / ONNX")
+    p.add_argument("checkpoint", help="checkpoint path, or teacher/student (bundled)")
+    p.add_argument("out", nargs="?", default=None, help="compact checkpoint to write")
+    p.add_argument("--bioimageio", metavar="OUT.zip", default=None,
+                   help="also write a BioImage Model Zoo package of the network (tested with bioimageio.core)")
+    p.add_argument("--onnx", metavar="OUT.onnx", default=None, help="also write the network as ONNX")
     p.add_argument("--tune-data", default=None, help="folder holding the tune images listed in the checkpoint (e.g. DATA/bbbc039/tune)")
     p.add_argument("--half", action="store_true", help="store fp16 weights")
     p.add_argument("--resolution", choices=["full", "half", "quarter"], default=None,

@@ -1,0 +1,74 @@
+"""Standard formats: the exported network equals the library's, ONNX runs in onnxruntime, the bioimage.io package validates."""
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from napari_graphkd.cli import main
+from napari_graphkd.inference import run_network
+from napari_graphkd.io.bioimageio import ZooNetwork, export_onnx, sample_input, zoo_outputs
+from napari_graphkd.io.checkpoint import load_checkpoint
+from napari_graphkd.preprocess import normalize
+
+
+def test_zoo_network_outputs_are_the_library_network_outputs(tiny_checkpoint, crop):
+    """What the zoo runs (embedding + foreground probability at input size) equals the library's network output."""
+    model, _ = load_checkpoint(tiny_checkpoint)
+    image = crop[0][:128, :192]
+    library = run_network(model, image)
+    embedding, foreground = zoo_outputs(model, image[None, None].astype(np.float32))
+    np.testing.assert_allclose(embedding[0], library.full_embedding(), atol=1e-5)
+    np.testing.assert_allclose(foreground[0, 0], library.full_foreground(), atol=1e-6)
+
+
+def test_onnx_export_runs_in_onnxruntime_like_torch_at_another_size(tiny_checkpoint, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model, _ = load_checkpoint(tiny_checkpoint)
+    path = export_onnx(model, tmp_path / "net.onnx")
+    x = normalize(sample_input()[0, 0, :96, :160])[None, None]  # not the export's example size: dynamic axes
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": x})
+    with torch.no_grad():
+        want = ZooNetwork(model).eval()(torch.from_numpy(x))
+    assert [o.name for o in session.get_outputs()] == ["embedding", "foreground"]
+    for g, w in zip(got, want):
+        assert g.shape == tuple(w.shape) and g.shape[-2:] == (96, 160)
+        np.testing.assert_allclose(g, w.numpy(), atol=1e-4)
+    with pytest.raises(FileExistsError):
+        export_onnx(model, path)
+
+
+def test_bioimageio_package_of_the_bundled_student_passes_the_core_model_test(tmp_path, capsys):
+    """``graphkd export student --bioimageio`` writes a package; bioimageio.core's model test passes offline."""
+    core = pytest.importorskip("bioimageio.core")
+    torch.set_num_threads(1)
+    out = tmp_path / "student.zip"
+    assert main(["export", "student", "--bioimageio", str(out)]) == 0
+    assert "passes bioimageio.core's model test" in capsys.readouterr().out
+    summary = core.test_model(out)  # tested again from the file, as a zoo user would
+    assert summary.status == "passed", summary.format()
+    with zipfile.ZipFile(out) as z:
+        names = set(z.namelist())
+        rdf = yaml.safe_load(z.read("rdf.yaml"))
+        docs = z.read("README.md").decode()
+    assert {"weights.torchscript.pt", "weights.onnx", "test_input.npy", "test_embedding.npy", "test_foreground.npy",
+            "cover.png", "README.md"} <= names
+    assert rdf["format_version"].startswith("0.5") and set(rdf["weights"]) == {"torchscript", "onnx"}
+    assert [o["id"] for o in rdf["outputs"]] == ["embedding", "foreground"]
+    assert rdf["inputs"][0]["preprocessing"][1]["kwargs"]["max_percentile"] == 99.8
+    cited = " ".join(c["text"] for c in rdf["cite"])
+    assert "Graph Relation Distillation" in cited and "BBBC039" in cited and "Data Science Bowl" in cited
+    assert "post-processing" in docs and "graphkd segment" in docs
+    assert main(["export", "student", "--bioimageio", str(out)]) == 2  # never overwrites
+
+
+@pytest.mark.parametrize("args, message", [
+    (["student"], "name an output"),
+    (["student", "--bioimageio", "student.onnx"], "is a .zip file"),
+])
+def test_export_needs_an_output_of_the_right_kind(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", *args]) == 2
+    assert message in capsys.readouterr().err
