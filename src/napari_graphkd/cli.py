@@ -260,7 +260,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     bar = TrainingBar("train")
     progress_record = train_segmentation(
         args.data, args.out, args.arch, settings, n_tune=args.n_tune, init_checkpoint=args.init,
-        command="graphkd " + shlex.join(sys.argv[1:]), validate_factory=tune_validator, on_progress=bar.update,
+        command="graphkd " + shlex.join(args.argv), validate_factory=tune_validator, on_progress=bar.update,
     )
     bar.close()
     print(f"finished at step {progress_record['step']}; best on tune split: {progress_record['best']}")
@@ -316,7 +316,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     print(f"distilling {args.student} from {teacher.path} with {args.method}: {weights.active() or 'no KD terms'}", file=sys.stderr)
     bar = TrainingBar("distill")
     record = distill_student(teacher.path, args.data, args.out, args.student, settings, distill,
-                             n_tune=args.n_tune, command="graphkd " + shlex.join(sys.argv[1:]),
+                             n_tune=args.n_tune, command="graphkd " + shlex.join(args.argv),
                              validate_factory=tune_validator, on_progress=bar.update,
                              on_status=lambda m: print(m, file=sys.stderr, flush=True))
     bar.close()
@@ -555,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run a sub-command; expected failures print one line and exit non-zero."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in checkpoints as the command that made them
     from .io.checkpoint import CheckpointError
     from .preprocess import InputError
 
