@@ -1,7 +1,6 @@
 """Hand-computed instance metrics, edge cases, and a cross-check against StarDist."""
 from __future__ import annotations
 
-
 from pathlib import Path
 
 import numpy as np
