@@ -72,3 +72,16 @@ def test_export_needs_an_output_of_the_right_kind(args, message, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     assert main(["export", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_onnxruntime_network_gives_the_library_the_torch_output(tiny_checkpoint, crop):
+    """OnnxNetwork stands in for the torch network in inference: same native-grid output, same labels."""
+    pytest.importorskip("onnxruntime")
+    from napari_graphkd.inference import decode_output
+    from napari_graphkd.models.onnx import OnnxNetwork
+
+    model, _ = load_checkpoint(tiny_checkpoint)
+    by_torch, by_onnx = run_network(model, crop[0], tile=128), run_network(OnnxNetwork(model, threads=1), crop[0], tile=128)
+    np.testing.assert_allclose(by_onnx.embedding, by_torch.embedding, atol=1e-5)
+    np.testing.assert_allclose(by_onnx.foreground, by_torch.foreground, atol=1e-6)
+    assert np.array_equal(decode_output(by_onnx)[0], decode_output(by_torch)[0])

@@ -70,13 +70,30 @@ class ZooNetwork(nn.Module):
         return tuple(o.contiguous() for o in outputs)
 
 
+class NativeNetwork(nn.Module):
+    """The network's own-grid outputs (embedding, foreground logit), as :meth:`EmbeddingUNet.forward_features` gives them to inference."""
+
+    def __init__(self, model: EmbeddingUNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Embedding and (when the network has one) foreground logit on the 1/stride grid."""
+        emb, fg, _ = self.model.forward_features(x)
+        return (emb,) if fg is None else (emb, fg)
+
+
 def output_ids(model: EmbeddingUNet) -> list[str]:
     """Names of the exported outputs, in order."""
     return [EMBEDDING_ID] + ([FOREGROUND_ID] if model.config.foreground_head else [])
 
 
-def export_onnx(model: EmbeddingUNet, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the network as ONNX (dynamic batch, height and width; sides must be multiples of its size multiple)."""
+def export_onnx(model: EmbeddingUNet, path: str | Path, *, overwrite: bool = False, native: bool = False) -> Path:
+    """Write the network as ONNX (dynamic batch, height and width; sides must be multiples of its size multiple).
+
+    By default the graph is :class:`ZooNetwork` (outputs at the input size, foreground as a probability);
+    ``native`` writes :class:`NativeNetwork`, the graph the onnxruntime back-end of inference runs.
+    """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (refusing to overwrite)")
@@ -84,9 +101,9 @@ def export_onnx(model: EmbeddingUNet, path: str | Path, *, overwrite: bool = Fal
         import onnx  # noqa: F401  (the exporter needs it)
     except ImportError:
         raise ExportError("ONNX export needs the onnx package: pip install 'napari-graphkd[export]'") from None
-    net = ZooNetwork(model).eval()
+    net = (NativeNetwork(model) if native else ZooNetwork(model)).eval()
     m = model.size_multiple
-    example = torch.zeros(1, 1, 4 * m, 4 * m)
+    example = torch.zeros(1, model.config.in_channels if native else 1, 4 * m, 4 * m)
     names = output_ids(model)
     dynamic = {INPUT_ID: {0: "batch", 2: "height", 3: "width"}, **{n: {0: "batch", 2: "height", 3: "width"} for n in names}}
     path.parent.mkdir(parents=True, exist_ok=True)
