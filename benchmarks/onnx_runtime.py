@@ -2,8 +2,10 @@
 
 Both back-ends run the same prepared image through the library's inference (padding, tiling, native grid),
 then the same decoder (the model's tuned settings) turns each output into labels. Network ms is the
-median over the images (wall clock, after one warm-up image); the runs of the two back-ends alternate
-image by image so that load on the machine hits both alike.
+median over the images after one warm-up image, as wall clock and as CPU time of the process (all
+threads): on a machine shared with other jobs the wall clock also counts waiting for a core, the CPU
+time does not. The runs of the two back-ends alternate image by image so that load hits both alike;
+the load average before and after the run is printed.
 
     python benchmarks/onnx_runtime.py [--data DIR] [--val-images 10] [--threads 1 2] [--repeat 3]
 
@@ -13,6 +15,7 @@ the three bundled samples are used.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -39,12 +42,12 @@ def load_images(data: str | None, n_val: int) -> list[tuple[str, np.ndarray, np.
     return images
 
 
-def timed_output(network, prepared: np.ndarray, stride: int) -> tuple[NetworkOutput, float]:
-    """The library's network output of a prepared image, and the seconds the network took."""
-    start = time.perf_counter()
+def timed_output(network, prepared: np.ndarray, stride: int) -> tuple[NetworkOutput, float, float]:
+    """The library's network output of a prepared image, and the wall-clock and process CPU seconds the network took."""
+    start, cpu = time.perf_counter(), time.process_time()
     emb, fg = tiled_network(network, prepared)
-    seconds = time.perf_counter() - start
-    return NetworkOutput(emb, fg, prepared.shape, 1.0, seconds, stride=stride), seconds
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    return NetworkOutput(emb, fg, prepared.shape, 1.0, seconds, stride=stride), seconds, cpu_seconds
 
 
 def compare(spec: str, images: list, threads: int, repeat: int) -> dict:
@@ -57,14 +60,16 @@ def compare(spec: str, images: list, threads: int, repeat: int) -> dict:
     for net in (torch_net, onnx_net):
         tiled_network(net, prepared[0])  # warm-up
     times = {"torch": [], "onnx": []}
+    cpu = {"torch": [], "onnx": []}
     identical, max_diff, f1 = 0, 0.0, {"torch": [], "onnx": []}
     differing_pixels = []
     for (name, _, gt), image in zip(images, prepared):
         outputs = {}
         for _ in range(repeat):
             for backend, net in (("torch", torch_net), ("onnx", onnx_net)):
-                outputs[backend], seconds = timed_output(net, image, stride)
+                outputs[backend], seconds, cpu_seconds = timed_output(net, image, stride)
                 times[backend].append(seconds)
+                cpu[backend].append(cpu_seconds)
         labels = {b: decode_output(o, segmenter.decode_settings)[0] for b, o in outputs.items()}
         max_diff = max(max_diff, float(np.abs(outputs["torch"].embedding - outputs["onnx"].embedding).max()))
         same = np.array_equal(labels["torch"], labels["onnx"])
@@ -74,6 +79,7 @@ def compare(spec: str, images: list, threads: int, repeat: int) -> dict:
         for b in labels:
             f1[b].append(evaluate(gt, labels[b])["f1@0.5"])
     return {"torch_ms": 1000 * statistics.median(times["torch"]), "onnx_ms": 1000 * statistics.median(times["onnx"]),
+            "torch_cpu": 1000 * statistics.median(cpu["torch"]), "onnx_cpu": 1000 * statistics.median(cpu["onnx"]),
             "identical": identical, "n": len(images), "max_diff": max_diff, "differing": differing_pixels,
             "f1_torch": float(np.mean(f1["torch"])), "f1_onnx": float(np.mean(f1["onnx"]))}
 
@@ -90,19 +96,22 @@ def main() -> int:
     images = load_images(args.data, args.val_images)
     print(f"{len(images)} images ({', '.join(n for n, _, _ in images[:3])}{' + BBBC039 val' if len(images) > 3 else ''}), "
           f"median network ms per image over {args.repeat} runs each; torch {torch.__version__}\n")
-    print("| model | threads | torch ms | onnxruntime ms | onnx / torch | labels identical | max embedding diff | F1@0.5 torch / onnx |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} cores)\n")
+    print("| model | threads | torch ms | onnxruntime ms | onnx / torch | torch CPU ms | onnxruntime CPU ms | onnx / torch (CPU) "
+          "| labels identical | max embedding diff | F1@0.5 torch / onnx |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     notes = []
     for spec in args.models:
         for threads in args.threads:
             r = compare(spec, images, threads, args.repeat)
             print(f"| {spec} | {threads} | {r['torch_ms']:.1f} | {r['onnx_ms']:.1f} | {r['onnx_ms'] / r['torch_ms']:.2f} | "
+                  f"{r['torch_cpu']:.1f} | {r['onnx_cpu']:.1f} | {r['onnx_cpu'] / r['torch_cpu']:.2f} | "
                   f"{'yes' if r['identical'] == r['n'] else 'no'} ({r['identical']}/{r['n']}) | {r['max_diff']:.1e} | "
                   f"{r['f1_torch']:.4f} / {r['f1_onnx']:.4f} |", flush=True)
             notes += [f"{spec}, {threads} threads: {name} differs in {px} px" for name, px in r["differing"]]
     for note in notes:
         print(f"\n- {note}", end="")
-    print()
+    print(f"\n\nload average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 
 
