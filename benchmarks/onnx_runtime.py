@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from napari_graphkd.data import read_tiff
-from napari_graphkd.inference import NetworkOutput, decode_output, prepare_image, tiled_network
+from napari_graphkd.decode.policy import decode_output
+from napari_graphkd.inference import NetworkOutput, tiled_network, working_image
 from napari_graphkd.metrics import evaluate
 from napari_graphkd.models.onnx import OnnxNetwork
 from napari_graphkd.sample_data import SAMPLE_NAMES, load_sample
@@ -56,7 +57,7 @@ def compare(spec: str, images: list, threads: int, repeat: int) -> dict:
     segmenter = load_segmenter(spec)
     torch_net, onnx_net = segmenter.model, OnnxNetwork(segmenter.model, threads=threads)
     stride = segmenter.model.config.stem_stride
-    prepared = [prepare_image(image, invert=segmenter.invert) for _, image, _ in images]
+    prepared = [working_image(image, invert=segmenter.invert) for _, image, _ in images]
     for net in (torch_net, onnx_net):
         tiled_network(net, prepared[0])  # warm-up
     times = {"torch": [], "onnx": []}

@@ -7,7 +7,8 @@ import torch
 import yaml
 
 from napari_graphkd.cli import main
-from napari_graphkd.inference import run_network
+from napari_graphkd.decode.policy import decode_output
+from napari_graphkd.inference import network_output, working_image
 from napari_graphkd.io.bioimageio import ZooNetwork, export_onnx, sample_input, zoo_outputs
 from napari_graphkd.io.checkpoint import load_checkpoint
 from napari_graphkd.preprocess import normalize
@@ -17,7 +18,7 @@ def test_zoo_network_outputs_are_the_library_network_outputs(tiny_checkpoint, cr
     """What the zoo runs (embedding + foreground probability at input size) equals the library's network output."""
     model, _ = load_checkpoint(tiny_checkpoint)
     image = crop[0][:128, :192]
-    library = run_network(model, image)
+    library = network_output(model, working_image(image))
     embedding, foreground = zoo_outputs(model, image[None, None].astype(np.float32))
     np.testing.assert_allclose(embedding[0], library.full_embedding(), atol=1e-5)
     np.testing.assert_allclose(foreground[0, 0], library.full_foreground(), atol=1e-6)
@@ -77,11 +78,12 @@ def test_export_needs_an_output_of_the_right_kind(args, message, tmp_path, monke
 def test_onnxruntime_network_gives_the_library_the_torch_output(tiny_checkpoint, crop):
     """OnnxNetwork stands in for the torch network in inference: same native-grid output, same labels."""
     pytest.importorskip("onnxruntime")
-    from napari_graphkd.inference import decode_output
     from napari_graphkd.models.onnx import OnnxNetwork
 
     model, _ = load_checkpoint(tiny_checkpoint)
-    by_torch, by_onnx = run_network(model, crop[0], tile=128), run_network(OnnxNetwork(model, threads=1), crop[0], tile=128)
+    working = working_image(crop[0])
+    by_torch = network_output(model, working, tile=128)
+    by_onnx = network_output(OnnxNetwork(model, threads=1), working, tile=128)
     np.testing.assert_allclose(by_onnx.embedding, by_torch.embedding, atol=1e-5)
     np.testing.assert_allclose(by_onnx.foreground, by_torch.foreground, atol=1e-6)
     assert np.array_equal(decode_output(by_onnx)[0], decode_output(by_torch)[0])

@@ -238,7 +238,7 @@ def build_description(checkpoint: str | Path, folder: Path, name: str | None = N
     import tifffile
     from skimage.io import imsave
 
-    from ..segment import ModelSegmenter
+    from ..segment import ModelSegmenter, segment_any
 
     segmenter = ModelSegmenter(checkpoint)
     model, meta = segmenter.model, segmenter.metadata
@@ -256,7 +256,7 @@ def build_description(checkpoint: str | Path, folder: Path, name: str | None = N
     if FOREGROUND_ID in ids:
         tifffile.imwrite(folder / f"sample_{FOREGROUND_ID}.tif", outputs[ids.index(FOREGROUND_ID)], compression="zlib")
 
-    labels = segmenter.segment(raw[0, 0]).labels
+    labels = segment_any(segmenter, raw[0, 0]).labels
     imsave(folder / "cover.png", cover_image(raw[0, 0], labels), check_contrast=False)
     (folder / "README.md").write_text(documentation(meta, name, multiple))
 
