@@ -87,3 +87,18 @@ def test_onnxruntime_network_gives_the_library_the_torch_output(tiny_checkpoint,
     np.testing.assert_allclose(by_onnx.embedding, by_torch.embedding, atol=1e-5)
     np.testing.assert_allclose(by_onnx.foreground, by_torch.foreground, atol=1e-6)
     assert np.array_equal(decode_output(by_onnx)[0], decode_output(by_torch)[0])
+
+
+def test_segment_with_the_onnx_runtime_writes_the_torch_labels(crop, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "a.tif", crop[0])
+    for runtime in ("torch", "onnx"):
+        args = ["segment", "--model", "student", "--runtime", runtime, "--threads", "1", "--out",
+                str(tmp_path / runtime), str(tmp_path / "a.tif")]
+        assert main(args) == 0
+    by_onnx, by_torch = tifffile.imread(tmp_path / "onnx" / "a.tif"), tifffile.imread(tmp_path / "torch" / "a.tif")
+    assert by_torch.max() > 5 and np.array_equal(by_onnx, by_torch)
+    assert main(["segment", "--model", "classical", "--runtime", "onnx", "--out", str(tmp_path / "c"), str(tmp_path / "a.tif")]) == 2
+    assert "the classical pipeline has none" in capsys.readouterr().err
