@@ -1,4 +1,6 @@
 """Standard formats: the exported network equals the library's, ONNX runs in onnxruntime, the bioimage.io package validates."""
+import os
+import stat
 import zipfile
 
 import numpy as np
@@ -48,6 +50,9 @@ def test_bioimageio_package_of_the_bundled_student_passes_the_core_model_test(tm
     out = tmp_path / "student.zip"
     assert main(["export", "student", "--bioimageio", str(out)]) == 0
     assert "passes bioimageio.core's model test" in capsys.readouterr().out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # permissions like any file the user writes
     summary = core.test_model(out)  # tested again from the file, as a zoo user would
     assert summary.status == "passed", summary.format()
     with zipfile.ZipFile(out) as z:

@@ -329,6 +329,9 @@ def export_bioimageio(checkpoint: str | Path, out: str | Path, *, name: str | No
         if summary.status != "passed":
             failed = [f"{d.name}: {e.msg}" for d in summary.details for e in d.errors]
             raise ExportError(f"the package fails bioimageio.core's model test: {failed[0] if failed else summary.status}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staged, 0o666 & ~umask)  # the permissions of a file created the ordinary way, not mkstemp's 0600
         os.replace(staged, out)
     finally:
         if os.path.exists(staged):
