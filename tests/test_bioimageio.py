@@ -107,3 +107,8 @@ def test_segment_with_the_onnx_runtime_writes_the_torch_labels(crop, tmp_path, c
     assert by_torch.max() > 5 and np.array_equal(by_onnx, by_torch)
     assert main(["segment", "--model", "classical", "--runtime", "onnx", "--out", str(tmp_path / "c"), str(tmp_path / "a.tif")]) == 2
     assert "the classical pipeline has none" in capsys.readouterr().err
+
+
+def test_the_onnx_runtime_is_refused_on_the_chunked_path(tmp_path, capsys):
+    assert main(["segment", "--chunked", "--runtime", "onnx", "--out", str(tmp_path / "o"), str(tmp_path / "x.zarr")]) == 2
+    assert "--runtime onnx runs whole images only" in capsys.readouterr().err

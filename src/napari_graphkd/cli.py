@@ -118,6 +118,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .large.command import segment_chunked, wants_chunked
 
     if wants_chunked(args):  # Zarr inputs and large TIFFs: chunk by chunk into Zarr
+        if args.runtime != "torch":
+            raise CLIError("--runtime onnx runs whole images only; chunked (Zarr, large TIFF) segmentation uses torch")
         return segment_chunked(args)
     import torch
 
