@@ -19,7 +19,6 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,13 +30,14 @@ from napari_graphkd.metrics import evaluate
 from napari_graphkd.models.onnx import OnnxNetwork
 from napari_graphkd.sample_data import SAMPLE_NAMES, load_sample
 from napari_graphkd.segment import load_segmenter
+from provenance import bbbc039, header
 
 
 def load_images(data: str | None, n_val: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, image, labels): the bundled samples, then the first ``n_val`` BBBC039 val images of ``data``."""
     images = [(name, *load_sample(name)) for name in SAMPLE_NAMES]
     if data:
-        folder = Path(data) / "bbbc039" / "val"
+        folder = bbbc039(data) / "val"
         for path in sorted((folder / "images").glob("*.tif"))[:n_val]:
             images.append((path.stem, read_tiff(path), read_tiff(folder / "labels" / path.name).astype(np.int64)))
     return images
@@ -95,6 +95,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["student", "teacher"])
     args = parser.parse_args()
     images = load_images(args.data, args.val_images)
+    print(header() + "\n")
     print(f"{len(images)} images ({', '.join(n for n, _, _ in images[:3])}{' + BBBC039 val' if len(images) > 3 else ''}), "
           f"median network ms per image over {args.repeat} runs each; torch {torch.__version__}\n")
     print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} cores)\n")
