@@ -5,8 +5,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from napari_graphkd import __version__
+from napari_graphkd.affinity import OFFSETS
 from napari_graphkd.io.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
-from napari_graphkd.models import UNetConfig, build_model
+from napari_graphkd.models import EMBEDDING_DIM, UNetConfig, build_model
+from napari_graphkd.preprocess import MIN_CONTRAST_SNR, PERCENTILES
 
 
 def test_round_trip_keeps_weights_config_and_metadata(tmp_path):
@@ -15,7 +18,10 @@ def test_round_trip_keeps_weights_config_and_metadata(tmp_path):
     loaded, meta = load_checkpoint(path)
     assert loaded.config == model.config
     assert meta["training_data"] == {"folder": "x"}
-    assert meta["offsets"][0] == [-1, 0] and meta["embedding_dim"] == 16 and "package_version" in meta
+    # the metadata records the constants the network was trained with, so a later change of them is detectable
+    assert meta["offsets"] == [list(o) for o in OFFSETS] and meta["embedding_dim"] == EMBEDDING_DIM
+    assert meta["input"]["percentiles"] == list(PERCENTILES) and meta["input"]["min_contrast_snr"] == MIN_CONTRAST_SNR
+    assert meta["package_version"] == __version__
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
 

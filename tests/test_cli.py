@@ -160,13 +160,16 @@ def test_info_reports_parameters(tiny_checkpoint, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["segment", "--model", "nonexistent.safetensors", "--out", "OUT", "IMG"], "input not found"),
+        (["segment", "--model", "nonexistent.safetensors", "--out", "OUT", "img.tif"],
+         "model 'nonexistent.safetensors' is neither teacher, student, classical nor an existing checkpoint file"),
+        (["segment", "--model", "classical", "--out", "OUT", "missing.tif"], "input not found: missing.tif"),
         (["info", "no_such_model"], "neither teacher, student, classical nor an existing checkpoint"),
         (["evaluate", "--gt", "missing_dir", "--pred", "missing_dir"], "not found"),
     ],
 )
-def test_bad_arguments_exit_non_zero_with_one_line(args, message, tmp_path, monkeypatch):
+def test_bad_arguments_exit_non_zero_with_one_line(args, message, tmp_path, monkeypatch, crop):
     monkeypatch.chdir(tmp_path)
+    tifffile.imwrite(tmp_path / "img.tif", crop[0])  # the input exists: the error under test is the named one
     proc = subprocess.run([sys.executable, "-m", "napari_graphkd.cli", *args], capture_output=True, text=True)
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr

@@ -8,7 +8,6 @@ import pytest
 import tifffile
 from scipy import ndimage as ndi
 
-import napari_graphkd
 from napari_graphkd.evaluation import selection_score
 from napari_graphkd.io.datasets import env_data_root
 from napari_graphkd.metrics import (
@@ -23,9 +22,10 @@ from napari_graphkd.metrics import (
     panoptic_quality,
     sbd,
 )
+from napari_graphkd.sample_data import SAMPLE_NAMES, load_sample
+from napari_graphkd.segment import load_segmenter, segment_any
 
 DATA = (env_data_root() or Path("GRAPHKD_DATA-unset")) / "bbbc039"  # folder laid out by `graphkd data`
-SAMPLES = Path(napari_graphkd.__file__).parent / "samples"
 
 # A: 2x2 = 4 px (top left), B: 3x3 = 9 px (bottom right).
 TWO = np.array([
@@ -173,10 +173,9 @@ def _perturb(gt: np.ndarray) -> np.ndarray:
     return np.where(pred > 0, 3 * pred.astype(np.int64) + 5, 0)
 
 
-def _compare_with_stardist(gt: np.ndarray) -> None:
-    """Our matching scores equal StarDist's on gt vs a perturbed copy, at three thresholds."""
+def _compare_with_stardist(gt: np.ndarray, pred: np.ndarray) -> None:
+    """Our matching scores equal StarDist's on gt vs a prediction, at three thresholds."""
     stardist_matching = pytest.importorskip("stardist.matching")
-    pred = _perturb(gt)
     for thr in (0.3, 0.5, 0.7):
         ref = stardist_matching.matching(gt, pred, thresh=thr)
         ours = match_instances(gt, pred, iou_threshold=thr)
@@ -194,15 +193,25 @@ def test_matches_stardist_on_bbbc039():
     if not files:
         pytest.skip(f"BBBC039 val not found under {DATA}: set GRAPHKD_DATA to the folder laid out by `graphkd data`")
     for path in files[:2]:
-        _compare_with_stardist(tifffile.imread(path))
+        gt = tifffile.imread(path)
+        _compare_with_stardist(gt, _perturb(gt))
 
 
-def test_matches_stardist_on_shipped_samples():
-    files = sorted(SAMPLES.glob("*_labels.tif"))
-    if not files:
-        pytest.skip(f"no *_labels.tif samples shipped in {SAMPLES}")
-    for path in files:
-        _compare_with_stardist(tifffile.imread(path))
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_matches_stardist_on_a_models_labels_of_the_bundled_samples(name):
+    """Ground truth vs the bundled student's real prediction (misses, merges, splits as a network makes them)."""
+    pytest.importorskip("stardist.matching")
+    image, gt = load_sample(name)
+    pred = segment_any(load_segmenter("student"), image).labels
+    assert 0 < match_instances(gt, pred).fp + match_instances(gt, pred).fn  # an imperfect prediction: every count is exercised
+    _compare_with_stardist(gt, pred)
+
+
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_matches_stardist_on_perturbed_bundled_samples(name):
+    """Ground truth vs a perturbed copy with gappy, non-sequential ids."""
+    gt = load_sample(name)[1]
+    _compare_with_stardist(gt, _perturb(gt))
 
 
 def test_selection_score_pools_objects_so_one_empty_image_does_not_decide():

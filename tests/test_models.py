@@ -2,17 +2,17 @@
 import pytest
 import torch
 
-from napari_graphkd.models import NAMED_CONFIGS, build_model, count_parameters
+from napari_graphkd.models import EMBEDDING_DIM, NAMED_CONFIGS, build_model, count_parameters
 
 
 @pytest.mark.parametrize("name", [n for n in NAMED_CONFIGS if n != "resunet-paper-teacher"])
 @pytest.mark.parametrize("size", [(37, 53), (64, 64)])
-def test_outputs_have_the_input_size_and_16_channels(name, size):
+def test_outputs_have_the_input_size_and_the_embedding_channels(name, size):
     model = build_model(name).eval()
     x = torch.rand(1, model.config.in_channels, *size)
     with torch.no_grad():
         emb, fg = model(x)
-    assert emb.shape == (1, 16, *size)
+    assert emb.shape == (1, EMBEDDING_DIM, *size)
     assert fg is None or fg.shape == (1, 1, *size)
 
 

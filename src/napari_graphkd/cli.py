@@ -118,6 +118,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .large.command import segment_chunked, wants_chunked
 
     if wants_chunked(args):  # Zarr inputs and large TIFFs: chunk by chunk into Zarr
+        if args.runtime != "torch":
+            raise CLIError("--runtime onnx runs whole images only; chunked (Zarr, large TIFF) segmentation uses torch")
         return segment_chunked(args)
     import torch
 
@@ -138,6 +140,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     todo = [(f, t) for f, t in zip(files, targets) if args.overwrite or not t.exists()]
     tile = {} if args.tile is None else {"tile": args.tile}
     segmenter = load_segmenter(args.model)
+    if args.runtime == "onnx":
+        use_onnx_runtime(segmenter, args.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"model {segmenter.name}: {segmenter.parameters:,} parameters")
     print(f"{'image':<40} {'objects':>7} {'network ms':>10} {'decode ms':>9}  nuclei")
@@ -165,6 +169,18 @@ def cmd_segment(args: argparse.Namespace) -> int:
     print(f"{done} segmented, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else "")
           + (f"; {skipped} skipped (output exists; --overwrite to redo)" if skipped else ""))
     return 1 if failed else 0
+
+
+def use_onnx_runtime(segmenter, threads: int) -> None:
+    """``--runtime onnx``: the segmenter's network runs in onnxruntime (same labels; faster for the teacher on CPU)."""
+    if segmenter.kind != "network":
+        raise CLIError("--runtime onnx runs a network; the classical pipeline has none")
+    try:
+        from .models.onnx import OnnxNetwork
+
+        segmenter.model = OnnxNetwork(segmenter.model, threads=threads)
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -260,7 +276,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     bar = TrainingBar("train")
     progress_record = train_segmentation(
         args.data, args.out, args.arch, settings, n_tune=args.n_tune, init_checkpoint=args.init,
-        command="graphkd " + shlex.join(sys.argv[1:]), validate_factory=tune_validator, on_progress=bar.update,
+        command="graphkd " + shlex.join(args.argv), validate_factory=tune_validator, on_progress=bar.update,
     )
     bar.close()
     print(f"finished at step {progress_record['step']}; best on tune split: {progress_record['best']}")
@@ -316,7 +332,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     print(f"distilling {args.student} from {teacher.path} with {args.method}: {weights.active() or 'no KD terms'}", file=sys.stderr)
     bar = TrainingBar("distill")
     record = distill_student(teacher.path, args.data, args.out, args.student, settings, distill,
-                             n_tune=args.n_tune, command="graphkd " + shlex.join(sys.argv[1:]),
+                             n_tune=args.n_tune, command="graphkd " + shlex.join(args.argv),
                              validate_factory=tune_validator, on_progress=bar.update,
                              on_status=lambda m: print(m, file=sys.stderr, flush=True))
     bar.close()
@@ -325,12 +341,39 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Tune decoder settings on the checkpoint's tune images and write a small (fp16) copy."""
+    """Tune decoder settings on the checkpoint's tune images and write a small (fp16) copy; or write standard formats."""
+    if not (args.out or args.bioimageio or args.onnx):
+        raise CLIError("name an output: OUT (checkpoint), --bioimageio OUT.zip and/or --onnx OUT.onnx")
+    from .segment import BUNDLED, bundled_path
+
+    source = str(bundled_path(args.checkpoint)) if args.checkpoint in BUNDLED else args.checkpoint
+    if args.out:
+        write_compact_checkpoint(source, args)
+    if args.bioimageio or args.onnx:
+        write_standard_formats(args.out or source, args)
+    return 0
+
+
+def write_standard_formats(checkpoint: str, args: argparse.Namespace) -> None:
+    """``export --bioimageio`` / ``--onnx``: the checkpoint's network as a bioimage.io package and/or ONNX file."""
+    from .io.bioimageio import export_bioimageio, export_onnx
+    from .io.checkpoint import load_checkpoint
+
+    if args.onnx:
+        export_onnx(load_checkpoint(checkpoint)[0], args.onnx, overwrite=args.overwrite)
+        print(f"wrote {args.onnx} ({Path(args.onnx).stat().st_size / 1e6:.2f} MB)")
+    if args.bioimageio:
+        export_bioimageio(checkpoint, args.bioimageio, name=args.name, overwrite=args.overwrite)
+        print(f"wrote {args.bioimageio} ({Path(args.bioimageio).stat().st_size / 1e6:.2f} MB; passes bioimageio.core's model test)")
+
+
+def write_compact_checkpoint(checkpoint: str, args: argparse.Namespace) -> None:
+    """``export CHECKPOINT OUT``: tune the decoder if asked, then write the (fp16) copy."""
     from .data import load_folder
     from .evaluation import DECODE_GRID, network_outputs, tune_decoder
     from .io.checkpoint import load_checkpoint, save_checkpoint
 
-    model, meta = load_checkpoint(args.checkpoint)
+    model, meta = load_checkpoint(checkpoint)
     tune_names = meta.get("training_data", {}).get("tune_images")
     extra = {}
     if args.tune_data:
@@ -345,7 +388,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         extra["name"] = args.name
     save_checkpoint(args.out, model, dict(meta, **extra), overwrite=args.overwrite, half=args.half)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB)")
-    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -441,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--invert", action="store_true", default=None, help="dark nuclei on a bright background")
     p.add_argument("--tile", type=int, default=None, help="tile size for large images (px; default 1024)")
     p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads for the network (0 = torch default)")
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                   help="run the network with torch or onnxruntime (needs the export extra)")
     p.add_argument("--overwrite", action="store_true",
                    help="segment again images whose output exists (default: skip them); inputs are never replaced")
     from .large.command import add_arguments as add_chunked_arguments
@@ -499,9 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate-every", type=int, default=500)
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("export", help="tune the decoder on the tune split and write a compact checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("out")
+    p = sub.add_parser("export", help="tune the decoder and write a compact checkpoint; or write bioimage.io / ONNX")
+    p.add_argument("checkpoint", help="checkpoint path, or teacher/student (bundled)")
+    p.add_argument("out", nargs="?", default=None, help="compact checkpoint to write")
+    p.add_argument("--bioimageio", metavar="OUT.zip", default=None,
+                   help="also write a BioImage Model Zoo package of the network (tested with bioimageio.core)")
+    p.add_argument("--onnx", metavar="OUT.onnx", default=None, help="also write the network as ONNX")
     p.add_argument("--tune-data", default=None, help="folder holding the tune images listed in the checkpoint (e.g. DATA/bbbc039/tune)")
     p.add_argument("--half", action="store_true", help="store fp16 weights")
     p.add_argument("--resolution", choices=["full", "half", "quarter"], default=None,
@@ -526,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run a sub-command; expected failures print one line and exit non-zero."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in checkpoints as the command that made them
     from .io.checkpoint import CheckpointError
     from .preprocess import InputError
 
