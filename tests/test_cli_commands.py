@@ -21,7 +21,11 @@ TINY_RUN = ["--steps", "2", "--crop", "64", "--batch-size", "1", "--n-tune", "1"
 
 @pytest.fixture(autouse=True)
 def one_thread():
+    """One torch thread here (the commands are timed against it), the previous setting afterwards."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture()
