@@ -19,9 +19,9 @@ from .. import __version__
 from ..affinity import OFFSETS
 from ..models import EmbeddingUNet, UNetConfig
 from ..preprocess import MIN_CONTRAST_SNR, PERCENTILES
+from .schema import FORMAT_VERSION, SchemaError, validate_metadata
 
 METADATA_KEY = "graphkd"
-FORMAT_VERSION = 1
 
 
 class CheckpointError(ValueError):
@@ -94,6 +94,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} has corrupt metadata: {exc}") from None
     if not isinstance(meta, dict) or meta.get("architecture") != "EmbeddingUNet" or "config" not in meta:
         raise CheckpointError(f"{path}: metadata does not describe a napari-graphkd network")
+    try:
+        validate_metadata(meta)
+    except SchemaError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     return meta
 
 
@@ -120,6 +124,9 @@ def load_checkpoint(path: str | Path) -> tuple[EmbeddingUNet, dict[str, Any]]:
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
             raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     model.eval()
     return model, meta
