@@ -186,7 +186,7 @@ def use_onnx_runtime(segmenter, threads: int) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Metrics of predicted label images against ground truth, matched by file name."""
     from .data import read_tiff
-    from .metrics import evaluate, mean_metrics
+    from .metrics import as_labels, evaluate, mean_metrics
 
     gt_files = {p.stem: p for p in expand_inputs([args.gt])}
     pred_files = {p.stem: p for p in expand_inputs([args.pred])}
@@ -199,7 +199,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         gt, pred = read_tiff(gt_files[name]), read_tiff(pred_files[name])
         if gt.shape != pred.shape:
             raise CLIError(f"{name}: ground truth {gt.shape} and prediction {pred.shape} differ in shape")
-        rows[name] = evaluate(gt.astype(np.int64), pred.astype(np.int64))
+        rows[name] = evaluate(as_labels(gt, f"{gt_files[name]}"), as_labels(pred, f"{pred_files[name]}"))
     mean = mean_metrics(list(rows.values()))
     if args.json:
         print(json.dumps({"per_image": rows, "mean": mean, "missing_predictions": missing}, indent=1))
