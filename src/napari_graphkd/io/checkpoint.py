@@ -28,20 +28,57 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, foreign or does not match its architecture."""
 
 
+def _commit(tmp: str, path: Path) -> None:
+    """Make a finished temp file durable, then move it over ``path`` in one step (fsync file, rename, fsync folder)."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if os.name == "posix":  # the rename itself survives a power cut only once the folder is synced
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _temp_beside(path: Path) -> str:
+    """A new empty temp file ``.<name>.<random>.tmp`` next to ``path`` (stale ones are recognised by that pattern)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], overwrite: bool) -> None:
     """Write a safetensors file via a temporary file + rename so a crash never leaves half a file."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (refusing to overwrite; pass overwrite=True)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _temp_beside(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        _commit(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file via a temporary file + rename (replacing any previous version)."""
+    path = Path(path)
+    tmp = _temp_beside(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        _commit(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def is_stale_temp(path: Path) -> bool:
+    """True for a temp file left by an interrupted atomic write (``.<name>.<random>.tmp``)."""
+    return path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def save_checkpoint(
