@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..affinity import OFFSETS
 from ..models import EmbeddingUNet, UNetConfig
-from ..preprocess import MIN_CONTRAST_SNR, PERCENTILES
+from ..preprocess import HOT_PIXEL_MARGIN, MIN_CONTRAST_SNR, PERCENTILES
 from .schema import FORMAT_VERSION, SchemaError, validate_metadata
 
 METADATA_KEY = "graphkd"
@@ -106,7 +106,7 @@ def default_metadata(model: EmbeddingUNet) -> dict[str, Any]:
         "embedding_dim": model.config.embedding_dim,
         "offsets": [list(o) for o in OFFSETS],
         "input": {"channels": model.config.in_channels, "normalization": "percentile", "percentiles": list(PERCENTILES),
-                  "min_contrast_snr": MIN_CONTRAST_SNR},
+                  "min_contrast_snr": MIN_CONTRAST_SNR, "hot_pixel_margin": HOT_PIXEL_MARGIN},
         "package_version": __version__,
     }
 

@@ -111,7 +111,8 @@ def validate_decode(decode: Any) -> None:
 
 def validate_input(rules: Any) -> None:
     """Input rules: channels, normalisation, percentiles, contrast floor, inversion."""
-    rules = _section(rules, "input", {"channels", "normalization", "percentiles", "min_contrast_snr", "invert"})
+    rules = _section(rules, "input", {"channels", "normalization", "percentiles", "min_contrast_snr",
+                                       "hot_pixel_margin", "invert"})
     if "channels" in rules:
         _number(rules["channels"], "input.channels", 1, MAX_IN_CHANNELS, integer=True)
     if "normalization" in rules:
@@ -122,8 +123,9 @@ def validate_input(rules: Any) -> None:
             _fail("input.percentiles", f"must be a list of two numbers, got {p!r}")
         _number(p[0], "input.percentiles[0]", 0.0, 100.0)
         _number(p[1], "input.percentiles[1]", p[0], 100.0)
-    if "min_contrast_snr" in rules:
-        _number(rules["min_contrast_snr"], "input.min_contrast_snr", 0.0, 1e6)
+    for key in ("min_contrast_snr", "hot_pixel_margin"):
+        if key in rules:
+            _number(rules[key], f"input.{key}", 0.0, 1e6)
     if "invert" in rules:
         _boolean(rules["invert"], "input.invert")
 
