@@ -13,7 +13,7 @@ from typing import Any
 
 from ..affinity import OFFSETS
 from ..decode.mws import DecodeSettings
-from ..inference import COARSE_FACTORS
+from ..decode.policy import COARSE_FACTORS
 from ..models import UNetConfig
 
 FORMAT_VERSION = 1
