@@ -8,6 +8,8 @@ from magicgui.widgets import Container, Label, ProgressBar, PushButton
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 
+from ..runtime import configure_threads
+
 
 class JobWidget(Container):
     """Container with a progress bar, a Cancel button, and one background job at a time.
@@ -18,6 +20,7 @@ class JobWidget(Container):
 
     def __init__(self, viewer, **kwargs):
         super().__init__(**kwargs)
+        configure_threads()  # one torch thread per usable CPU, passive OpenMP waits, one BLAS thread
         self.viewer = viewer
         self.progress = ProgressBar(value=0, min=0, max=100, label="Progress")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
