@@ -8,6 +8,7 @@ from magicgui.widgets import Container, Label, ProgressBar, PushButton
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 
+from ..decode.process import offload_large_decodes
 from ..runtime import configure_threads
 
 
@@ -21,6 +22,7 @@ class JobWidget(Container):
     def __init__(self, viewer, **kwargs):
         super().__init__(**kwargs)
         configure_threads()  # one torch thread per usable CPU, passive OpenMP waits, one BLAS thread
+        offload_large_decodes()  # mwatershed holds the GIL: large decodes run in a worker process
         self.viewer = viewer
         self.progress = ProgressBar(value=0, min=0, max=100, label="Progress")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
