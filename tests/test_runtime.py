@@ -7,7 +7,8 @@ import pytest
 import torch
 from threadpoolctl import threadpool_info
 
-from napari_graphkd.runtime import configure_threads, resolve_threads, usable_cpus
+from napari_graphkd import runtime
+from napari_graphkd.runtime import configure_threads, count_idle, resolve_threads, usable_cpus
 
 
 @pytest.fixture()
@@ -23,10 +24,24 @@ def run_python(code: str, env: dict | None = None) -> str:
     return out.stdout.strip()
 
 
-def test_default_threads_follow_the_usable_cpus(restore_threads):
-    assert configure_threads(0) == usable_cpus() == torch.get_num_threads()
-    assert configure_threads(None) == usable_cpus()
+@pytest.mark.parametrize("idle, expected", [(None, "all"), (0, 1), (1, 1), (10**6, "all")])
+def test_default_threads_follow_the_idle_usable_cpus(restore_threads, monkeypatch, idle, expected):
+    monkeypatch.setattr(runtime, "idle_cpus", lambda: idle)
+    expected = usable_cpus() if expected == "all" else expected
+    assert configure_threads(0) == expected == torch.get_num_threads()
+    assert configure_threads(None) == expected
     assert configure_threads(1) == 1 == torch.get_num_threads()
+
+
+def test_cpus_busy_less_than_half_the_time_count_as_idle():
+    before = {0: (100, 1000), 1: (100, 1000), 2: (5, 50)}
+    after = {0: (110, 1100), 1: (190, 1100), 2: (5, 50)}  # cpu 0: 10 % busy, cpu 1: 90 %, cpu 2: no ticks
+    assert count_idle(before, after) == 2
+
+
+@pytest.mark.skipif(runtime.idle_cpus() is None, reason="needs /proc/stat (Linux)")
+def test_idle_cpus_are_measured_among_the_usable_ones():
+    assert 0 <= runtime.idle_cpus() <= usable_cpus()
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")

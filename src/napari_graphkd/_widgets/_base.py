@@ -21,7 +21,6 @@ class JobWidget(Container):
 
     def __init__(self, viewer, **kwargs):
         super().__init__(**kwargs)
-        configure_threads()  # one torch thread per usable CPU, passive OpenMP waits, one BLAS thread
         offload_large_decodes()  # mwatershed holds the GIL: large decodes run in a worker process
         self.viewer = viewer
         self.progress = ProgressBar(value=0, min=0, max=100, label="Progress")
@@ -60,6 +59,7 @@ class JobWidget(Container):
             show_warning("napari-graphkd is still working; wait or press Cancel")
             return None
         self._cancel = threading.Event()
+        configure_threads()  # one torch thread per idle usable CPU now, passive OpenMP waits, one BLAS thread
         worker = thread_worker(job)(request, self._cancel)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(lambda result: self._on_returned(result, on_done))
