@@ -129,3 +129,34 @@ def test_a_run_of_another_network_is_refused(tmp_path):
     other = build_model(UNetConfig(widths=(4, 16), stem_stride=2))
     with pytest.raises(ResumeError, match="different network"):
         run_training(other, blobs, tmp_path, TrainSettings(steps=4, batch_size=2), step_loss=step_loss, metadata={})
+
+
+def distil(run_dir, samples, stop_after=None):
+    """A tiny GRD distillation (memory bank on) of 6 steps, optionally stopped early."""
+    from napari_graphkd.data import AugmentConfig
+    from napari_graphkd.distill import method_weights
+    from napari_graphkd.train.distill import DistillSettings, distill_samples
+
+    torch.manual_seed(1)
+    teacher = build_model(UNetConfig(widths=(4, 8))).eval()
+    student = build_model(UNetConfig(widths=(4, 8), stem_stride=2))
+    settings = TrainSettings(steps=6, batch_size=2, warmup=1, save_every=2, snapshot_every=100, validate_every=100,
+                             augment=AugmentConfig(crop=64))
+    distill = DistillSettings(method="grd", weights=method_weights("grd"), memory_size=3, memory_samples=2)
+    done = []
+    progress = distill_samples(teacher, student, samples, run_dir, settings, distill, metadata={}, on_progress=done.append,
+                               should_stop=lambda: stop_after is not None and len(done) >= stop_after)
+    return student, progress
+
+
+def test_distillation_resumes_exactly_with_its_memory_bank(sample, tmp_path):
+    from napari_graphkd.data import Sample
+
+    image = (sample[0] / 4095.0).astype(np.float32)
+    samples = [Sample(f"s{i}", image[y : y + 96, x : x + 128], sample[1][y : y + 96, x : x + 128])
+               for i, (y, x) in enumerate([(0, 0), (200, 300), (400, 500)])]
+    straight = distil(tmp_path / "straight", samples)
+    distil(tmp_path / "split", samples, stop_after=3)
+    model, progress = distil(tmp_path / "split", samples)
+    assert any("kd_inter_edge" in h for h in progress["history"][3:])  # the memory bank was in use after the resume
+    assert_same_run(model, progress, straight)

@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from ..affinity import OFFSETS, affinity_loss, embedding_affinities, label_affin
 from ..data import AugmentConfig, Sample, make_batch
 from ..io.checkpoint import CheckpointError, atomic_write_text, read_metadata, save_checkpoint
 from ..models import EmbeddingUNet
-from .state import ResumeError, load_state, remove_stale_temps, save_state
+from .state import ResumeError, Stateful, load_state, remove_stale_temps, save_state
 
 
 @dataclass
@@ -113,6 +113,7 @@ def run_training(
     select_metric: str = "score",
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    stateful: Sequence[Stateful] = (),
 ) -> dict[str, Any]:
     """Train ``model`` on batches from ``batches(rng)`` with resumable state in ``run_dir``; return the progress.
 
@@ -121,14 +122,15 @@ def run_training(
     ``best.safetensors`` (best on the validation callback's ``select_metric``) and periodic
     ``step_NNNNNN.safetensors`` snapshots. Re-running with the same ``run_dir`` resumes exactly
     (batches and dropout are seeded by step) or raises ResumeError.
-    ``extra_modules`` (e.g. distillation adapters) are optimised too but not saved in the model file.
+    ``extra_modules`` (e.g. distillation adapters) are optimised too but not saved in the model file;
+    ``stateful`` objects (e.g. the distillation objective's memory bank) are saved in the state too.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(run_dir)
     params = [p for m in (model, *extra_modules) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    progress = load_state(run_dir, model, optimizer, list(extra_modules))
+    progress = load_state(run_dir, model, optimizer, list(extra_modules), stateful)
     resumed = progress is not None
     if not resumed:
         progress = {"step": 0, "history": [], "validation": [], "best": None, "seconds": 0.0}
@@ -151,7 +153,7 @@ def run_training(
         if saved_step == progress["step"]:
             return
         progress["peak_rss_mb"] = peak_memory_mb()
-        save_state(run_dir, model, optimizer, list(extra_modules), progress)  # the resume point, one rename
+        save_state(run_dir, model, optimizer, list(extra_modules), progress, stateful)  # the resume point, one rename
         saved_step = progress["step"]
         export()
 

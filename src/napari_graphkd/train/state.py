@@ -2,7 +2,8 @@
 
 ``state.safetensors`` in a run folder is the only resume point. It holds every tensor a step
 changes (model weights and BatchNorm statistics, optimiser moments, extra modules such as
-distillation adapters) and, in its header, the progress (step, history, validation, best) and the
+distillation adapters, :class:`Stateful` objects such as the distillation memory bank and its
+sampler) and, in its header, the progress (step, history, validation, best) and the
 optimiser's parameter groups. It is replaced in one rename, so a kill at any moment leaves either
 the previous complete state or the new one. ``last.safetensors`` and ``progress.json`` are copies
 for people and tools, re-derived from the state when a run resumes.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -21,6 +22,14 @@ from ..io.checkpoint import CheckpointError, atomic_save_tensors, is_stale_temp,
 
 STATE_FILE = "state.safetensors"
 STATE_FORMAT = "graphkd-run-state-1"
+
+
+class Stateful(Protocol):
+    """Training state outside modules and optimiser (e.g. a distillation memory bank and its sampler)."""
+
+    def get_state(self) -> tuple[dict[str, torch.Tensor], dict]: ...
+
+    def set_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None: ...
 
 
 class ResumeError(ValueError):
@@ -55,14 +64,20 @@ def remove_stale_temps(run_dir: Path) -> list[Path]:
 
 
 def save_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               extra_modules: list[torch.nn.Module], progress: dict[str, Any]) -> None:
+               extra_modules: list[torch.nn.Module], progress: dict[str, Any], stateful: Sequence[Stateful] = ()) -> None:
     """Write the whole resume point of a run as one file, replacing the previous one in one rename."""
     opt, groups = optimizer_tensors(optimizer)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"optimizer.{k}": v for k, v in opt.items()})
     for i, extra in enumerate(extra_modules):
         tensors.update({f"extra{i}.{k}": v for k, v in extra.state_dict().items()})
-    meta = {"format": STATE_FORMAT, "progress": json.dumps(progress), "optimizer_groups": json.dumps(groups)}
+    other = []
+    for i, obj in enumerate(stateful):
+        state, obj_meta = obj.get_state()
+        tensors.update({f"state{i}.{k}": v for k, v in state.items()})
+        other.append(obj_meta)
+    meta = {"format": STATE_FORMAT, "progress": json.dumps(progress), "optimizer_groups": json.dumps(groups),
+            "state": json.dumps(other)}
     atomic_save_tensors(tensors, Path(run_dir) / STATE_FILE, meta, overwrite=True)
 
 
@@ -79,12 +94,12 @@ def _load_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what
 
 
 def load_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               extra_modules: list[torch.nn.Module]) -> dict[str, Any] | None:
+               extra_modules: list[torch.nn.Module], stateful: Sequence[Stateful] = ()) -> dict[str, Any] | None:
     """Restore everything of the saved step and return its progress; None for a folder without a run."""
     run_dir = Path(run_dir)
     path = run_dir / STATE_FILE
     if not path.exists():
-        return load_legacy_state(run_dir, model, optimizer, extra_modules)
+        return load_legacy_state(run_dir, model, optimizer, extra_modules, stateful)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -92,6 +107,7 @@ def load_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"format {meta.get('format')!r}")
         progress, groups = json.loads(meta["progress"]), json.loads(meta["optimizer_groups"])
+        other = json.loads(meta.get("state", "[]"))
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise ResumeError(f"{path} is not a readable run state ({exc}); use a new --out folder to start afresh") from None
     _load_module(model, _split(tensors, "model."), "network", run_dir)
@@ -101,15 +117,24 @@ def load_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
         restore_optimizer(optimizer, _split(tensors, "optimizer."), groups)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise ResumeError(f"{run_dir}: the saved optimiser does not fit this run ({exc})") from None
+    if len(other) != len(stateful):
+        raise ResumeError(f"{run_dir} holds a run of another kind (saved state of {len(other)} training objects, "
+                          f"this run has {len(stateful)}); use a new --out folder to start afresh")
+    for i, (obj, obj_meta) in enumerate(zip(stateful, other)):
+        try:
+            obj.set_state(_split(tensors, f"state{i}."), obj_meta)
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise ResumeError(f"{run_dir}: the saved training state does not fit this run ({exc})") from None
     return progress
 
 
 def load_legacy_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      extra_modules: list[torch.nn.Module]) -> dict[str, Any] | None:
+                      extra_modules: list[torch.nn.Module], stateful: Sequence[Stateful] = ()) -> dict[str, Any] | None:
     """Resume a run folder of the older layout (separate last/optimizer/progress files) when they agree.
 
     Those files were written model first and progress last, so a folder whose ``last.safetensors``
     and ``progress.json`` name the same step holds one consistent state; any other folder is refused.
+    That layout kept no distillation memory bank: such a run resumes with an empty one.
     """
     last, progress_path, opt_path = run_dir / "last.safetensors", run_dir / "progress.json", run_dir / "optimizer.safetensors"
     if not last.exists():
