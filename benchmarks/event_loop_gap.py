@@ -1,12 +1,17 @@
-"""Does the viewer stay responsive while the Fine-tune / distil widget trains? Largest gap between 20 ms timer ticks.
+"""Does the viewer stay responsive while the widgets work? Largest gap between 20 ms timer ticks.
 
-Opens a real napari viewer (under Xvfb when there is no display), loads a bundled BBBC039 sample
-with a partial annotation (the cells left of the image's middle are painted), starts a real
-fine-tune with the widget and records a 20 ms QTimer: first with the viewer idle, then while the
-job runs. Prints max / p95 / median gaps as a table.
+Opens a real napari viewer (under Xvfb when there is no display) and records a 20 ms QTimer,
+first with the viewer idle, then while a job runs. Prints max / p95 / median gaps as a table.
 
-    python benchmarks/event_loop_gap.py                                   # bundled teacher and student
+* ``--scenario finetune``: a bundled BBBC039 sample with a partial annotation (the cells left of
+  the image's middle are painted) and a real fine-tune started with the Fine-tune / distil widget.
+* ``--scenario segment``: a ``--size`` x ``--size`` image (bundled samples tiled) segmented with
+  the Segment widget, decoding in the worker process (the widgets' default for large images,
+  decode/process.py) and then in the viewer's own process, where mwatershed holds the GIL.
+
+    python benchmarks/event_loop_gap.py                                   # fine-tune, bundled teacher and student
     python benchmarks/event_loop_gap.py --teacher t.safetensors --student s.safetensors --steps 60
+    python benchmarks/event_loop_gap.py --scenario segment --size 2000 --models student teacher
 """
 from __future__ import annotations
 
@@ -67,20 +72,76 @@ def row(name: str, gaps: np.ndarray) -> str:
     return f"| {name} | {len(gaps) + 1} | {ms.max():.0f} | {np.percentile(ms, 95):.0f} | {np.median(ms):.0f} |"
 
 
+def tiled_image(size: int) -> np.ndarray:
+    """A size x size uint16 image made of the bundled samples, side by side and mirrored (no seams)."""
+    planes = [load_sample(name)[0] for name in SAMPLE_NAMES]
+    row = np.concatenate([p if i % 2 == 0 else p[:, ::-1] for i, p in enumerate(planes)], axis=1)
+    reps = (-(-size // row.shape[0]), -(-size // row.shape[1]))
+    return np.tile(np.concatenate([row, row[::-1]], axis=0), reps)[:size, :size].copy()
+
+
+def segment_scenario(args: argparse.Namespace) -> int:
+    """Gaps while the Segment widget segments a large image, decoding in the worker vs in the viewer's process."""
+    import napari
+
+    from napari_graphkd._widgets import SegmentWidget
+    from napari_graphkd.decode import process
+
+    image = tiled_image(args.size)
+    viewer = napari.Viewer(show=True)
+    viewer.add_image(image, name=f"tiled {args.size}")
+    widget = SegmentWidget(viewer)  # starts the decoder worker process
+    viewer.window.add_dock_widget(widget, name="Segment")
+    for role in ("teacher", "student"):
+        widget.pickers[role].source.value = "file"
+        widget.pickers[role].path.value = getattr(args, role)
+    widget.image.value = viewer.layers[f"tiled {args.size}"]
+    process.prewarm().result()  # the worker is ready, as it is a few seconds after the widget opens
+    rows = []
+    idle_end = time.perf_counter() + 3.0
+    rows.append(row("idle (3 s)", record_gaps(lambda: time.perf_counter() > idle_end)))
+    for model in args.models:
+        for in_worker in (True, False):
+            process.offload_large_decodes(in_worker)
+            start = time.perf_counter()
+            if widget.run((model,)) is None:
+                print("the segmentation did not start (see the notification above)", file=sys.stderr)
+                return 1
+            gaps = record_gaps(lambda: not widget.busy)
+            seconds = time.perf_counter() - start
+            result = widget.last_result.models[0]
+            where = "worker process" if in_worker else "viewer's process"
+            rows.append(row(f"{model}, decoding in the {where} ({seconds:.1f} s: network {result.network_seconds:.1f} s, "
+                            f"decode {result.decode_seconds:.1f} s)", gaps))
+    viewer.close()
+    process.shutdown()
+    print(f"segmenting a {args.size}x{args.size} image with the Segment widget")
+    print(f"| viewer | ticks of {TICK_MS} ms | max gap (ms) | p95 gap (ms) | median gap (ms) |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Measure idle and fine-tuning event-loop gaps in a real viewer; print the table."""
+    """Measure idle and busy event-loop gaps in a real viewer; print the table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scenario", default="finetune", choices=["finetune", "segment"])
     p.add_argument("--teacher", default=str(bundled_path("teacher")))
     p.add_argument("--student", default=str(bundled_path("student")))
     p.add_argument("--mode", default="finetune", choices=list(MODES))
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--sample", default="bbbc039_A15_s5", choices=SAMPLE_NAMES)
+    p.add_argument("--size", type=int, default=2000, help="segment scenario: image side (px)")
+    p.add_argument("--models", nargs="+", default=["student"], choices=["student", "teacher"],
+                   help="segment scenario: models to run")
     args = p.parse_args(argv)
     for role in ("teacher", "student"):
         if not Path(getattr(args, role)).is_file():
             print(f"no {role} checkpoint at {getattr(args, role)}; pass --{role} PATH", file=sys.stderr)
             return 2
     ensure_display()
+    if args.scenario == "segment":
+        return segment_scenario(args)
     import napari
 
     from napari_graphkd._widgets import FinetuneWidget

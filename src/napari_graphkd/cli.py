@@ -28,13 +28,13 @@ class Parser(argparse.ArgumentParser):
 
 
 def threads_arg(text: str) -> int:
-    """``--threads``: a whole number >= 0 (0 = torch's default)."""
+    """``--threads``: a whole number >= 0 (0 = one per idle CPU, see runtime.py)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (torch's default) or more, got {value}")
+        raise argparse.ArgumentTypeError(f"must be 0 (one per idle CPU) or more, got {value}")
     return value
 
 
@@ -121,16 +121,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if args.runtime != "torch":
             raise CLIError("--runtime onnx runs whole images only; chunked (Zarr, large TIFF) segmentation uses torch")
         return segment_chunked(args)
-    import torch
-
     from .data import read_tiff
     from .preprocess import InputError
+    from .runtime import configure_threads
     from .segment import load_segmenter, segment_any
 
     if args.out is None:
         raise CLIError("--out is required (a folder for the label TIFFs)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
     files = expand_inputs(args.inputs)
     out_dir = Path(args.out)
     targets = [out_dir / f"{f.stem}.tif" for f in files]
@@ -186,7 +184,7 @@ def use_onnx_runtime(segmenter, threads: int) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Metrics of predicted label images against ground truth, matched by file name."""
     from .data import read_tiff
-    from .metrics import evaluate, mean_metrics
+    from .metrics import as_labels, evaluate, mean_metrics
 
     gt_files = {p.stem: p for p in expand_inputs([args.gt])}
     pred_files = {p.stem: p for p in expand_inputs([args.pred])}
@@ -199,7 +197,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         gt, pred = read_tiff(gt_files[name]), read_tiff(pred_files[name])
         if gt.shape != pred.shape:
             raise CLIError(f"{name}: ground truth {gt.shape} and prediction {pred.shape} differ in shape")
-        rows[name] = evaluate(gt.astype(np.int64), pred.astype(np.int64))
+        rows[name] = evaluate(as_labels(gt, f"{gt_files[name]}"), as_labels(pred, f"{pred_files[name]}"))
     mean = mean_metrics(list(rows.values()))
     if args.json:
         print(json.dumps({"per_image": rows, "mean": mean, "missing_predictions": missing}, indent=1))
@@ -392,14 +390,12 @@ def write_compact_checkpoint(checkpoint: str, args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Segment the bundled samples with the bundled models and the classical pipeline; print metrics."""
-    import torch
-
     from .metrics import evaluate, mean_metrics
+    from .runtime import configure_threads
     from .sample_data import SAMPLE_NAMES, load_sample
     from .segment import BUNDLED, bundled_path, load_segmenter, segment_any
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
     models = [m for m in BUNDLED if bundled_path(m).exists()] + ["classical"]
     samples = [load_sample(name) for name in SAMPLE_NAMES]
     print(f"bundled BBBC039 validation samples: {', '.join(SAMPLE_NAMES)} (never used in training)")
@@ -482,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="typical nucleus diameter in px (rescales to the training size), or 'auto'")
     p.add_argument("--invert", action="store_true", default=None, help="dark nuclei on a bright background")
     p.add_argument("--tile", type=int, default=None, help="tile size for large images (px; default 1024)")
-    p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads for the network (0 = torch default)")
+    p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads for the network (0 = one per idle CPU this process may use)")
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
                    help="run the network with torch or onnxruntime (needs the export extra)")
     p.add_argument("--overwrite", action="store_true",
@@ -493,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("demo", help="segment the bundled samples with the bundled models and print metrics")
-    p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads (0 = one per idle CPU this process may use)")
     p.add_argument("--viewer", action="store_true", help="then open napari with the sample, models and widgets")
     p.set_defaults(func=cmd_demo)
 

@@ -86,6 +86,20 @@ def _check_labels(gt: np.ndarray, pred: np.ndarray) -> None:
             raise ValueError(f"{name} contains negative labels; labels must be >= 0 (0 = background)")
 
 
+def as_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
+    """Integer (int64) label image of ``labels``; floats only when every value is a whole number (never truncated)."""
+    labels = np.asarray(labels)
+    if labels.dtype == bool or np.issubdtype(labels.dtype, np.integer):
+        return labels.astype(np.int64, copy=False)
+    if not np.issubdtype(labels.dtype, np.floating):
+        raise ValueError(f"{name} must be a label image of integers, got dtype {labels.dtype}")
+    bad = ~np.isfinite(labels) | (labels != np.round(labels)) | (np.abs(labels) > 2**53)
+    if bad.any():
+        raise ValueError(f"{name} is a {labels.dtype} image with non-integral values (e.g. {labels[bad].flat[0]!r}); "
+                         "label ids must be whole numbers")
+    return labels.astype(np.int64)
+
+
 def overlaps(gt: np.ndarray, pred: np.ndarray) -> Overlaps:
     """Build the GT x prediction overlap table from two label images (background dropped)."""
     gt, pred = np.asarray(gt), np.asarray(pred)

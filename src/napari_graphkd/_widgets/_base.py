@@ -8,6 +8,9 @@ from magicgui.widgets import Container, Label, ProgressBar, PushButton
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 
+from ..decode.process import offload_large_decodes
+from ..runtime import configure_threads
+
 
 class JobWidget(Container):
     """Container with a progress bar, a Cancel button, and one background job at a time.
@@ -18,6 +21,7 @@ class JobWidget(Container):
 
     def __init__(self, viewer, **kwargs):
         super().__init__(**kwargs)
+        offload_large_decodes()  # mwatershed holds the GIL: large decodes run in a worker process
         self.viewer = viewer
         self.progress = ProgressBar(value=0, min=0, max=100, label="Progress")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -55,6 +59,7 @@ class JobWidget(Container):
             show_warning("napari-graphkd is still working; wait or press Cancel")
             return None
         self._cancel = threading.Event()
+        configure_threads()  # one torch thread per idle usable CPU now, passive OpenMP waits, one BLAS thread
         worker = thread_worker(job)(request, self._cancel)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(lambda result: self._on_returned(result, on_done))

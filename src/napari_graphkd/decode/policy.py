@@ -47,7 +47,14 @@ def decoding_affinities(embedding: np.ndarray, settings: DecodeSettings) -> np.n
 
 
 def decode_output(output: NetworkOutput, settings: DecodeSettings = DecodeSettings()) -> tuple[np.ndarray, float]:
-    """Instance labels at the original image size, and the decode time (affinities + MWS + clean-up)."""
+    """Instance labels at the original image size, and the decode time (affinities + MWS + clean-up).
+
+    A process that offloads large decodes (the napari widgets) runs them in a worker (decode/process.py).
+    """
+    from .process import decode_in_worker, wants_worker  # here, not at the top: process.py imports this module
+
+    if wants_worker(output):
+        return decode_in_worker(output, settings)
     start = time.perf_counter()
     factor = COARSE_FACTORS[settings.resolution]
     if factor > 1:

@@ -53,6 +53,20 @@ class MemoryBank:
             gram = pooled_gram(emb.float(), self.pool)
             self._items.append(MemoryItem(emb.to(torch.float16), lab.to(torch.int32), nodes, gram, image_id))
 
+    def get_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Stored items as named tensors plus their image ids (JSON), for an exact training resume."""
+        tensors = {}
+        for i, item in enumerate(self._items):
+            for field in ("embedding", "labels", "nodes", "gram"):
+                tensors[f"{i}.{field}"] = getattr(item, field).clone()  # items may share storage with a batch
+        return tensors, {"image_ids": [item.image_id for item in self._items]}
+
+    def set_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Inverse of :meth:`get_state`: replace the stored items."""
+        self._items.clear()
+        for i, image_id in enumerate(meta["image_ids"]):
+            self._items.append(MemoryItem(*(tensors[f"{i}.{f}"] for f in ("embedding", "labels", "nodes", "gram")), image_id))
+
     def sample(
         self,
         k: int | None = None,

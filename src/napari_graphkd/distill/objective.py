@@ -155,6 +155,21 @@ class DistillationObjective:
         self.cwd_tau = cwd_tau
         self.generator = generator
 
+    def get_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Memory bank and sampling generator as tensors + JSON, so a resumed run continues exactly."""
+        tensors, meta = self.memory_bank.get_state() if self.memory_bank is not None else ({}, {})
+        tensors = {f"memory.{k}": v for k, v in tensors.items()}
+        if self.generator is not None:
+            tensors["generator"] = self.generator.get_state()
+        return tensors, {"memory": meta}
+
+    def set_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Inverse of :meth:`get_state`."""
+        if self.memory_bank is not None:
+            self.memory_bank.set_state({k[7:]: v for k, v in tensors.items() if k.startswith("memory.")}, meta["memory"])
+        if self.generator is not None:
+            self.generator.set_state(tensors["generator"])
+
     @property
     def needs_features(self) -> bool:
         """Whether ``NetOut.features`` must be filled (a feature-level baseline is on)."""

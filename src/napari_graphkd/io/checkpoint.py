@@ -18,14 +18,35 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..affinity import OFFSETS
 from ..models import EmbeddingUNet, UNetConfig
-from ..preprocess import MIN_CONTRAST_SNR, PERCENTILES
+from ..preprocess import HOT_PIXEL_MARGIN, MIN_CONTRAST_SNR, PERCENTILES
+from .schema import FORMAT_VERSION, SchemaError, validate_metadata
 
 METADATA_KEY = "graphkd"
-FORMAT_VERSION = 1
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, foreign or does not match its architecture."""
+
+
+def _commit(tmp: str, path: Path) -> None:
+    """Make a finished temp file durable, then move it over ``path`` in one step (fsync file, rename, fsync folder)."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if os.name == "posix":  # the rename itself survives a power cut only once the folder is synced
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _temp_beside(path: Path) -> str:
+    """A new empty temp file ``.<name>.<random>.tmp`` next to ``path`` (stale ones are recognised by that pattern)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return tmp
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], overwrite: bool) -> None:
@@ -33,15 +54,31 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (refusing to overwrite; pass overwrite=True)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _temp_beside(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        _commit(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file via a temporary file + rename (replacing any previous version)."""
+    path = Path(path)
+    tmp = _temp_beside(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        _commit(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def is_stale_temp(path: Path) -> bool:
+    """True for a temp file left by an interrupted atomic write (``.<name>.<random>.tmp``)."""
+    return path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def save_checkpoint(
@@ -69,7 +106,7 @@ def default_metadata(model: EmbeddingUNet) -> dict[str, Any]:
         "embedding_dim": model.config.embedding_dim,
         "offsets": [list(o) for o in OFFSETS],
         "input": {"channels": model.config.in_channels, "normalization": "percentile", "percentiles": list(PERCENTILES),
-                  "min_contrast_snr": MIN_CONTRAST_SNR},
+                  "min_contrast_snr": MIN_CONTRAST_SNR, "hot_pixel_margin": HOT_PIXEL_MARGIN},
         "package_version": __version__,
     }
 
@@ -94,6 +131,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} has corrupt metadata: {exc}") from None
     if not isinstance(meta, dict) or meta.get("architecture") != "EmbeddingUNet" or "config" not in meta:
         raise CheckpointError(f"{path}: metadata does not describe a napari-graphkd network")
+    try:
+        validate_metadata(meta)
+    except SchemaError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     return meta
 
 
@@ -120,6 +161,9 @@ def load_checkpoint(path: str | Path) -> tuple[EmbeddingUNet, dict[str, Any]]:
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
             raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     model.eval()
     return model, meta

@@ -209,7 +209,7 @@ def distill_samples(
     return run_training(
         student, distill_batches(train, targets, settings), Path(run_dir), settings,
         step_loss=step_loss, metadata=metadata, extra_modules=extra_modules, validate=validate,
-        on_progress=on_progress, should_stop=should_stop,
+        on_progress=on_progress, should_stop=should_stop, stateful=[objective],
     )
 
 

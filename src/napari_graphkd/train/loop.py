@@ -1,11 +1,12 @@
 """Resumable training loop shared by segmentation training and distillation."""
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -13,9 +14,9 @@ import torch.nn.functional as F
 
 from ..affinity import OFFSETS, affinity_loss, embedding_affinities, label_affinities
 from ..data import AugmentConfig, Sample, make_batch
-from ..io.checkpoint import load_checkpoint, save_checkpoint
+from ..io.checkpoint import CheckpointError, atomic_write_text, read_metadata, save_checkpoint
 from ..models import EmbeddingUNet
-from .state import load_run_state, save_run_state
+from .state import ResumeError, Stateful, load_state, remove_stale_temps, save_state
 
 
 @dataclass
@@ -112,46 +113,53 @@ def run_training(
     select_metric: str = "score",
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    stateful: Sequence[Stateful] = (),
 ) -> dict[str, Any]:
     """Train ``model`` on batches from ``batches(rng)`` with resumable state in ``run_dir``; return the progress.
 
-    ``run_dir`` holds ``last.safetensors`` (resume point), ``best.safetensors`` (best on the
-    validation callback's ``select_metric``), periodic ``step_NNNNNN.safetensors`` snapshots, the
-    optimiser moments and ``progress.json``. Re-running with the same ``run_dir`` resumes.
-    ``extra_modules`` (e.g. distillation adapters) are optimised too but not saved in the model file.
+    ``run_dir`` holds ``state.safetensors`` (the resume point: model, optimiser, progress in one
+    file, see :mod:`.state`), its copies ``last.safetensors`` and ``progress.json``,
+    ``best.safetensors`` (best on the validation callback's ``select_metric``) and periodic
+    ``step_NNNNNN.safetensors`` snapshots. Re-running with the same ``run_dir`` resumes exactly
+    (batches and dropout are seeded by step) or raises ResumeError.
+    ``extra_modules`` (e.g. distillation adapters) are optimised too but not saved in the model file;
+    ``stateful`` objects (e.g. the distillation objective's memory bank) are saved in the state too.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(run_dir)
     params = [p for m in (model, *extra_modules) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    progress = load_run_state(run_dir, optimizer) if (run_dir / "last.safetensors").exists() else None
-    if progress is not None:
-        resumed, _ = load_checkpoint(run_dir / "last.safetensors")
-        model.load_state_dict(resumed.state_dict())
-        for i, extra in enumerate(extra_modules):
-            extra_path = run_dir / f"extra_{i}.safetensors"
-            if extra_path.exists():
-                from safetensors.torch import load_file
-
-                extra.load_state_dict(load_file(str(extra_path)))
-    else:
+    progress = load_state(run_dir, model, optimizer, list(extra_modules), stateful)
+    resumed = progress is not None
+    if not resumed:
         progress = {"step": 0, "history": [], "validation": [], "best": None, "seconds": 0.0}
     model.train()
     meta = dict(metadata, training=settings.to_dict())
+    saved_step = progress["step"] if resumed else None
 
     def checkpoint(name: str, overwrite: bool = True) -> None:
         model.eval()
         save_checkpoint(run_dir / name, model, dict(meta, step=progress["step"], validation=progress["validation"][-1:]), overwrite=overwrite)
         model.train()
 
-    def save_all() -> None:
-        progress["peak_rss_mb"] = peak_memory_mb()
+    def export() -> None:
+        """last.safetensors and progress.json: readable copies of the state just saved."""
         checkpoint("last.safetensors")
-        for i, extra in enumerate(extra_modules):
-            from ..io.checkpoint import atomic_save_tensors
+        atomic_write_text(run_dir / "progress.json", json.dumps(progress, indent=1))
 
-            atomic_save_tensors(extra.state_dict(), run_dir / f"extra_{i}.safetensors", {}, overwrite=True)
-        save_run_state(run_dir, optimizer, progress)
+    def save_all() -> None:
+        nonlocal saved_step
+        if saved_step == progress["step"]:
+            return
+        progress["peak_rss_mb"] = peak_memory_mb()
+        save_state(run_dir, model, optimizer, list(extra_modules), progress, stateful)  # the resume point, one rename
+        saved_step = progress["step"]
+        export()
+
+    if resumed:
+        export()  # a kill may have come between the state and its copies
+        repair_best(run_dir, progress, checkpoint)
 
     t_last = time.perf_counter()
     while progress["step"] < settings.steps:
@@ -178,6 +186,7 @@ def run_training(
         if on_progress is not None:
             on_progress(dict(record, total=settings.steps, seconds=progress["seconds"]))
         done = progress["step"]
+        new_best = False
         if validate is not None and (done % settings.validate_every == 0 or done == settings.steps):
             model.eval()
             scores = validate(model)
@@ -186,11 +195,37 @@ def run_training(
             best = progress["best"]
             if best is None or scores[select_metric] > best[select_metric]:
                 progress["best"] = {"step": done, **scores}
-                checkpoint("best.safetensors")
+                new_best = True
+        # write order: a snapshot before the state (a kill in between redoes the steps and the snapshot);
+        # a new best in the state before best.safetensors (see repair_best)
         if done % settings.snapshot_every == 0:
             checkpoint(f"step_{done:06d}.safetensors")
-        if done % settings.save_every == 0 or done == settings.steps:
+        if new_best or done % settings.save_every == 0 or done == settings.steps:
             save_all()
+        if new_best:
+            checkpoint("best.safetensors")
     save_all()
     model.eval()
     return progress
+
+
+def repair_best(run_dir: Path, progress: dict[str, Any], checkpoint: Callable[[str], None]) -> None:
+    """Make best.safetensors the model of the progress' best step after a kill between the two writes.
+
+    A new best is first recorded in the state (saved at that very step), then written to
+    best.safetensors; so a best file that disagrees means the kill came in between, and the model
+    just resumed is the best one.
+    """
+    best = progress.get("best")
+    path = run_dir / "best.safetensors"
+    if best is None:
+        return
+    try:
+        on_disk = read_metadata(path).get("step") if path.exists() else None
+    except CheckpointError:
+        on_disk = None
+    if on_disk == best["step"]:
+        return
+    if progress["step"] != best["step"]:
+        raise ResumeError(f"{path} (step {on_disk}) disagrees with the run's best step {best['step']} and cannot be rebuilt")
+    checkpoint("best.safetensors")
