@@ -43,7 +43,7 @@ from napari_graphkd.distill import BASELINE_WEIGHTS, DistillWeights, method_weig
 from napari_graphkd.evaluation import DECODE_GRID, network_outputs, score_model, tune_decoder
 from napari_graphkd.io.checkpoint import load_checkpoint, read_metadata
 from napari_graphkd.metrics import evaluate, mean_metrics
-from napari_graphkd.segment import ClassicalSegmenter, ModelSegmenter
+from napari_graphkd.segment import AS_TRAINED, ClassicalSegmenter, ModelSegmenter, segment_any
 from napari_graphkd.train.distill import DistillSettings, distill_student
 from napari_graphkd.train.loop import TrainSettings
 
@@ -131,7 +131,7 @@ def timed_scores(segmenter, images_labels, threads: int, decode: DecodeSettings 
     torch.set_num_threads(threads)
     rows, net, dec = [], 0.0, 0.0
     for image, labels in images_labels:
-        result = segment_any(segmenter, image, decode=decode)
+        result = segment_any(segmenter, image, **AS_TRAINED.kwargs(), decode=decode)
         rows.append(evaluate(labels, result.labels))
         net, dec = net + result.network_seconds, dec + result.decode_seconds
     n = len(images_labels)

@@ -20,7 +20,7 @@ from provenance import bbbc039, header
 from napari_graphkd.data import load_folder, read_tiff
 from napari_graphkd.evaluation import score_model
 from napari_graphkd.sample_data import SAMPLE_NAMES, load_sample
-from napari_graphkd.segment import load_segmenter, segment_any
+from napari_graphkd.segment import AS_TRAINED, load_segmenter, segment_any
 from napari_graphkd.train.finetune import AnnotatedImage, FinetuneSettings, plan_finetune
 from napari_graphkd.segment import bundled_path
 
@@ -49,7 +49,7 @@ def labels_of(data: Path, n_images: int) -> dict[str, np.ndarray]:
     for spec in ("teacher", "student", "classical"):
         segmenter = load_segmenter(spec)
         for name, (image, kwargs) in all_cases.items():
-            results[f"{spec}/{name}"] = segment_any(segmenter, image, **kwargs).labels
+            results[f"{spec}/{name}"] = segment_any(segmenter, image, **dict(AS_TRAINED.kwargs(), **kwargs)).labels
             print(f"{spec}/{name}", flush=True)
     val = load_folder(data / "val", names=[p.stem for p in sorted((data / "val" / "images").glob("*.tif"))[:3]])
     for spec in ("teacher", "student"):

@@ -20,7 +20,7 @@ from provenance import bbbc039, header
 
 from napari_graphkd.data import read_tiff
 from napari_graphkd.sample_data import SAMPLE_NAMES, load_sample
-from napari_graphkd.segment import load_segmenter, segment_any
+from napari_graphkd.segment import AS_TRAINED, load_segmenter, segment_any
 
 
 def load_images(folder: str | None) -> list:
@@ -33,11 +33,11 @@ def load_images(folder: str | None) -> list:
 def time_model(spec: str, images: list, repeat: int) -> dict:
     """Median network, decode and total seconds per image (first image is a warm-up)."""
     segmenter = load_segmenter(spec)
-    segment_any(segmenter, images[0])
+    segment_any(segmenter, images[0], **AS_TRAINED.kwargs())
     net, dec = [], []
     for _ in range(repeat):
         for image in images:
-            result = segment_any(segmenter, image)
+            result = segment_any(segmenter, image, **AS_TRAINED.kwargs())
             net.append(result.network_seconds)
             dec.append(result.decode_seconds)
     total = [n + d for n, d in zip(net, dec)]

@@ -47,7 +47,7 @@ def load_split(data: Path, split: str) -> list[tuple[str, np.ndarray, np.ndarray
 def score(spec: str, crops: list, diameter: float) -> dict[str, float]:
     """Per-crop mean metrics of a model run as the Segment widget runs it (diameter, inverted input)."""
     segmenter = load_segmenter(spec)
-    return mean_metrics([evaluate(labels, segment_any(segmenter, image, diameter=diameter, invert=True).labels)
+    return mean_metrics([evaluate(labels, segment_any(segmenter, image, diameter=diameter, invert=True, channel="luminance").labels)
                          for _, image, labels in crops])
 
 

@@ -10,7 +10,7 @@ import pytest
 from napari_graphkd.decode.classical import ClassicalSettings, segment_classical
 from napari_graphkd.inference import prepare_image
 from napari_graphkd.metrics import evaluate
-from napari_graphkd.segment import ClassicalSegmenter, segment_any
+from napari_graphkd.segment import AS_TRAINED, ClassicalSegmenter, segment_any
 
 
 def classical(image: np.ndarray, invert: bool = False) -> np.ndarray:
@@ -71,7 +71,7 @@ def test_rejects_non_2d():
 def test_settings_scale_with_the_nucleus_diameter(crop):
     """Nuclei twice the reference size get twice the peak distance and four times the minimum size."""
     assert ClassicalSettings().scaled(2.0) == ClassicalSettings(1.0, 18, 120)
-    plain = segment_any(ClassicalSegmenter(), crop[0]).labels
+    plain = segment_any(ClassicalSegmenter(), crop[0], **AS_TRAINED.kwargs()).labels
     large = segment_any(ClassicalSegmenter(), crop[0], diameter=2 * ClassicalSegmenter.train_diameter).labels
     np.testing.assert_array_equal(plain, classical(crop[0]))
     assert 0 < large.max() < plain.max()

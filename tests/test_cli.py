@@ -132,10 +132,10 @@ def test_stacks_and_time_series_are_segmented_plane_by_plane(crop, tmp_path, cap
     tifffile.imwrite(folder / "five_d.tif", np.zeros((2, 2, 2, 160, 200), np.uint16))
     assert main(["segment", "--model", "classical", "--diameter", "30", "--invert", "--out", str(tmp_path / "o"), str(folder)]) == 1
     captured = capsys.readouterr()
-    rows = {line.split()[0]: line.split() for line in captured.out.splitlines() if line.endswith("inverted")}
+    rows = {line.split()[0]: line.split() for line in captured.out.splitlines() if line.endswith("luminance (auto)")}
     plane = int(rows["plane.tif"][1])
     assert plane > 0 and int(rows["stack.tif"][1]) == 3 * plane and int(rows["series.tif"][1]) == 4 * plane
-    assert rows["plane.tif"][-3:] == ["30", "px,", "inverted"]
+    assert " ".join(rows["plane.tif"][4:]) == "30 px, inverted, luminance (auto)"  # the rules, as given or chosen
     assert tifffile.imread(tmp_path / "o" / "series.tif").shape == (2, 2, 160, 200)
     assert "five_d.tif: cannot segment an image of shape (2, 2, 2, 160, 200)" in captured.err
 def test_evaluate_prints_a_table_and_json(image_folder, tmp_path, capsys):

@@ -44,12 +44,15 @@ def test_cli_scoring_and_stacks_give_the_pipeline_labels(student, samples, label
     assert main(["segment", "--model", "student", "--out", str(tmp_path / "out"), *(str(tmp_path / f"s{i}.tif") for i in range(3))]) == 0
     for i, expected in enumerate(labels):
         np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / f"s{i}.tif"), expected)
-    prepared = [Sample(str(i), working_image(image), expected) for i, (image, expected) in enumerate(zip(samples, labels))]
-    for output, expected in zip(network_outputs(student.model, prepared), labels):  # evaluation and fine-tune scoring
+    as_trained = [segment_any(student, image, diameter=None, invert=False, channel="luminance").labels for image in samples]
+    prepared = [Sample(str(i), working_image(image), expected) for i, (image, expected) in enumerate(zip(samples, as_trained))]
+    for output, expected in zip(network_outputs(student.model, prepared), as_trained):  # evaluation and fine-tune scoring
         np.testing.assert_array_equal(decode_output(output, student.decode_settings)[0], expected)
-    stack = segment_any(student, np.stack(samples))
-    np.testing.assert_array_equal(stack.labels, np.stack(labels))
-    assert stack.objects == sum(count_objects(x) for x in labels) > max(count_objects(x) for x in labels)
+    stack = segment_any(student, np.stack(samples))  # input rules decided once, on the first plane
+    np.testing.assert_array_equal(stack.labels[0], labels[0])
+    same_rules = [segment_any(student, image, **stack.inputs.run_settings().kwargs()).labels for image in samples]
+    np.testing.assert_array_equal(stack.labels, np.stack(same_rules))
+    assert stack.objects == sum(count_objects(x) for x in same_rules) > max(count_objects(x) for x in same_rules)
 
 
 def test_widget_job_gives_the_pipeline_labels(samples, labels):
@@ -87,7 +90,10 @@ def test_progress_per_tile_and_stop_between_tiles(student, samples):
 def test_input_rules_are_recorded_in_the_result(samples):
     result = segment_any(ClassicalSegmenter(), samples[0], diameter=40.0, invert=False)
     assert result.inputs == decide_inputs(ClassicalSegmenter(), samples[0], 40.0, False)
-    assert result.inputs.describe() == "40 px" and decide_inputs(ClassicalSegmenter(), samples[0], "auto", True).describe() == "as trained, inverted"
+    assert result.inputs.describe() == "40 px, not inverted, luminance (auto)"
+    assert decide_inputs(ClassicalSegmenter(), samples[0], None, True).describe() == "as trained, inverted, luminance (auto)"
+    auto = segment_any(ClassicalSegmenter(), samples[0])
+    assert auto.inputs.describe().endswith("px (auto), not inverted (auto), luminance (auto)")
 
 
 @pytest.mark.parametrize("diameter", [0, -10, float("nan"), float("inf"), "x"])

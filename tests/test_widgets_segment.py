@@ -21,7 +21,11 @@ from napari_graphkd._widgets._layers import KEY
 
 @pytest.fixture()
 def setup(make_napari_viewer, crop, checkpoints):
-    """Viewer with the crop and its ground truth, and a docked Segment widget using tiny checkpoints."""
+    """Viewer with the crop and its ground truth, and a docked Segment widget using tiny checkpoints.
+
+    The input rules are fixed (the tiny models' training diameter, no inversion, luminance): one
+    network run per model and plane. The plugin-menu test below runs the default automatic rules.
+    """
     viewer = make_napari_viewer()
     image, gt = crop
     viewer.add_image(image, name="crop")
@@ -30,6 +34,7 @@ def setup(make_napari_viewer, crop, checkpoints):
     viewer.window.add_dock_widget(widget)
     use_files(widget, *checkpoints)
     widget.image.value = viewer.layers["crop"]
+    widget.diameter.value, widget.invert.value, widget.channel.value = 28.0, False, "luminance"
     return viewer, widget
 
 
@@ -260,15 +265,21 @@ def test_widgets_work_when_opened_from_the_plugin_menu(make_napari_viewer, qtbot
     viewer.add_image(crop[0], name="crop")  # napari hands plugins a proxy of the viewer: all must still work
     assert segment.image.value is viewer.layers["crop"]
     use_files(segment, *checkpoints)
+    assert segment.run_settings().kwargs() == {"diameter": "auto", "invert": "auto", "channel": "auto", "tile": 1024}
     segment.run(("teacher", "student"))
     wait(qtbot, segment)
+    runs = len(network_calls)  # the automatic diameter takes one or more passes per model
+    rules = viewer.layers[1].metadata[KEY]["input_rules"]
+    assert rules["invert"] is False and rules["channel"] == "luminance" and {"invert", "channel", "diameter"} <= set(rules["estimated"])
+    assert viewer.layers[1].metadata[KEY]["run"]["diameter"] == rules["diameter"]  # what re-decoding and overlays reuse
+    assert "(auto)" in segment.report.value
     segment.own_settings.value = False
     wait(qtbot, segment)
-    assert len(viewer.layers) == 3 and len(network_calls) == 2
+    assert len(viewer.layers) == 3 and len(network_calls) == runs  # re-decoding re-runs no network, estimates nothing
     assert viewer.layers[1].metadata[KEY]["decode"]["min_size"] == segment.min_size.value
     overlays.reset_choices()
     overlays.result.value = viewer.layers[1]
     overlays.affinity_map()
     wait(qtbot, overlays)
-    assert viewer.layers[-1].name == "crop teacher (tiny_t) affinities" and len(network_calls) == 2
+    assert viewer.layers[-1].name == "crop teacher (tiny_t) affinities" and len(network_calls) == runs
     assert errors(notes) == []

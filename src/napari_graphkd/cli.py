@@ -142,13 +142,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
         use_onnx_runtime(segmenter, args.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"model {segmenter.name}: {segmenter.parameters:,} parameters")
-    print(f"{'image':<40} {'objects':>7} {'network ms':>10} {'decode ms':>9}  nuclei")
+    print(f"{'image':<40} {'objects':>7} {'network ms':>10} {'decode ms':>9}  input rules (auto: chosen per image)")
     net_total = dec_total = 0.0
     done, failed = 0, []
     bar = image_bar(len(todo))
     for i, (path, target) in enumerate(todo):
         try:
-            result = segment_any(segmenter, read_tiff(path), diameter=args.diameter, invert=args.invert, **tile,
+            result = segment_any(segmenter, read_tiff(path), diameter=args.diameter, invert=args.invert,
+                                 channel=args.channel, **tile,
                                  on_progress=lambda fraction, i=i: bar.update(i + fraction - bar.n))
             write_labels(target, result.labels)
         except (InputError, ValueError, OSError, MemoryError) as exc:
@@ -464,6 +465,14 @@ def display_available() -> bool:
     return not sys.platform.startswith("linux") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
+def invert_arg(text: str) -> bool | str:
+    """``--invert``: ``auto``, ``yes`` or ``no``."""
+    choices = {"auto": "auto", "yes": True, "no": False}
+    if text.strip().lower() not in choices:
+        raise argparse.ArgumentTypeError(f"expected auto, yes or no, got {text!r}")
+    return choices[text.strip().lower()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``graphkd``."""
     parser = Parser(prog="graphkd", description=__doc__)
@@ -474,9 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="teacher", help="teacher, student, classical, or a checkpoint path")
     p.add_argument("--out", default=None, help="output folder (OUT/<input stem>.tif; chunked: OUT/<stem>.zarr or "
                    "OUT.zarr; default for OME-Zarr inputs: their labels/ group)")
-    p.add_argument("--diameter", type=diameter_arg, default=None,
-                   help="typical nucleus diameter in px (rescales to the training size), or 'auto'")
-    p.add_argument("--invert", action="store_true", default=None, help="dark nuclei on a bright background")
+    p.add_argument("--diameter", type=diameter_arg, default="auto", metavar="auto|PX",
+                   help="typical nucleus diameter in px, rescaled to the training size (default auto: measured per image)")
+    p.add_argument("--invert", type=invert_arg, nargs="?", const=True, default="auto", metavar="auto|yes|no",
+                   help="dark nuclei on a bright background (default auto: detected per image; --invert alone: yes)")
+    p.add_argument("--channel", choices=["auto", "luminance", "hematoxylin"], default="auto",
+                   help="input channel of RGB images (default auto: hematoxylin for stained histology, else luminance)")
     p.add_argument("--tile", type=int, default=None, help="tile size for large images (px; default 1024)")
     p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads for the network (0 = one per idle CPU this process may use)")
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",

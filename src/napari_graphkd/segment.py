@@ -2,16 +2,17 @@
 
 :func:`segment_any` is that pipeline (CLI, widgets, fine-tune scoring, benchmarks): the image's
 shape decides its planes (:func:`napari_graphkd.planes.plane_layout`, the one stack rule), the
-input rules decide the nucleus diameter and inversion once per image (:func:`decide_inputs`), then
-each plane is prepared at the model's scale, run through the network (outputs optionally cached)
-and decoded.
+input rules decide the channel, inversion and nucleus diameter once per image (:func:`decide_inputs`;
+``auto`` by default: hematoxylin for stained RGB, inversion for dark nuclei, the diameter measured on
+a first segmentation), then each plane is prepared at the model's scale, run through the network
+(outputs optionally cached) and decoded.
 Progress is reported per tile and per plane; a stop request ends the run at the next tile.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Hashable, Protocol, Sequence
@@ -21,17 +22,18 @@ import numpy as np
 from .decode.classical import ClassicalSettings, segment_classical
 from .decode.mws import DecodeSettings
 from .decode.policy import decode_output
-from .inference import (DEFAULT_TILE, MAX_WORKING_PIXELS, TRAIN_DIAMETER, NetworkOutput, network_output,
+from .inference import (DEFAULT_TILE, MAX_WORKING_PIXELS, MIN_SIDE, TRAIN_DIAMETER, NetworkOutput, network_output,
                         prepare_image, rescale_factor, working_image, working_shape)
 from .io.checkpoint import CheckpointError, load_checkpoint
 from .models import EmbeddingUNet, count_parameters
 from .planes import plane_layout
-from .preprocess import InputError
+from .preprocess import AUTO, CHANNEL_MODES, InputError, channel_image, detect_polarity, is_stained_rgb
+from .sizing import BOUNDS, MAX_PASSES, estimate_diameter
 
 BUNDLED = {"teacher": "teacher.safetensors", "student": "student.safetensors"}
-AUTO = "auto"  # diameter chosen per image by the input rules
 
-Diameter = float | str | None
+Diameter = float | str | None  # px, AUTO, or None (as trained)
+Invert = bool | str | None  # AUTO, or None (the model's default)
 Fetch = Callable[[Callable[[], NetworkOutput]], tuple[NetworkOutput, bool]]
 OutputCache = Callable[[Hashable, Callable[[], NetworkOutput]], tuple[NetworkOutput, bool]]
 OnTile = Callable[[int, int], None]
@@ -43,28 +45,51 @@ class Stopped(Exception):
 
 @dataclass(frozen=True)
 class RunSettings:
-    """How an image is run: nucleus diameter (px, ``auto`` or None = as trained), inversion (None = the model's), tile size."""
+    """How an image is run: nucleus diameter (px, ``auto``, or None = as trained), inversion (``auto``, or None = the
+    model's), input channel (``auto``, ``luminance`` or ``hematoxylin``), tile size."""
 
-    diameter: Diameter = None
-    invert: bool | None = None
+    diameter: Diameter = AUTO
+    invert: Invert = AUTO
+    channel: str = AUTO
     tile: int = DEFAULT_TILE
 
     def kwargs(self) -> dict:
         """Keyword arguments of :func:`segment_any`."""
-        return {"diameter": self.diameter, "invert": self.invert, "tile": self.tile}
+        return {"diameter": self.diameter, "invert": self.invert, "channel": self.channel, "tile": self.tile}
+
+
+AS_TRAINED = RunSettings(diameter=None, invert=None, channel="luminance")  # no automatic rule: the model's own scale and polarity
 
 
 @dataclass(frozen=True)
 class InputDecision:
-    """What the input rules chose for one image: the diameter it is rescaled from and the inversion."""
+    """What the input rules chose for one image: the diameter it is rescaled from, the inversion, the channel.
+
+    ``estimated`` names what was chosen automatically; it is not part of equality, so a decision
+    keys the same cached network output whether it was given or estimated.
+    """
 
     diameter: float | None  # nucleus diameter (px) in the image; None: as the model was trained
     invert: bool
+    channel: str = "luminance"
+    estimated: tuple[str, ...] = field(default=(), compare=False)
 
     def describe(self) -> str:
-        """Short text for reports: ``as trained`` or ``40 px``, plus ``, inverted``."""
+        """Short text for reports, e.g. ``41 px (auto), inverted (auto), hematoxylin (auto)``."""
+        def tag(name: str) -> str:
+            return " (auto)" if name in self.estimated else ""
+
         size = "as trained" if self.diameter is None else f"{self.diameter:.3g} px"
-        return size + (", inverted" if self.invert else "")
+        return ", ".join([size + tag("diameter"), ("inverted" if self.invert else "not inverted") + tag("invert"),
+                          self.channel + tag("channel")])
+
+    def run_settings(self, tile: int = DEFAULT_TILE) -> RunSettings:
+        """The same choices given explicitly (re-running them estimates nothing)."""
+        return RunSettings(self.diameter, self.invert, self.channel, tile)
+
+    def to_dict(self) -> dict:
+        """Plain dict for layer metadata and JSON reports."""
+        return {"diameter": self.diameter, "invert": self.invert, "channel": self.channel, "estimated": list(self.estimated)}
 
 
 @dataclass
@@ -132,20 +157,88 @@ def requested_diameter(diameter: Diameter) -> float | None:
     return None if value == AUTO else value
 
 
-def decide_inputs(segmenter: Segmenter, image: Any, diameter: Diameter = None, invert: bool | None = None) -> InputDecision:
-    """The input rules of one image (2D or stack): the nucleus diameter it is rescaled from, and its inversion.
+def check_invert(invert: Invert) -> bool | str | None:
+    """``auto``, None (the model's default) or a bool; InputError otherwise."""
+    if invert is None or invert == AUTO or isinstance(invert, (bool, np.bool_)):
+        return invert if invert is None or invert == AUTO else bool(invert)
+    raise InputError(f"invert must be true, false or {AUTO!r}, got {invert!r}")
 
-    Refuses a diameter whose rescaled planes would exceed MAX_WORKING_PIXELS.
-    """
-    chosen = requested_diameter(diameter)
-    if chosen is not None:
-        h, w = plane_layout(np.shape(image))[1][:2]
-        scale = rescale_factor(chosen, segmenter.train_diameter)
+
+def check_channel(channel: str) -> str:
+    """``auto`` or one of CHANNEL_MODES; InputError otherwise."""
+    if channel != AUTO and channel not in CHANNEL_MODES:
+        raise InputError(f"unknown input channel {channel!r}; choose {', '.join(CHANNEL_MODES)} or {AUTO}")
+    return channel
+
+
+def diameter_range(segmenter: Segmenter, plane_shape: tuple[int, int]) -> tuple[float, float]:
+    """Smallest and largest nucleus diameter (px) a plane can be rescaled from: within the estimate's BOUNDS,
+    at most MAX_WORKING_PIXELS once rescaled, and at least MIN_SIDE (+1) px per side."""
+    h, w = plane_shape
+    train = segmenter.train_diameter
+    lo = max(BOUNDS[0] * train, train * math.sqrt(h * w / MAX_WORKING_PIXELS))
+    hi = max(min(BOUNDS[1] * train, train * min(h, w) / (MIN_SIDE + 1)), lo)
+    return lo, hi
+
+
+def _decide(segmenter: Segmenter, image: Any, diameter: Diameter, invert: Invert, channel: str, index: tuple[int, ...],
+            tile: int, decode: DecodeSettings | None, cache: OutputCache | None,
+            on_progress: Callable[[float], None] | None) -> tuple[InputDecision, SegmentResult | None]:
+    """The input rules of an image decided on its plane ``index``, and that plane's segmentation when the diameter was
+    estimated (its times sum every pass), else None. ``on_progress`` gets the fraction of the estimate done, per tile."""
+    value, invert, channel = check_diameter(diameter), check_invert(invert), check_channel(channel)
+    h, w = plane_layout(np.shape(image))[1][:2]
+    if value not in (None, AUTO):
+        scale = rescale_factor(value, segmenter.train_diameter)
         big = working_shape((h, w), scale)
         if big[0] * big[1] > MAX_WORKING_PIXELS:
-            raise InputError(f"nucleus diameter {chosen:g} px would rescale each {h}x{w} plane to {big[0]}x{big[1]} px "
+            raise InputError(f"nucleus diameter {value:g} px would rescale each {h}x{w} plane to {big[0]}x{big[1]} px "
                              f"(more than {MAX_WORKING_PIXELS:,}); give the diameter in pixels of this image")
-    return InputDecision(chosen, segmenter.invert if invert is None else bool(invert))
+    if AUTO not in (value, invert, channel):
+        return InputDecision(value, segmenter.invert if invert is None else invert, channel), None
+    plane = np.asarray(image[index] if index else image)
+    estimated = []
+    if channel == AUTO:
+        channel = "hematoxylin" if is_stained_rgb(plane) else "luminance"
+        estimated.append("channel")
+    if invert == AUTO:
+        invert = detect_polarity(channel_image(plane, channel))
+        estimated.append("invert")
+    invert = segmenter.invert if invert is None else invert
+    if value != AUTO:
+        return InputDecision(value, invert, channel, tuple(estimated)), None
+    spent = [0.0, 0.0, 0]  # network s, decode s, passes
+
+    def on_tile(done: int, total: int) -> None:
+        if on_progress is not None:  # passes after the first are rarer: the estimate's fraction only grows
+            on_progress(min((spent[2] + done / total) / (MAX_PASSES + 1), 1.0))
+
+    def segment_at(d: float | None) -> SegmentResult:
+        trial = InputDecision(d, invert, channel)  # the cache key the final decision reuses
+        result = segmenter.segment_plane(plane, trial, tile=tile, decode=decode,
+                                         fetch=_fetcher(cache, index, trial, tile), on_tile=on_tile)
+        spent[0], spent[1], spent[2] = spent[0] + result.network_seconds, spent[1] + result.decode_seconds, spent[2] + 1
+        return result
+
+    estimate = estimate_diameter(segment_at, segmenter.train_diameter, bounds=diameter_range(segmenter, (h, w)))
+    decision = InputDecision(estimate.diameter, invert, channel, (*estimated, "diameter"))
+    return decision, replace(estimate.result, inputs=decision, network_seconds=spent[0], decode_seconds=spent[1])
+
+
+def decide_inputs(segmenter: Segmenter, image: Any, diameter: Diameter = AUTO, invert: Invert = AUTO,
+                  channel: str = AUTO, *, plane: int | None = None, tile: int = DEFAULT_TILE,
+                  cache: OutputCache | None = None) -> InputDecision:
+    """The input rules of one image (2D or stack, decided on ``plane`` or the first): channel, inversion, nucleus diameter.
+
+    ``auto`` fields are chosen from the image: the hematoxylin channel for stained RGB
+    (:func:`~napari_graphkd.preprocess.is_stained_rgb`), inversion for dark nuclei on a bright
+    background (:func:`~napari_graphkd.preprocess.detect_polarity`), the diameter measured on the
+    segmenter's own first passes (:func:`~napari_graphkd.sizing.estimate_diameter`; None when no
+    consistent size exists). Refuses a diameter whose rescaled planes would exceed MAX_WORKING_PIXELS.
+    """
+    stack, _ = plane_layout(np.shape(image))
+    index = (plane,) if plane is not None else (0,) * len(stack)
+    return _decide(segmenter, image, diameter, invert, channel, index, tile, None, cache, None)[0]
 
 
 class ModelSegmenter:
@@ -173,11 +266,11 @@ class ModelSegmenter:
         return dict(self.metadata, parameters=self.parameters, path=None if self.path is None else str(self.path))
 
     def run_network(self, image: np.ndarray, *, diameter: float | None = None, invert: bool | None = None,
-                    tile: int = DEFAULT_TILE, on_tile: OnTile | None = None) -> NetworkOutput:
+                    channel: str = "luminance", tile: int = DEFAULT_TILE, on_tile: OnTile | None = None) -> NetworkOutput:
         """Network output for one 2D plane (cache it to re-decode with other settings); its time includes preparation."""
         start = time.perf_counter()
         scale = rescale_factor(diameter, self.train_diameter)
-        working = working_image(image, invert=self.invert if invert is None else invert, scale=scale)
+        working = working_image(channel_image(image, channel), invert=self.invert if invert is None else invert, scale=scale)
         output = network_output(self.model, working, tuple(np.shape(image)[:2]), scale, tile, on_tile)
         output.seconds = time.perf_counter() - start
         return output
@@ -187,7 +280,8 @@ class ModelSegmenter:
                       on_tile: OnTile | None = None) -> SegmentResult:
         """Labels of one 2D plane: the network output (from ``fetch``'s cache or computed), decoded."""
         def compute() -> NetworkOutput:
-            return self.run_network(plane, diameter=inputs.diameter, invert=inputs.invert, tile=tile, on_tile=on_tile)
+            return self.run_network(plane, diameter=inputs.diameter, invert=inputs.invert, channel=inputs.channel,
+                                    tile=tile, on_tile=on_tile)
 
         output, cached = fetch(compute) if fetch is not None else (compute(), False)
         labels, seconds = decode_output(output, decode or self.decode_settings)
@@ -215,7 +309,7 @@ class ClassicalSegmenter:
                       decode: DecodeSettings | None = None, fetch: Fetch | None = None,
                       on_tile: OnTile | None = None) -> SegmentResult:
         """Labels of one 2D plane; the diameter scales the peak distance and minimum size."""
-        gray = prepare_image(plane, invert=inputs.invert)
+        gray = prepare_image(channel_image(plane, inputs.channel), invert=inputs.invert)
         factor = 1.0 if inputs.diameter is None else inputs.diameter / self.train_diameter
         start = time.perf_counter()
         labels = segment_classical(gray, self.settings.scaled(factor))
@@ -266,40 +360,50 @@ def _plane_indices(stack: tuple[int, ...], planes: Sequence[int] | None, shape: 
     return [(int(p),) for p in planes]
 
 
-def plane_output(segmenter: ModelSegmenter, image: Any, plane: int | None, *, diameter: Diameter = None,
-                 invert: bool | None = None, tile: int = DEFAULT_TILE, cache: OutputCache | None = None,
+def plane_output(segmenter: ModelSegmenter, image: Any, plane: int | None, *, diameter: Diameter = AUTO,
+                 invert: Invert = AUTO, channel: str = AUTO, tile: int = DEFAULT_TILE, cache: OutputCache | None = None,
                  should_stop: Callable[[], bool] | None = None) -> tuple[NetworkOutput, bool]:
     """(network output, was cached) of one plane (None: a 2D image) under the same rules and cache keys as :func:`segment_any`."""
-    inputs = decide_inputs(segmenter, image, diameter, invert)
+    inputs = decide_inputs(segmenter, image, diameter, invert, channel, plane=plane, tile=tile, cache=cache)
     index = () if plane is None else (plane,)
     stop_check = _stopper(should_stop)
 
     def compute() -> NetworkOutput:
         return segmenter.run_network(np.asarray(image[index] if index else image), diameter=inputs.diameter,
-                                     invert=inputs.invert, tile=tile, on_tile=lambda done, total: stop_check())
+                                     invert=inputs.invert, channel=inputs.channel, tile=tile,
+                                     on_tile=lambda done, total: stop_check())
 
     return _fetcher(cache, index, inputs, tile)(compute)
 
 
-def segment_any(segmenter: Segmenter, image: Any, *, diameter: Diameter = None, invert: bool | None = None,
-                tile: int = DEFAULT_TILE, decode: DecodeSettings | None = None, planes: Sequence[int] | None = None,
-                cache: OutputCache | None = None, on_progress: Callable[[float], None] | None = None,
+def segment_any(segmenter: Segmenter, image: Any, *, diameter: Diameter = AUTO, invert: Invert = AUTO,
+                channel: str = AUTO, tile: int = DEFAULT_TILE, decode: DecodeSettings | None = None,
+                planes: Sequence[int] | None = None, cache: OutputCache | None = None,
+                on_progress: Callable[[float], None] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> SegmentResult:
     """Labels of a 2D image, or of a stack/time series plane by plane (labels get the stack's shape).
 
-    ``planes`` picks planes of a (Z,Y,X) stack (labels (len(planes),Y,X)). ``cache(key, compute)``
-    returns (network output, was cached) for a plane's key. ``on_progress`` gets the finished
-    fraction after every tile and plane; when ``should_stop()`` turns true, :class:`Stopped` is
-    raised at the next tile. Lazily loaded arrays are read one plane at a time.
+    The input rules (:func:`decide_inputs`) are decided once, on the first plane to run; an
+    estimated diameter's last pass is that plane's result. ``planes`` picks planes of a (Z,Y,X)
+    stack (labels (len(planes),Y,X)). ``cache(key, compute)`` returns (network output, was cached)
+    for a plane's key. ``on_progress`` gets the finished fraction after every tile and plane; when
+    ``should_stop()`` turns true, :class:`Stopped` is raised at the next tile. Lazily loaded arrays
+    are read one plane at a time.
     """
     shape = tuple(int(n) for n in np.shape(image))
     stack, _ = plane_layout(shape)
     if math.prod(shape) == 0:
         raise InputError(f"image of shape {shape} is empty")
-    inputs = decide_inputs(segmenter, image, diameter, invert)
     indices = _plane_indices(stack, planes, shape)
     results: list[SegmentResult] = []
     stop_check = _stopper(should_stop)
+
+    def estimate_progress(fraction: float) -> None:
+        stop_check()
+        if on_progress is not None:
+            on_progress(fraction / len(indices))
+
+    inputs, first = _decide(segmenter, image, diameter, invert, channel, indices[0], tile, decode, cache, estimate_progress)
     for i, index in enumerate(indices):
         stop_check()
 
@@ -310,8 +414,11 @@ def segment_any(segmenter: Segmenter, image: Any, *, diameter: Diameter = None, 
 
         plane = np.asarray(image[index] if index else image)
         try:
-            result = segmenter.segment_plane(plane, inputs, tile=tile, decode=decode,
-                                             fetch=_fetcher(cache, index, inputs, tile), on_tile=on_tile)
+            if i == 0 and first is not None:
+                result = first
+            else:
+                result = segmenter.segment_plane(plane, inputs, tile=tile, decode=decode,
+                                                 fetch=_fetcher(cache, index, inputs, tile), on_tile=on_tile)
         except InputError as exc:
             if not index:
                 raise

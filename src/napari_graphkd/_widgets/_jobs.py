@@ -19,7 +19,7 @@ from ..graph import affinity_disagreement, agreement, at_size, edge_cosines, edg
 from ..graph import instance_embeddings, instance_graph
 from ..io.checkpoint import CheckpointError
 from ..preprocess import InputError
-from ..segment import OutputCache, RunSettings, Stopped, plane_output, segment_any
+from ..segment import InputDecision, OutputCache, RunSettings, Stopped, plane_output, segment_any
 from ._layers import KEY, Placement, plane_data, stack_planes, with_plane_axis
 from ._state import CACHE, MODELS
 
@@ -42,6 +42,7 @@ class SegmentRequest:
     network: bool = True  # False: re-decode cached network outputs only
     ground_truth: Any = None  # Labels layer data to score against, or None
     placement: Placement | None = None  # where result layers go (not used by the job)
+    runs: dict | None = None  # role -> RunSettings replacing ``run`` (what the rules chose last time, to re-decode)
 
 
 @dataclass
@@ -57,7 +58,8 @@ class ModelResult:
     decode_seconds: float
     cached: bool
     decode: dict | None
-    inputs: str = ""  # what the input rules chose (diameter, inversion)
+    inputs: str = ""  # what the input rules chose (diameter, inversion, channel)
+    decision: InputDecision | None = None
     ground_truth: dict | None = None
 
 
@@ -145,14 +147,17 @@ def _segment(request: SegmentRequest, cancel: threading.Event):
         decode = None if segmenter.kind != "network" else replace(segmenter.decode_settings, **(request.overrides or {}))
         cache = layer_cache(request.image_id, key, request.data, request.network)
 
-        def work(report, segmenter=segmenter, decode=decode, cache=cache):
-            return segment_any(segmenter, request.data, **request.run.kwargs(), decode=decode, planes=planes, cache=cache,
+        run = (request.runs or {}).get(role, request.run)
+
+        def work(report, segmenter=segmenter, decode=decode, cache=cache, run=run):
+            return segment_any(segmenter, request.data, **run.kwargs(), decode=decode, planes=planes, cache=cache,
                                on_progress=report, should_stop=cancel.is_set)
 
         seg = yield from _scaled(relay(work), i, len(request.models))
         labels = seg.labels
         model = ModelResult(role, spec, segmenter.name, segmenter.describe(), labels, seg.network_seconds, seg.decode_seconds,
-                            seg.cached, None if decode is None else decode.to_dict(), inputs=seg.inputs.describe())
+                            seg.cached, None if decode is None else decode.to_dict(), inputs=seg.inputs.describe(),
+                            decision=seg.inputs)
         if request.ground_truth is not None:
             gt = stack_planes([plane_data(request.ground_truth, p) for p in request.planes], list(request.planes))
             if gt.shape == labels.shape:

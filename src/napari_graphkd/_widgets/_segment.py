@@ -15,6 +15,7 @@ from ..inference import DEFAULT_TILE
 from ..io.checkpoint import CheckpointError
 from ..preprocess import InputError
 from ._base import JobWidget
+from ..preprocess import AUTO, CHANNEL_MODES
 from ..segment import RunSettings
 from ._jobs import JobResult, ModelResult, SegmentRequest, segment_job
 from ._layers import KEY, check_image_layer, placement, planes_to_run, provenance
@@ -47,8 +48,10 @@ class SegmentWidget(JobWidget):
         self.image = ComboBox(label="Image", choices=self._image_choices)
         self.ground_truth = ComboBox(label="Ground truth", choices=self._labels_choices, nullable=True, value=None)
         self.pickers = {"teacher": ModelPicker("teacher", "teacher"), "student": ModelPicker("student", "student")}
-        self.diameter = FloatSpinBox(label="Nucleus diameter (px, 0 = as trained)", value=0.0, min=0.0, max=1000.0, step=1.0)
-        self.invert = CheckBox(text="Dark nuclei on a bright background")
+        self.diameter = FloatSpinBox(label="Nucleus diameter (px, 0 = auto)", value=0.0, min=0.0, max=1000.0, step=1.0)
+        self.invert = ComboBox(label="Nuclei", value=AUTO, choices=[("auto-detect", AUTO), ("bright on dark", False),
+                                                                    ("dark on bright", True)])
+        self.channel = ComboBox(label="Input channel", value=AUTO, choices=[AUTO, *CHANNEL_MODES])
         self.all_planes = CheckBox(text="All planes of a stack (else the current plane)")
         self.tile = SpinBox(label="Tile size (px)", value=DEFAULT_TILE, min=128, max=8192, step=128)
         self.own_settings = CheckBox(text="Each model's tuned decoder settings", value=True)
@@ -66,7 +69,8 @@ class SegmentWidget(JobWidget):
             self.buttons[text].changed.connect(lambda _=None, roles=roles: self.run(roles))
         self.actions = list(self.buttons.values())
 
-        self.extend([self.image, self.ground_truth, *self.pickers.values(), self.diameter, self.invert, self.all_planes,
+        self.extend([self.image, self.ground_truth, *self.pickers.values(), self.diameter, self.invert, self.channel,
+                     self.all_planes,
                      self.tile, self.own_settings, self.min_size, self.foreground_threshold, self.attractive_bias,
                      self.replace, Container(widgets=list(self.buttons.values()), layout="horizontal", labels=False),
                      *self.footer()])
@@ -121,8 +125,8 @@ class SegmentWidget(JobWidget):
         return {name: getattr(self, name).value for name in DECODER_FIELDS}
 
     def run_settings(self) -> RunSettings:
-        """Diameter (0 = as trained), inversion (unchecked = the model's default) and tile size."""
-        return RunSettings(self.diameter.value or None, True if self.invert.value else None, int(self.tile.value))
+        """Diameter (0 = auto), inversion and input channel (auto or chosen) and tile size."""
+        return RunSettings(self.diameter.value or AUTO, self.invert.value, self.channel.value, int(self.tile.value))
 
     # -- running -------------------------------------------------------------------------------
     def run(self, roles: tuple[str, ...]):
@@ -194,12 +198,21 @@ class SegmentWidget(JobWidget):
             "model": model.name, "model_spec": model.spec, "model_path": model.description.get("path"),
             "architecture": model.description.get("architecture"), "parameters": model.description.get("parameters"),
             "image_layer": request.image_name, "image_layer_id": request.image_id, "planes": list(request.planes),
-            "run": asdict(request.run), "inputs": model.inputs, "decode": model.decode, "network_seconds": model.network_seconds,
+            "run": asdict(self._resolved(request, model)), "inputs": model.inputs,
+            "input_rules": None if model.decision is None else model.decision.to_dict(),
+            "decode": model.decode, "network_seconds": model.network_seconds,
             "network_cached": model.cached, "decode_seconds": model.decode_seconds,
             "ground_truth_scores": model.ground_truth,
             "agreement_with_teacher": result.agreement if model.role == "student" else None,
             "time": datetime.now().isoformat(timespec="seconds"), "edited": False,
         }
+
+    @staticmethod
+    def _resolved(request: SegmentRequest, model: ModelResult) -> RunSettings:
+        """The run settings the input rules chose for a model (re-running them estimates nothing)."""
+        if model.decision is None:
+            return (request.runs or {}).get(model.role, request.run)
+        return model.decision.run_settings(request.run.tile)
 
     def _show(self, result: JobResult, targets: dict) -> None:
         request = result.request
@@ -216,8 +229,8 @@ class SegmentWidget(JobWidget):
                 layer = self.viewer.add_labels(model.labels, name=name, metadata={KEY: prov}, **request.placement.kwargs())
                 layer.events.paint.connect(_mark_edited)
             self._latest[model.role] = layer
-        if request.network:
-            self._last_request = request
+        if request.network:  # re-decoding keeps what the input rules chose, so it finds the cached outputs
+            self._last_request = replace(request, runs={m.role: self._resolved(request, m) for m in result.models})
         self.last_result = result
         self.report.value = report_text(result)
 

@@ -12,6 +12,7 @@ from .chunks import DEFAULT_CHUNK
 from .zarr_io import LabelsTarget, Source, default_target, open_image
 
 LARGE_IMAGE_PIXELS = 50_000_000  # planes larger than this (~7k x 7k) take the chunked path automatically
+RULES_WINDOW = 1024  # automatic input rules are decided on this central window of the first plane
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +76,23 @@ def client_for(args: argparse.Namespace, stack: ExitStack):
     return stack.enter_context(Client(cluster))
 
 
+def decide_rules(source: Source, args: argparse.Namespace) -> tuple[float | None, bool | None]:
+    """(diameter, invert) for the chunked run: ``auto`` decided on a central window of the first plane (luminance only)."""
+    if args.channel == "hematoxylin":
+        raise InputError("the chunked path reads luminance only; pass --channel luminance or auto")
+    if "auto" not in (args.diameter, args.invert):
+        return args.diameter, args.invert
+    from ..segment import decide_inputs, load_segmenter
+
+    (h, w), n = source.plane_shape, RULES_WINDOW
+    y, x = max(0, (h - n) // 2), max(0, (w - n) // 2)
+    window = source.read(0, (y, min(h, y + n), x, min(w, x + n)))
+    decision = decide_inputs(load_segmenter(args.model), window, args.diameter, args.invert, "luminance")
+    print(f"{Path(source.path).name or 'image'}: input rules {decision.describe()} (decided on a central "
+          f"{window.shape[0]}x{window.shape[1]} window)", flush=True)
+    return decision.diameter, decision.invert
+
+
 class StageBar:
     """One tqdm bar per stage on stderr."""
 
@@ -113,10 +131,11 @@ def segment_chunked(args: argparse.Namespace) -> int:
         where = f"Dask scheduler {args.scheduler}" if args.scheduler else f"{args.workers} local worker(s)" if client else "this process"
         for source, target in zip(sources, outputs):
             start = time.perf_counter()
+            diameter, invert = decide_rules(source, args)
             bar = StageBar()
             try:
                 last = run_to_end(segment_large(source, target, args.model, chunk=args.chunk, halo=args.halo,
-                                                diameter=args.diameter, invert=args.invert, tile=args.tile,
+                                                diameter=diameter, invert=invert, tile=args.tile,
                                                 executor=executor, threads=args.threads or 1,
                                                 overwrite=args.overwrite), bar.update)
             except ChunkError as exc:

@@ -51,7 +51,7 @@ def decode_working(model: EmbeddingUNet, image: np.ndarray, settings: DecodeSett
 def heldout_scores(model: EmbeddingUNet, meta: dict[str, Any], plan: FinetunePlan) -> dict[str, float]:
     """Held-out scores of a model run exactly as the Segment widget runs it (diameter, inversion, its decoder)."""
     segmenter = ModelSegmenter(model=model, metadata=dict(meta, train_diameter=plan.train_diameter))
-    pred = segment_any(segmenter, plan.heldout.image, diameter=plan.diameter, invert=plan.invert).labels
+    pred = segment_any(segmenter, plan.heldout.image, diameter=plan.diameter, invert=plan.invert, channel="luminance").labels
     return heldout_metrics(plan.heldout.cells, pred)
 
 
