@@ -44,7 +44,7 @@ def images(draw):
         value = draw(st.sampled_from([0, 1, 255]))
         return np.full(shape, value).astype(dtype)
     if dtype.kind == "f":
-        big = float(min(1e30, np.finfo(dtype).max))
+        big = float(np.asarray(min(1e30, float(np.finfo(dtype).max)), dtype))  # exactly representable in dtype
         elements = st.floats(-big, big, width=dtype.itemsize * 8, allow_subnormal=False)
         if kind == "extreme":
             elements = st.sampled_from([np.nan, np.inf, -np.inf, 1e-30, 1e30, 0.0, 1.0]).map(lambda v: float(np.array(v, dtype)))
