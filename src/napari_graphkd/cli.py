@@ -262,20 +262,40 @@ def tune_validator(tune):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train a teacher (or a student without distillation) with periodic validation on a tune split."""
-    from .data import AugmentConfig
+    """Train a teacher (or a student without distillation) on one or more sources, validating on their tune images."""
+    from .data import AugmentConfig, parse_source
+    from .runtime import configure_threads
     from .train.loop import TrainSettings
-    from .train.segmentation import train_segmentation
+    from .train.segmentation import score_sources, train_segmentation
 
+    configure_threads(args.threads)
+    weights = args.source_weights or [1.0] * len(args.data)
+    if len(weights) != len(args.data) or min(weights) <= 0:
+        raise CLIError(f"--source-weights needs one positive weight per --data ({len(args.data)})")
+    sources = [parse_source(spec, args.n_tune, w) for spec, w in zip(args.data, weights)]
     settings = TrainSettings(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         validate_every=args.validate_every, snapshot_every=args.validate_every,
-        augment=AugmentConfig(crop=args.crop, elastic=args.elastic),
+        augment=AugmentConfig(crop=args.crop, elastic=args.elastic, scale_range=tuple(args.scale_range),
+                              acquisition_prob=args.acquisition_aug),
     )
+    for source in sources:
+        split = f"{len(source.train)} listed" if source.train is not None else "all other"
+        print(f"source {source.name}: {source.folder} ({split} images to train, {len(source.tune)} to tune, weight {source.weight:g})",
+              file=sys.stderr)
+
+    def validator(tune):
+        def validate(model):
+            scores = score_sources(model, tune)
+            parts = "; ".join(f"{n} f1@0.5 {scores[f'{n}/f1@0.5']:.3f} aji {scores[f'{n}/aji']:.3f}" for n in tune if tune[n])
+            print(f"\nvalidation: {parts}; score {scores['score']:.3f}", file=sys.stderr, flush=True)
+            return scores
+        return validate
+
     bar = TrainingBar("train")
     progress_record = train_segmentation(
-        args.data, args.out, args.arch, settings, n_tune=args.n_tune, init_checkpoint=args.init,
-        command="graphkd " + shlex.join(args.argv), validate_factory=tune_validator, on_progress=bar.update,
+        sources, args.out, args.arch, settings, init_checkpoint=args.init,
+        command="graphkd " + shlex.join(args.argv), validate_factory=validator, on_progress=bar.update,
     )
     bar.close()
     print(f"finished at step {progress_record['step']}; best on tune split: {progress_record['best']}")
@@ -516,8 +536,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("train", help="train a network on a folder with images/ and labels/")
-    p.add_argument("--data", required=True, help="folder with images/*.tif and labels/*.tif")
+    p = sub.add_parser("train", help="train a network on folders with images/ and labels/")
+    p.add_argument("--data", required=True, action="append", metavar="DIR[@SPLIT]",
+                   help="folder with images/*.tif and labels/*.tif; repeat for several sources (batches draw from each "
+                        "equally). @SPLIT trains on SPLIT_train.txt and tunes on SPLIT_tune.txt: a bundled split "
+                        "(bbbc039, dsb2018_fluo) or a path prefix of your own lists; DIR may hold all images or train/ and tune/ "
+                        "sub-folders; without @SPLIT, --n-tune images of DIR are held out")
+    p.add_argument("--source-weights", type=float, nargs="+", default=None, metavar="W",
+                   help="sampling weight of each --data source, in order (default: equal)")
     p.add_argument("--out", required=True, help="run folder (resumes if it holds a run)")
     p.add_argument("--arch", default="resunet-cpu-teacher", help="named architecture")
     p.add_argument("--init", default=None, help="start from this checkpoint")
@@ -527,8 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--elastic", action="store_true", help="add elastic deformation")
-    p.add_argument("--n-tune", type=int, default=10, help="images held out of training to validate/tune on (unless a tune/ folder sits beside DATA=.../train)")
+    p.add_argument("--scale-range", type=float, nargs=2, default=(0.7, 1.4), metavar=("MIN", "MAX"),
+                   help="random zoom around the training nucleus size")
+    p.add_argument("--acquisition-aug", type=float, default=0.5, metavar="P",
+                   help="chance to re-image a crop with a random camera (dim, 8-bit, saturated)")
+    p.add_argument("--n-tune", type=int, default=10, help="images held out to validate on (a source without @SPLIT and without a tune/ folder beside DIR=.../train)")
     p.add_argument("--validate-every", type=int, default=1000)
+    p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads (0 = one per idle CPU this process may use)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("distill", help="distil a student from a teacher checkpoint")

@@ -1,4 +1,4 @@
-"""Annotated image folders (``images/*.tif`` + ``labels/*.tif``), augmentation and random crops."""
+"""Annotated image folders (``images/*.tif`` + ``labels/*.tif``), training sources, augmentation and random crops."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,17 +8,21 @@ import numpy as np
 import tifffile
 from scipy import ndimage as ndi
 
-from .inference import working_image
+from .inference import TRAIN_DIAMETER, working_image
 from .preprocess import normalize
+
+SPLIT_DIR = Path(__file__).parent / "splits"  # bundled split lists: <name>_{train,tune,val}.txt
+MAX_RESCALE = 4.0  # training images are rescaled by at most this factor (or its inverse)
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One annotated image: normalised float32 image, integer labels and its file stem."""
+    """One annotated image: normalised float32 image, integer labels, its file stem and the rescale applied."""
 
     name: str
     image: np.ndarray
     labels: np.ndarray
+    scale: float = 1.0
 
 
 def read_tiff(path: str | Path) -> np.ndarray:
@@ -61,6 +65,110 @@ def median_diameter(samples: list[Sample]) -> float:
     return float(2 * np.sqrt(np.median(areas) / np.pi)) if len(areas) else 0.0
 
 
+def rescale_sample(sample: Sample, diameter: float = TRAIN_DIAMETER, fallback: float | None = None) -> Sample:
+    """``sample`` zoomed so its median nucleus diameter (from the labels) is ``diameter``: size is handled by rescaling.
+
+    Images without nuclei use ``fallback`` (e.g. their source's median diameter), else stay as they are.
+    The image is resampled as :func:`inference.working_image` resamples a user's image for a given
+    diameter, so training sees what inference will; labels use nearest neighbours on the same grid.
+    """
+    measured = median_diameter([sample]) or fallback
+    if not measured:
+        return sample
+    factor = float(np.clip(diameter / measured, 1 / MAX_RESCALE, MAX_RESCALE))
+    if abs(factor - 1.0) < 0.02:
+        return sample
+    image = ndi.zoom(sample.image, factor, order=1).astype(np.float32)
+    labels = ndi.zoom(sample.labels, factor, order=0)
+    return Sample(sample.name, image, labels.astype(np.int32), scale=sample.scale * factor)
+
+
+def read_split(path: str | Path) -> list[str]:
+    """Image stems of a split list (one per line; blank lines and ``#`` comments ignored)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read split list {path}: {exc.strerror}") from None
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def split_list_path(split: str, part: str) -> Path:
+    """File of split ``part`` (train/tune/val): a bundled name (``bbbc039``) or a path prefix (``my/lists/set`` -> ``my/lists/set_train.txt``)."""
+    bundled = SPLIT_DIR / f"{split}_{part}.txt"
+    if "/" not in split and "\\" not in split and bundled.exists():
+        return bundled
+    own = Path(f"{split}_{part}.txt")
+    if own.exists():
+        return own
+    known = sorted({p.stem.rsplit("_", 1)[0] for p in SPLIT_DIR.glob("*_train.txt")})
+    raise ValueError(f"no split list {own} (bundled splits: {', '.join(known)})")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One training source: where its train and tune images lie, which stems to use, and its sampling weight.
+
+    ``train=None`` trains on every image of ``folder`` that is not in ``tune``.
+    """
+
+    name: str
+    folder: Path
+    tune: tuple[str, ...]
+    train: tuple[str, ...] | None = None
+    weight: float = 1.0
+    tune_folder: Path | None = None  # None: the tune images lie in ``folder`` too
+
+
+def find_part(folder: Path, part: str, names: list[str]) -> Path:
+    """The folder holding every image of split ``part``: ``folder/part`` (a laid-out set), ``folder``, or ``folder/../part``."""
+    candidates = [c for c in (folder / part, folder, folder.parent / part) if (c / "images").is_dir()]
+    for candidate in candidates:
+        if set(names) <= {p.stem for p in (candidate / "images").iterdir()}:
+            return candidate
+    if not candidates:
+        raise ValueError(f"{folder} must contain 'images/' and 'labels/' folders (or {part}/images/ and {part}/labels/)")
+    missing = sorted(set(names) - {p.stem for p in (candidates[0] / "images").iterdir()})
+    raise ValueError(f"{len(missing)} {part} images of the split are not in {candidates[0] / 'images'} (e.g. {missing[0]})")
+
+
+def parse_source(spec: str, n_tune: int = 10, weight: float = 1.0) -> Source:
+    """Source from ``DIR`` or ``DIR@SPLIT`` (train on the SPLIT_train list, tune on the SPLIT_tune list).
+
+    Without a split, a ``tune/`` folder beside ``DIR=.../train`` (the ``graphkd data`` layout) is the tune
+    split, else ``n_tune`` images of ``DIR`` are held out. With one, ``DIR`` holds all the images, or is
+    a laid-out set with train/ and tune/ sub-folders, or is its train/ folder.
+    """
+    folder, _, split = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    folder = Path(folder)
+    if split:
+        lists = {part: read_split(split_list_path(split, part)) for part in ("train", "tune")}
+        return Source(Path(split).name, find_part(folder, "train", lists["train"]), tuple(lists["tune"]),
+                      tuple(lists["train"]), weight, find_part(folder, "tune", lists["tune"]))
+    if not (folder / "images").is_dir():
+        raise ValueError(f"{folder} must contain 'images/' and 'labels/' folders of .tif files")
+    sibling = folder.parent / "tune"
+    if folder.name == "train" and (sibling / "images").is_dir():
+        tune = sorted(p.stem for p in (sibling / "images").iterdir() if p.suffix in (".tif", ".tiff"))
+        return Source(folder.parent.name, folder, tuple(tune), None, weight, sibling)
+    names = sorted(p.stem for p in folder.joinpath("images").iterdir() if p.suffix in (".tif", ".tiff"))
+    _, tune = split_tune(names, n_tune, seed=0)
+    return Source(folder.name, folder, tuple(tune), None, weight)
+
+
+def load_source(source: Source, diameter: float | None = TRAIN_DIAMETER) -> tuple[list[Sample], list[Sample]]:
+    """(train, tune) samples of a source, each rescaled to nuclei of ``diameter`` px (None: as they are)."""
+    tune_names = set(source.tune)
+    tune_folder = source.tune_folder or source.folder
+    train = load_folder(source.folder, names=None if source.train is None else list(source.train)) if source.train != () else []
+    if tune_folder == source.folder:
+        train = [s for s in train if s.name not in tune_names]
+    tune = load_folder(tune_folder, names=list(source.tune)) if source.tune else []
+    if diameter is None:
+        return train, tune
+    fallback = median_diameter(train + tune)
+    return [rescale_sample(s, diameter, fallback) for s in train], [rescale_sample(s, diameter, fallback) for s in tune]
+
+
 def split_tune(names: list[str], n_tune: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Deterministic (train, tune) split of image names; tune images never enter gradient steps."""
     order = np.random.default_rng(seed).permutation(len(names))
@@ -69,15 +177,9 @@ def split_tune(names: list[str], n_tune: int, seed: int = 0) -> tuple[list[str],
 
 
 def load_train_tune(data_dir: str | Path, n_tune: int = 10) -> tuple[list[Sample], list[Sample]]:
-    """(train, tune) samples: the ``tune/`` folder beside a ``train/`` folder (the layout of ``graphkd data``)
-    is the tune split; without one, :func:`split_tune` holds ``n_tune`` images of ``data_dir`` out."""
-    data_dir = Path(data_dir)
-    sibling = data_dir.parent / "tune"
-    if data_dir.name == "train" and (sibling / "images").is_dir():
-        return load_folder(data_dir), load_folder(sibling)
-    samples = load_folder(data_dir)
-    train_names, tune_names = split_tune([s.name for s in samples], n_tune, seed=0)
-    return [s for s in samples if s.name in set(train_names)], [s for s in samples if s.name in set(tune_names)]
+    """(train, tune) samples of one source as they are (see :func:`parse_source`: a ``tune/`` folder beside
+    ``.../train`` is the tune split, else ``n_tune`` images of ``data_dir`` are held out)."""
+    return load_source(parse_source(str(data_dir), n_tune), diameter=None)
 
 
 @dataclass(frozen=True)
@@ -94,6 +196,7 @@ class AugmentConfig:
     noise_std: float = 0.03
     blur_prob: float = 0.2
     renormalize_prob: float = 0.2
+    acquisition_prob: float = 0.0  # chance to re-image a crop with a random camera (simulate_acquisition)
 
 
 def random_crop(image: np.ndarray, labels: np.ndarray, size: int, scale: float, rng: np.random.Generator):
@@ -140,8 +243,37 @@ def augment(image: np.ndarray, labels: np.ndarray, cfg: AugmentConfig, rng: np.r
     return np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(lab, dtype=np.int32)
 
 
+def simulate_acquisition(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Re-image a normalised crop with a random camera, then apply the project's normalisation.
+
+    Signal level (5..3000 counts at intensity 1) and signal-to-noise ratio (5..200 there) set the
+    offset whose shot (Poisson) noise and the read noise give it that SNR: dim and bright images,
+    nuclei always visible. Sometimes the brightest pixels saturate, and half the time the counts are
+    quantised to 8 bits, 20..255 levels above a random black level (dim 8-bit images).
+    """
+    signal = float(np.exp(rng.uniform(np.log(5.0), np.log(3000.0))))
+    sigma = signal / float(np.exp(rng.uniform(np.log(5.0), np.log(200.0))))
+    read = rng.uniform(0.0, 0.7) * sigma
+    offset = max(0.0, sigma**2 - read**2)
+    raw = rng.poisson(offset + signal * np.clip(img, 0.0, 4.0)).astype(np.float32)
+    raw += rng.normal(0.0, read, raw.shape).astype(np.float32)
+    if rng.random() < 0.25:
+        raw = np.minimum(raw, np.percentile(raw, rng.uniform(97.0, 99.9)))
+    if rng.random() < 0.5:
+        black = float(np.percentile(raw, 1.0)) * rng.uniform(0.0, 1.0)  # the camera's black level
+        top = max(float(raw.max()) - black, 1.0)
+        levels = float(np.exp(rng.uniform(np.log(20.0), np.log(255.0))))
+        quantised = np.clip(np.floor((raw - black) * levels / top), 0, 255).astype(np.uint8)
+    else:
+        gain = max(1.0, float(raw.max()) / 65535)  # counts per grey level, so the bright end fits 16 bits
+        quantised = np.clip(np.round(raw / gain), 0, 65535).astype(np.uint16)
+    return normalize(quantised)
+
+
 def jitter_intensity(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """Photometric augmentation: crop re-normalisation, gamma, gain/offset, blur, Gaussian noise."""
+    """Photometric augmentation: random camera, crop re-normalisation, gamma, gain/offset, blur, Gaussian noise."""
+    if cfg.acquisition_prob > 0 and rng.random() < cfg.acquisition_prob:
+        img = simulate_acquisition(img, rng)
     if rng.random() < cfg.renormalize_prob:
         # re-stretch the crop by its own percentiles: a nucleus-free crop becomes amplified noise,
         # as a whole empty image does after per-image normalisation (teaches "noise is background")
@@ -155,8 +287,20 @@ def jitter_intensity(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generat
     return img.astype(np.float32)
 
 
-def make_batch(samples: list[Sample], batch_size: int, cfg: AugmentConfig, rng: np.random.Generator):
-    """Stack ``batch_size`` augmented crops from random samples: (B,1,S,S) images, (B,S,S) labels."""
-    picks = rng.integers(0, len(samples), batch_size)
-    crops = [augment(samples[i].image, samples[i].labels, cfg, rng) for i in picks]
+def pick_samples(sources: list[list[Sample]], weights: list[float] | None, n: int, rng: np.random.Generator) -> list[Sample]:
+    """``n`` random samples: each picks a source (uniformly, or by ``weights``), then an image of it uniformly."""
+    if len(sources) == 1:
+        return [sources[0][i] for i in rng.integers(0, len(sources[0]), n)]
+    p = np.full(len(sources), 1.0 / len(sources)) if weights is None else np.asarray(weights, float) / np.sum(weights)
+    return [sources[k][int(rng.integers(len(sources[k])))] for k in rng.choice(len(sources), n, p=p)]
+
+
+def make_batch(samples: list[Sample] | list[list[Sample]], batch_size: int, cfg: AugmentConfig,
+               rng: np.random.Generator, weights: list[float] | None = None):
+    """Stack ``batch_size`` augmented crops: (B,1,S,S) images, (B,S,S) labels.
+
+    ``samples`` is one list of samples, or one list per source (balanced by :func:`pick_samples`).
+    """
+    sources = samples if samples and isinstance(samples[0], list) else [samples]
+    crops = [augment(s.image, s.labels, cfg, rng) for s in pick_samples(sources, weights, batch_size, rng)]
     return np.stack([c[0] for c in crops])[:, None], np.stack([c[1] for c in crops])

@@ -1,19 +1,55 @@
-"""Supervised training of a teacher (or of a student without distillation) on an annotated folder."""
+"""Supervised training of a teacher (or of a student without distillation) on one or more annotated sources."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
-from ..data import load_train_tune, median_diameter
+from ..data import TRAIN_DIAMETER, Sample, Source, load_source, make_batch, parse_source
 from ..io.checkpoint import load_checkpoint
 from ..models import EmbeddingUNet, build_model
-from .loop import TrainSettings, run_training, segmentation_batches, segmentation_loss
+from .loop import TrainSettings, run_training, segmentation_loss
+
+TuneSets = dict[str, list[Sample]]
+
+
+def score_sources(model: EmbeddingUNet, tune: TuneSets) -> dict[str, float]:
+    """Tune metrics per source (``NAME/f1@0.5``, ``NAME/aji``, ``NAME/score``) and over all sources.
+
+    ``score`` is the mean of the sources' pooled selection scores, so every source counts the same
+    however many tune images it has; ``f1@0.5`` and ``aji`` are the per-image means over all of them.
+    """
+    from ..evaluation import score_model
+
+    scores: dict[str, float] = {}
+    per_source = {name: score_model(model, samples) for name, samples in tune.items() if samples}
+    for name, s in per_source.items():
+        scores.update({f"{name}/f1@0.5": s["f1@0.5"], f"{name}/aji": s["aji"], f"{name}/score": s["score"]})
+    counts = {name: len(tune[name]) for name in per_source}
+    total = sum(counts.values())
+    scores["score"] = float(np.mean([s["score"] for s in per_source.values()]))
+    for key in ("f1@0.5", "aji"):
+        scores[key] = sum(per_source[n][key] * counts[n] for n in per_source) / total
+    return scores
+
+
+def tune_sets(metadata: dict[str, Any]) -> TuneSets:
+    """The tune images of a checkpoint trained on sources, per source, rescaled as in training (e.g. to tune its decoder)."""
+    entries = metadata.get("training_data", {}).get("sources") or []
+    if not entries:
+        raise ValueError("checkpoint metadata lists no training sources")
+    sets = {}
+    for entry in entries:
+        tune_folder = Path(entry.get("tune_folder") or entry["folder"])
+        source = Source(entry["name"], Path(entry["folder"]), tuple(entry["tune_images"]), (), tune_folder=tune_folder)
+        sets[source.name] = load_source(source)[1] if source.tune else []
+    return sets
 
 
 def train_segmentation(
-    data_dir: str | Path,
+    data: str | Path | Sequence[Source],
     run_dir: str | Path,
     architecture: str,
     settings: TrainSettings,
@@ -21,26 +57,45 @@ def train_segmentation(
     n_tune: int = 10,
     init_checkpoint: str | Path | None = None,
     command: str = "",
-    validate_factory: Callable[[list], Callable[[EmbeddingUNet], dict[str, float]]] | None = None,
+    validate_factory: Callable[[TuneSets], Callable[[EmbeddingUNet], dict[str, float]]] | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> dict[str, Any]:
-    """Train on ``data_dir`` minus its tune images (a sibling ``tune/`` folder, else ``n_tune`` held out; validated on those)."""
-    train, tune = load_train_tune(data_dir, n_tune)
-    tune_names = [s.name for s in tune]
+    """Train on one folder (``n_tune`` images held out) or on several :class:`Source` s, validating on their tune images.
+
+    Every image is rescaled so its nuclei have :data:`TRAIN_DIAMETER` px; each batch item picks a
+    source by the sources' weights, then one of its images.
+    """
+    sources = [parse_source(str(data), n_tune)] if isinstance(data, (str, Path)) else list(data)
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two sources share a name: {', '.join(names)}")
+    loaded = [load_source(s) for s in sources]
+    empty = [s.name for s, (train, _) in zip(sources, loaded) if not train]
+    if empty:
+        raise ValueError(f"source {empty[0]}: no training images left")
+    train = [pair[0] for pair in loaded]
+    tune = {s.name: pair[1] for s, pair in zip(sources, loaded)}
     torch.manual_seed(settings.seed)
-    if init_checkpoint is not None:
-        model, _ = load_checkpoint(init_checkpoint)
-    else:
-        model = build_model(architecture)
+    model = load_checkpoint(init_checkpoint)[0] if init_checkpoint is not None else build_model(architecture)
     metadata = {
         "name": architecture,
-        "training_data": {"folder": str(data_dir), "train_images": len(train), "tune_images": tune_names},
+        "training_data": {
+            "folder": str(sources[0].folder) if len(sources) == 1 else None,
+            "train_images": sum(len(t) for t in train),
+            "tune_images": [name for s in sources for name in s.tune],
+            "sources": [
+                {"name": s.name, "folder": str(s.folder), "tune_folder": str(s.tune_folder or s.folder),
+                 "train_images": len(t), "tune_images": list(s.tune), "weight": s.weight}
+                for s, t in zip(sources, train)
+            ],
+        },
         "command": command,
-        "train_diameter": median_diameter(train),
+        "train_diameter": TRAIN_DIAMETER,
         "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,
     }
-    validate = validate_factory(tune) if (validate_factory is not None and tune) else None
+    validate = validate_factory(tune) if (validate_factory is not None and any(tune.values())) else None
+    weights = [s.weight for s in sources]
 
     def step_loss(net: EmbeddingUNet, batch):
         images, labels = batch
@@ -49,7 +104,7 @@ def train_segmentation(
 
     return run_training(
         model,
-        segmentation_batches(train, settings),
+        lambda rng: make_batch(train, settings.batch_size, settings.augment, rng, weights),
         Path(run_dir),
         settings,
         step_loss=step_loss,
