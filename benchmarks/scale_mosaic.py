@@ -8,7 +8,7 @@
     the whole command (cluster start, statistics, segmentation, stitching, writing).
 
     python benchmarks/scale_mosaic.py --data DATA [--model student] [--size 16384] [--workers 1 2]
-        [--chunk 2048] [--skip-agreement] [--skip-scale] [--out benchmarks/results/scale.md]
+        [--chunk 1024] [--skip-agreement] [--skip-scale] [--out benchmarks/results/scale.md]
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def main() -> int:
     parser.add_argument("--grid", type=int, nargs=2, default=(5, 5), metavar=("ROWS", "COLS"), help="(a) mosaic tiles")
     parser.add_argument("--agreement-chunk", type=int, default=512, help="(a) chunk size")
     parser.add_argument("--size", type=int, default=16384, help="(b) mosaic side at least this many px")
-    parser.add_argument("--chunk", type=int, default=2048, help="(b) chunk size")
+    parser.add_argument("--chunk", type=int, default=1024, help="(b) chunk size")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="(b) local worker counts")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--skip-agreement", action="store_true")
