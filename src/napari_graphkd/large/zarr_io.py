@@ -110,7 +110,9 @@ def infer_axes(shape: tuple[int, ...]) -> str:
 
 
 def from_array(array: Any, axes: str | None = None) -> Source:
-    """Source over an in-memory numpy or dask array (e.g. a napari layer's data)."""
+    """Source over a numpy, dask or zarr array, or a multiscale list of them (its full resolution: a napari layer's data)."""
+    if isinstance(array, (list, tuple)):
+        array = array[0]
     shape = tuple(int(n) for n in array.shape)
     return _checked(Source("array", axes or infer_axes(shape), shape, str(np.dtype(array.dtype)), array=array))
 
