@@ -32,7 +32,7 @@ class Job:
     invert: bool = False
     zoom: float = 1.0
     tile: int | None = None  # network tile size (None: the library's default)
-    threads: int = 1
+    threads: int = 0  # torch threads per worker (0: leave as is)
     decode: dict | None = None  # DecodeSettings fields (None: the model's own)
     region: np.ndarray | None = None  # pixels of the box read, for in-memory inputs
 
