@@ -149,6 +149,8 @@ def test_cli_segments_an_ome_zarr_into_its_labels_group(tmp_path, capsys):
     assert f1_at(whole, np.asarray(labels[0].data[0])) >= 0.995
     assert main(args) == 2  # the labels exist now: never overwritten without --overwrite
     assert "exists" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    assert zarr.open_group(str(path / "labels"), mode="r").attrs["ome"]["labels"] == ["graphkd"]
 
 
 def test_cli_reads_a_tiled_tiff_lazily_into_a_zarr(tmp_path, sample):
