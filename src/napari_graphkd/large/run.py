@@ -205,7 +205,7 @@ def segment_large(source: Source, target: LabelsTarget, model: str = "student", 
 
         # 1. statistics (skipped when recorded)
         if "normalization" not in record:
-            parts: dict[int, list[ChunkStats]] = {}
+            parts: dict[int, ChunkStats] = {}  # running total per plane (a histogram pair is 1.5 MB per chunk)
 
             def stats_jobs():
                 for c in chunks:
@@ -214,7 +214,8 @@ def segment_large(source: Source, target: LabelsTarget, model: str = "student", 
 
             done = 0
             for (j,), stats in run_tasks(executor, stats_jobs(), chunk_statistics, describe, should_stop):
-                parts.setdefault(j.chunk.plane, []).append(stats)
+                plane = j.chunk.plane
+                parts[plane] = combine([parts[plane], stats]) if plane in parts else stats
                 done += 1
                 yield Progress("statistics", done, len(chunks))
             if stop():
@@ -222,7 +223,7 @@ def segment_large(source: Source, target: LabelsTarget, model: str = "student", 
                 return
             norms = []
             for p in range(plan.planes):
-                combined = combine(parts[p])
+                combined = parts[p]
                 norms.append([*plane_normalization(combined, invert), combined.maximum])
             record["normalization"] = norms
             atomic_write_json(work / "run.json", record)
