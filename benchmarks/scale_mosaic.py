@@ -8,7 +8,7 @@
     the whole command (cluster start, statistics, segmentation, stitching, writing).
 
     python benchmarks/scale_mosaic.py --data DATA [--model student] [--size 16384] [--workers 1 2]
-        [--chunk 2048] [--skip-agreement] [--skip-scale] [--out benchmarks/results/scale.md]
+        [--chunk 1024] [--skip-agreement] [--skip-scale] [--out benchmarks/results/scale.md]
 """
 from __future__ import annotations
 
@@ -128,6 +128,7 @@ def scale_run(zarr_path: Path, out: Path, model: str, workers: int, chunk: int, 
     """(b): one ``graphkd segment`` run in a child process; wall time, peak tree memory, objects."""
     cmd = [sys.executable, "-m", "napari_graphkd.cli", "segment", str(zarr_path), "--out", str(out), "--model", model,
            "--workers", str(workers), "--chunk", str(chunk), "--threads", str(threads)]
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     memory = TreeMemory(child.pid)
@@ -136,7 +137,29 @@ def scale_run(zarr_path: Path, out: Path, model: str, workers: int, chunk: int, 
     peak = memory.stop()
     if child.returncode != 0:
         raise SystemExit(f"run failed ({child.returncode}): {stderr.strip().splitlines()[-1] if stderr.strip() else ''}")
-    return {"workers": workers, "seconds": seconds, "peak_gb": peak / 1e9, "line": stdout.strip().splitlines()[-1]}
+    return {"workers": workers, "seconds": seconds, "peak_gb": peak / 1e9, "line": stdout.strip().splitlines()[-1],
+            "load": (load_before + os.getloadavg()[0]) / 2}
+
+
+def scale_table(rows: list[dict], shape: tuple[int, int], chunk: int, threads: int) -> list[str]:
+    """Markdown lines of (b): one row per worker count, the measured scaling and the extrapolation."""
+    mpx = shape[0] * shape[1] / 1e6
+    part = [f"## (b) {shape[0]} x {shape[1]} px mosaic ({mpx:.0f} Mpx) as Zarr, chunks of {chunk} px, "
+            f"{threads} torch thread per worker", "",
+            "| workers | wall s | Mpx/s | peak memory (process tree) | load average during the run |", "|---|---|---|---|---|"]
+    part += [f"| {r['workers']} | {r['seconds']:.1f} | {mpx / r['seconds']:.2f} | {r['peak_gb']:.2f} GB | {r['load']:.1f} |"
+             for r in rows]
+    ordered = sorted((r for r in rows if r["workers"] > 0), key=lambda r: r["workers"])  # 0 = no cluster
+    if len(ordered) > 1:
+        base, best = ordered[0], ordered[-1]
+        speedup = base["seconds"] / best["seconds"]
+        efficiency = speedup / (best["workers"] / base["workers"])
+        part += ["", f"Scaling from {base['workers']} to {best['workers']} workers: {speedup:.2f}x ({100 * efficiency:.0f} % "
+                 f"efficiency). Extrapolation, not a measurement: the chunks are independent until the stitching (a small "
+                 f"share of the time), so N workers on N free cores would give about N x {mpx / base['seconds']:.2f} Mpx/s "
+                 f"x that efficiency."]
+    part += ["", f"Last line of the command: `{rows[-1]['line']}`", ""]
+    return part
 
 
 def main() -> int:
@@ -147,7 +170,7 @@ def main() -> int:
     parser.add_argument("--grid", type=int, nargs=2, default=(5, 5), metavar=("ROWS", "COLS"), help="(a) mosaic tiles")
     parser.add_argument("--agreement-chunk", type=int, default=512, help="(a) chunk size")
     parser.add_argument("--size", type=int, default=16384, help="(b) mosaic side at least this many px")
-    parser.add_argument("--chunk", type=int, default=2048, help="(b) chunk size")
+    parser.add_argument("--chunk", type=int, default=1024, help="(b) chunk size")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="(b) local worker counts")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--skip-agreement", action="store_true")
@@ -173,25 +196,17 @@ def main() -> int:
         lines.append("")
         print("\n".join(lines), flush=True)
     if not args.skip_scale:
+        out = Path(args.out)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "mosaic.zarr"
             shape = write_zarr_mosaic(pairs, args.size, path, args.chunk)
-            mpx = shape[0] * shape[1] / 1e6
-            rows = [scale_run(path, Path(tmp) / f"labels_{n}.zarr", args.model, n, args.chunk, args.threads) for n in args.workers]
-        part = [f"## (b) {shape[0]} x {shape[1]} px mosaic ({mpx:.0f} Mpx) as Zarr, chunks of {args.chunk} px, "
-                f"{args.threads} torch thread per worker", "",
-                "| workers | wall s | Mpx/s | peak memory (process tree) |", "|---|---|---|---|"]
-        part += [f"| {r['workers']} | {r['seconds']:.1f} | {mpx / r['seconds']:.2f} | {r['peak_gb']:.2f} GB |" for r in rows]
-        base = rows[0]
-        if len(rows) > 1:
-            best = rows[-1]
-            efficiency = (base["seconds"] / best["seconds"]) / (best["workers"] / base["workers"])
-            part += ["", f"Scaling from {base['workers']} to {best['workers']} workers: {base['seconds'] / best['seconds']:.2f}x "
-                     f"({100 * efficiency:.0f} % efficiency). Extrapolation, not a measurement: the chunks are independent "
-                     f"until the stitching (a small share of the time), so N workers on N free cores would give about "
-                     f"N x {mpx / base['seconds']:.2f} Mpx/s x that efficiency."]
-        part += ["", f"Last line of the command: `{rows[-1]['line']}`", ""]
-        print("\n".join(part), flush=True)
+            rows = []
+            for n in args.workers:  # the table is rewritten after every run, so a long benchmark leaves partial results
+                rows.append(scale_run(path, Path(tmp) / f"labels_{n}.zarr", args.model, n, args.chunk, args.threads))
+                part = scale_table(rows, shape, args.chunk, args.threads)
+                print("\n".join(part), flush=True)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text("\n".join(lines + part))
         lines += part
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))

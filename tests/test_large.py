@@ -149,6 +149,8 @@ def test_cli_segments_an_ome_zarr_into_its_labels_group(tmp_path, capsys):
     assert f1_at(whole, np.asarray(labels[0].data[0])) >= 0.995
     assert main(args) == 2  # the labels exist now: never overwritten without --overwrite
     assert "exists" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    assert zarr.open_group(str(path / "labels"), mode="r").attrs["ome"]["labels"] == ["graphkd"]
 
 
 def test_cli_reads_a_tiled_tiff_lazily_into_a_zarr(tmp_path, sample):
@@ -180,3 +182,16 @@ def test_two_worker_local_cluster_gives_the_same_labels(mosaic, chunked, tmp_pat
     assert local.message == last.message
     a, b = zarr.open_array(target.path)[:], zarr.open_array(str(tmp_path / "here.zarr"))[:]
     assert np.array_equal(a, b)
+
+
+def test_a_stack_is_segmented_plane_by_plane_with_ids_unique_across_planes(tmp_path):
+    import dask.array as da
+
+    planes = [load_sample(name)[0][:256, :320] for name in SAMPLE_NAMES[:2]]
+    stack = da.from_array(np.stack(planes), chunks=(1, 128, 128))
+    target = LabelsTarget(str(tmp_path / "s.zarr"))
+    assert run_to_end(segment_large(from_array([stack, stack[:, ::2, ::2]]), target, "student", chunk=CHUNK)).stage == "done"
+    labels = zarr.open_array(target.path, mode="r")[:]
+    whole = segment_any(load_segmenter("student"), np.stack(planes)).labels
+    assert labels.shape == (2, 256, 320) and all(f1_at(whole[i], labels[i]) >= 0.995 for i in range(2))
+    assert not set(np.unique(labels[0])[1:]) & set(np.unique(labels[1])[1:])

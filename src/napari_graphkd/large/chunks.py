@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterator
 
-DEFAULT_CHUNK = 2048  # core chunk side in px: ~0.5 GB per student task (benchmarks/results/scale.md)
+DEFAULT_CHUNK = 1024  # core chunk side in px: ~0.65 GB per student worker process (benchmarks/results/scale.md)
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open, global pixel coordinates)
 
 

@@ -3,7 +3,7 @@
 Four stages, each a set of independent tasks (one per chunk, or per pair of neighbouring chunks):
 
 1. ``statistics``: value and noise histograms of every chunk, combined into each plane's normalisation,
-   so chunks are normalised exactly as the whole plane would be;
+   so chunks are normalised as the whole plane would be (exactly, for 8/16-bit gray);
 2. ``segment``: network and decoder on each chunk plus a halo; the core's labels (local ids) go to a
    Zarr array, the labels where the haloed box overlaps each neighbour's to a record file;
 3. ``stitch``: objects of neighbouring chunks matched by overlap there and merged (:mod:`.stitch`);
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,6 @@ class ThreadExecutor:
     def __init__(self, workers: int = 1):
         self.workers = max(1, int(workers))
         self.pool = concurrent.futures.ThreadPoolExecutor(self.workers)
-        self.remote = False
 
     def submit(self, fn: Callable, *args) -> Any:
         """Start ``fn(*args)``."""
@@ -81,7 +79,6 @@ class DaskExecutor:
     def __init__(self, client):
         self.client = client
         self.workers = max(1, len(client.scheduler_info().get("workers", {})))
-        self.remote = True
 
     def submit(self, fn: Callable, *args) -> Any:
         """Start ``fn(*args)`` on a worker."""
@@ -169,13 +166,14 @@ def prepare_work(target: LabelsTarget, settings: dict, overwrite: bool) -> dict:
 def segment_large(source: Source, target: LabelsTarget, model: str = "student", *, chunk: int = DEFAULT_CHUNK,
                   halo: int | None = None, diameter: float | None = None, invert: bool | None = None,
                   tile: int | None = None, decode: dict | None = None, executor=None, workers: int = 1,
-                  threads: int = 1, overwrite: bool = False,
+                  threads: int = 0, overwrite: bool = False,
                   should_stop: Callable[[], bool] | None = None) -> Iterator[Progress]:
     """Segment a large image or stack chunk by chunk into a Zarr labels array, yielding progress.
 
-    ``executor`` is a :class:`DaskExecutor` (cluster) or None for ``workers`` threads here; ``decode``
-    overrides the model's decoder settings (``DecodeSettings`` fields). Stopping (``should_stop``
-    returns True) or a failed chunk leave the work recorded: calling again resumes.
+    ``executor`` is a :class:`DaskExecutor` (cluster) or None for ``workers`` threads here; ``threads``
+    sets torch's threads in each worker (0 leaves them); ``decode`` overrides the model's decoder
+    settings (``DecodeSettings`` fields). Stopping (``should_stop`` returns True) or a failed chunk
+    leave the work recorded: calling again with the same arguments resumes.
     """
     own_executor = executor is None
     executor = executor or ThreadExecutor(workers)
@@ -207,7 +205,7 @@ def segment_large(source: Source, target: LabelsTarget, model: str = "student", 
 
         # 1. statistics (skipped when recorded)
         if "normalization" not in record:
-            parts: dict[int, list[ChunkStats]] = {}
+            parts: dict[int, ChunkStats] = {}  # running total per plane (a histogram pair is 1.5 MB per chunk)
 
             def stats_jobs():
                 for c in chunks:
@@ -216,7 +214,8 @@ def segment_large(source: Source, target: LabelsTarget, model: str = "student", 
 
             done = 0
             for (j,), stats in run_tasks(executor, stats_jobs(), chunk_statistics, describe, should_stop):
-                parts.setdefault(j.chunk.plane, []).append(stats)
+                plane = j.chunk.plane
+                parts[plane] = combine([parts[plane], stats]) if plane in parts else stats
                 done += 1
                 yield Progress("statistics", done, len(chunks))
             if stop():
@@ -224,7 +223,7 @@ def segment_large(source: Source, target: LabelsTarget, model: str = "student", 
                 return
             norms = []
             for p in range(plan.planes):
-                combined = combine(parts[p])
+                combined = parts[p]
                 norms.append([*plane_normalization(combined, invert), combined.maximum])
             record["normalization"] = norms
             atomic_write_json(work / "run.json", record)
@@ -304,7 +303,3 @@ def run_to_end(steps: Iterator[Progress], on_progress: Callable[[Progress], None
             on_progress(last)
     return last
 
-
-def os_cpu_count() -> int:
-    """CPUs this process may use (the default number of local workers)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..preprocess import MIN_CONTRAST_SNR, PERCENTILES, histogram_percentiles, median, stretch_range
 
-SAMPLE_PER_CHUNK = 65536  # values (and differences) sampled per chunk from float or colour inputs
+SAMPLE_PER_CHUNK = 16384  # values (and differences) sampled per chunk from float or colour inputs
 NOISE_ROW_STEP = 4  # noise_sigma reads every 4th row
 
 

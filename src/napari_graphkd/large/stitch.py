@@ -1,10 +1,11 @@
 """Stitching chunk labels into global instance ids: overlap matching in the halo, union-find, relabelling.
 
 Each chunk is segmented with a halo and keeps its core. Where two neighbouring chunks' haloed boxes
-overlap, both segmented the same pixels; an object of one and an object of the other are the same
-nucleus when their pixels there, inside either core, overlap with IoU above ``MATCH_IOU``. Those
-pairs are merged by connected components over (chunk, id) nodes, so an object crossing a chunk
-border gets one id (never split) and appears once (never duplicated).
+overlap, both segmented the same pixels; an object of one and an object of the other, both present
+in their own chunk's core, are the same nucleus when their pixels there, inside either core, overlap
+with IoU above ``MATCH_IOU``. Those pairs are merged by connected components over (chunk, id)
+nodes, so an object crossing a chunk border gets one id (never split) and appears once (never
+duplicated).
 """
 from __future__ import annotations
 

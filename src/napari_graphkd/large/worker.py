@@ -32,7 +32,7 @@ class Job:
     invert: bool = False
     zoom: float = 1.0
     tile: int | None = None  # network tile size (None: the library's default)
-    threads: int = 1
+    threads: int = 0  # torch threads per worker (0: leave as is)
     decode: dict | None = None  # DecodeSettings fields (None: the model's own)
     region: np.ndarray | None = None  # pixels of the box read, for in-memory inputs
 
@@ -128,13 +128,16 @@ def match_pair(work: str, a: Chunk, b: Chunk) -> np.ndarray:
     """Matched (id in a, id in b) pairs where the haloed boxes of two neighbouring chunks overlap, inside either core."""
     box = intersect(a.outer, b.outer)
     with np.load(Path(work) / "chunks" / f"{a.key}.npz") as fa, np.load(Path(work) / "chunks" / f"{b.key}.npz") as fb:
-        la, lb = fa[f"n_{b.key}"], fb[f"n_{a.key}"]
+        la, lb, present_a, present_b = fa[f"n_{b.key}"], fb[f"n_{a.key}"], fa["present"], fb["present"]
     region = np.zeros(la.shape, dtype=bool)
     for core in (a.core, b.core):
         inside = intersect(box, core)
         if inside is not None:
             region[local(inside, box)] = True
-    return stitch.matching_pairs(la, lb, region)
+    pairs = stitch.matching_pairs(la, lb, region)
+    # only objects each chunk keeps (present in its core): an object seen only in a chunk's halo is
+    # owned by another chunk, and matching through it could chain two nuclei that halo view merged
+    return pairs[np.isin(pairs[:, 0], present_a) & np.isin(pairs[:, 1], present_b)]
 
 
 @functools.lru_cache(maxsize=1)

@@ -110,7 +110,9 @@ def infer_axes(shape: tuple[int, ...]) -> str:
 
 
 def from_array(array: Any, axes: str | None = None) -> Source:
-    """Source over an in-memory numpy or dask array (e.g. a napari layer's data)."""
+    """Source over a numpy, dask or zarr array, or a multiscale list of them (its full resolution: a napari layer's data)."""
+    if isinstance(array, (list, tuple)):
+        array = array[0]
     shape = tuple(int(n) for n in array.shape)
     return _checked(Source("array", axes or infer_axes(shape), shape, str(np.dtype(array.dtype)), array=array))
 
@@ -255,7 +257,7 @@ def finish_target(target: LabelsTarget, source: Source, provenance: dict) -> Non
         array.attrs["graphkd"] = provenance
         return
     from ome_zarr.format import format_from_version
-    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+    from ome_zarr.writer import add_metadata, get_metadata, write_label_metadata, write_multiscales_metadata
 
     fmt = format_from_version(str(source.ome["version"]))
     group = zarr.open_group(target.path, mode="a")
@@ -269,8 +271,10 @@ def finish_target(target: LabelsTarget, source: Source, provenance: dict) -> Non
     axes = [a for a, letter in zip(source.ome.get("axes", list(source.axes)), source.axes) if letter != "c"]
     write_multiscales_metadata(group, [{"path": "0", "coordinateTransformations": transforms}], fmt=fmt, axes=axes,
                                name=target.name)
-    write_label_metadata(zarr.open_group(str(Path(target.path).parent), mode="a"), target.name, fmt=fmt,
-                         source={"image": "../../"})
+    labels_group = str(Path(target.path).parent)
+    write_label_metadata(zarr.open_group(labels_group, mode="a"), target.name, fmt=fmt, source={"image": "../../"})
+    parent = zarr.open_group(labels_group, mode="a")  # a replaced result is listed once
+    add_metadata(parent, {"labels": list(dict.fromkeys(get_metadata(parent).get("labels", [])))}, fmt=fmt)
 
 
 def atomic_write_json(path: Path, data: dict) -> None:
