@@ -115,3 +115,16 @@ def test_cli_reports_the_rules_chosen_per_image_and_takes_user_values(tmp_path, 
         with pytest.raises(SystemExit) as exit_info:
             main(["segment", str(tmp_path / "bf.tif"), *out, *bad])
         assert exit_info.value.code == 2
+
+
+def test_chunked_path_decides_the_rules_on_a_central_window(tmp_path, capsys):
+    from napari_graphkd.cli import main
+
+    crop = tifffile.imread(BRIGHTFIELD[0])
+    tifffile.imwrite(tmp_path / "bf.tif", crop)
+    args = ["segment", str(tmp_path / "bf.tif"), "--chunked", "--model", "student", "--chunk", "256", "--workers", "0",
+            "--threads", "1", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert "bf.tif: input rules " in (out := capsys.readouterr().out) and "inverted (auto), luminance" in out
+    assert main([*args, "--overwrite", "--channel", "hematoxylin"]) == 2
+    assert "luminance only" in capsys.readouterr().err
