@@ -3,7 +3,7 @@
 Every model runs with its default settings, as ``graphkd segment`` does for a new user. Per set and
 model: parameters, milliseconds per image (wall clock of the whole segmentation, mean over the
 set), F1@0.5 and AJI (per-image means). Prints a markdown table and writes it, with the package
-version, git commit and command line, to benchmarks/results/generalisation.md.
+provenance line (version, git commit, command), to benchmarks/results/generalisation.md.
 
     python benchmarks/generalisation.py --data DATA [--model teacher --model student ...] [--set NAME=DIR[@LIST]]
 
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
+from provenance import header
 
-import napari_graphkd
 from napari_graphkd.data import SPLIT_DIR, read_split, read_tiff
 from napari_graphkd.metrics import evaluate, mean_metrics
+from napari_graphkd.runtime import configure_threads
 from napari_graphkd.segment import load_segmenter, segment_any
 
 RESULTS = Path(__file__).parent / "results" / "generalisation.md"
@@ -105,17 +103,6 @@ def score(spec: str, test: TestSet, limit: int | None) -> dict[str, float]:
             "aji": mean["aji"], "images": len(stems)}
 
 
-def git_commit() -> str:
-    """Commit of the checkout running this script (``-dirty`` with uncommitted changes), or 'unknown'."""
-    here = Path(__file__).parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("-dirty" if dirty else "")
-
-
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,11 +118,13 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=None, help="folder holding the standard test sets")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=DIR[@LIST]", help="an extra test set")
     parser.add_argument("--model", action="append", default=None, help="model spec (default: classical, teacher, student)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for the networks")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for the networks (0 = one per idle CPU)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N images of each set (quick check)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
+    provenance = header()
+    print(provenance + "\n", flush=True)
     sets = (standard_sets(args.data) if args.data else []) + [parse_set(s) for s in args.set]
     if not sets:
         parser.error("give --data and/or --set")
@@ -148,19 +137,16 @@ def main() -> int:
             line = f"| {test.name} ({r['images']}) | {spec} | {r['params']:,} | {r['ms']:.0f} | {r['f1']:.3f} | {r['aji']:.3f} |"
             lines.append(line)
             print(line, flush=True)
-    argv = ["DATA" if args.data and a == str(args.data) else a for a in sys.argv[1:]]
-    command = "python benchmarks/generalisation.py " + shlex.join(argv)
-    header = [
+    intro = [
         "# Generalisation: default settings on each test set",
         "",
-        f"napari-graphkd {napari_graphkd.__version__}, commit {git_commit()}, threads: {args.threads}, "
-        f"{time.strftime('%Y-%m-%d')}. F1@0.5 and AJI are per-image means; ms per image is the wall clock of "
-        "the whole segmentation (input preparation, network, decoding), mean over the set.",
+        provenance,
         "",
-        f"Command: `{command}`" + (" (DATA: the data folder holding bbbc039/ and dsb2018_fluo/)" if args.data else ""),
+        f"Threads: {args.threads or 'one per idle CPU'}; {time.strftime('%Y-%m-%d')}. F1@0.5 and AJI are per-image means; "
+        "ms per image is the wall clock of the whole segmentation (input rules, network, decoding), mean over the set.",
         "",
     ]
-    write_atomic(args.out, "\n".join(header + lines) + "\n")
+    write_atomic(args.out, "\n".join(intro + lines) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
