@@ -10,7 +10,7 @@ import torch
 
 from napari_graphkd.guidance import assess, background_level, equivalent_diameters, training_summary
 from napari_graphkd.sample_data import SAMPLE_NAMES, load_sample
-from napari_graphkd.segment import load_segmenter, segment_any
+from napari_graphkd.segment import AS_TRAINED, load_segmenter, segment_any
 
 torch.set_num_threads(1)
 BRIGHTFIELD = sorted((Path(__file__).parents[1] / "examples" / "data" / "brightfield").glob("*/images/*.tif"))
@@ -66,9 +66,10 @@ def test_inverting_a_fluorescence_image_is_flagged(student):
 def test_upscaled_sample_suggests_the_diameter(student):
     image = load_sample(SAMPLE_NAMES[1])[0][:260, :348]
     big = np.kron(image, np.ones((2, 2), image.dtype))  # nuclei twice the training size
-    advice = assess(segment_any(student, big), student.describe(), big)
+    advice = assess(segment_any(student, big, **AS_TRAINED.kwargs()), student.describe(), big)
     assert len(advice) == 1 and "set the nucleus diameter to" in advice[0]
     suggested = float(advice[0].rsplit(" ", 1)[-1])
     assert 45 <= suggested <= 65  # about twice the training diameter (28 px)
-    fixed = segment_any(student, big, diameter=suggested)
+    fixed = segment_any(student, big, **dict(AS_TRAINED.kwargs(), diameter=suggested))
     assert assess(fixed, student.describe(), big) == []
+    assert assess(segment_any(student, big), student.describe(), big) == []  # the automatic diameter needs no advice
