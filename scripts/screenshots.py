@@ -1,9 +1,11 @@
-"""Screenshots of each widget in action, from a real napari viewer (run under Xvfb on a headless machine).
+"""Screenshots of each widget in action, from a real napari viewer at 1280 x 800 (Xvfb on a headless machine).
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py [--out docs/screenshots]
+    xvfb-run -a -s "-screen 0 1280x800x24" .venv/bin/python scripts/screenshots.py [--out docs/screenshots]
 
-Uses the bundled sample, the bundled teacher and student, and a short real fine-tuning run on a
-partial annotation (a few ground-truth nuclei painted into a new Labels layer).
+The script only does what a user does: open the bundled sample, open the three widgets from the
+Plugins menu, pick the ground truth, press buttons, untick a checkbox, click a dock's tab, scroll it, and paint
+a few nuclei (copied from the ground truth) into a new Labels layer. Every arrangement of the view
+(grid, hidden ground truth, tab group, fitted view) is the widgets' own.
 """
 from __future__ import annotations
 
@@ -17,10 +19,20 @@ import napari
 import numpy as np
 from qtpy.QtWidgets import QApplication
 
-from napari_graphkd._widgets import FinetuneWidget, OverlaysWidget, SegmentWidget
+from napari_graphkd._widgets._layout import dock_of
+
+PLUGIN = "napari-graphkd"
+SCREEN = (1280, 800)
 
 
-def wait(widget, timeout: float = 600.0) -> None:
+def settle(rounds: int = 30) -> None:
+    """Process Qt events for a moment (layouts, repaints)."""
+    for _ in range(rounds):
+        QApplication.processEvents()
+        time.sleep(0.01)
+
+
+def wait(widget, timeout: float = 1200.0) -> None:
     """Process Qt events until the widget's background job has finished."""
     start = time.time()
     while widget.busy:
@@ -28,14 +40,25 @@ def wait(widget, timeout: float = 600.0) -> None:
         time.sleep(0.02)
         if time.time() - start > timeout:
             raise TimeoutError("widget job did not finish")
-    for _ in range(20):
-        QApplication.processEvents()
+    settle()
+
+
+def click_tab(widget) -> None:
+    """Bring a widget's dock tab to the front, as a click on its tab does."""
+    dock_of(widget).raise_()
+    settle()
+
+
+def scroll_to_bottom(widget) -> None:
+    """Scroll a widget's dock to its end (progress, report, loss curve), as the user does with the scroll bar."""
+    bar = dock_of(widget).widget().verticalScrollBar()
+    bar.setValue(bar.maximum())
+    settle()
 
 
 def shoot(viewer: napari.Viewer, path: Path) -> None:
     """Screenshot of the whole window (canvas and docked widgets)."""
-    for _ in range(20):
-        QApplication.processEvents()
+    settle()
     viewer.screenshot(str(path), canvas_only=False, flash=False)
     print(f"wrote {path}")
 
@@ -50,64 +73,48 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     viewer = napari.Viewer(title="napari-graphkd")
-    viewer.window._qt_window.resize(1600, 1000)
-    viewer.open_sample("napari-graphkd", "bbbc039_A15_s5")
+    viewer.window._qt_window.resize(*SCREEN)
+    viewer.window._qt_window.move(0, 0)
+    viewer.open_sample(PLUGIN, "bbbc039_A15_s5")
     image_layer, truth = viewer.layers[0], viewer.layers[1]
-    truth.visible = False
+    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment (teacher vs student)")
+    _, overlays = viewer.window.add_plugin_dock_widget(PLUGIN, "Graph and affinity overlays")
+    _, finetune = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune / distil")
+    settle()
+    viewer.window._qt_window.resize(*SCREEN)
 
-    segment = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(segment, name="Segment (teacher vs student)", area="right")
+    click_tab(segment)
     segment.ground_truth.value = truth
     segment.run(("teacher", "student"))
     wait(segment)
-    viewer.layers.remove(truth)  # the grid shows image | teacher | student side by side
-    viewer.grid.enabled = True
-    viewer.grid.shape = (1, 3)
-    viewer.reset_view()
     shoot(viewer, out / "segment.png")
-    viewer.layers.insert(1, truth)
 
-    viewer.grid.enabled = False
-    results = [layer for layer in viewer.layers if layer is not truth and layer is not image_layer]
-    overlays = OverlaysWidget(viewer)
-    viewer.window.add_dock_widget(overlays, name="Graph & affinity overlays", area="right", tabify=True)
-    overlays.result.value = results[0]
-    overlays.other.value = results[1]
-    for make in (overlays.affinity_map, overlays.instance_graph, overlays.disagreement):
-        make()
-        wait(overlays)
-    def show_only(*names: str) -> None:
-        for layer in viewer.layers:
-            layer.visible = layer is image_layer or any(n in layer.name for n in names)
-
-    viewer.reset_view()
-    show_only("graph nodes", "graph edges")
+    segment.side_by_side.value = False  # back to the single view to draw overlays on the image
+    click_tab(overlays)
+    overlays.instance_graph()
+    wait(overlays)
     shoot(viewer, out / "overlays_graph.png")
-    show_only("affinity disagreement", "graph disagreement")
+    overlays.disagreement()
+    wait(overlays)
     shoot(viewer, out / "overlays_disagreement.png")
 
-    for layer in list(viewer.layers):
-        layer.visible = layer is image_layer
-    viewer.reset_view()
-    painted = np.zeros_like(truth.data)
-    ids = [i for i in np.unique(truth.data[150:350, 200:450]) if i][:15]
-    for i in ids:
+    painted = np.zeros_like(truth.data)  # the user paints 15 nuclei (here: copied from the ground truth)
+    for i in [i for i in np.unique(truth.data[150:350, 200:450]) if i][:15]:
         painted[truth.data == i] = i
     viewer.add_labels(painted, name="my corrections")
-    finetune = FinetuneWidget(viewer)
-    viewer.window.add_dock_widget(finetune, name="Fine-tune / distil", area="right", tabify=True)
-    row = list(finetune.rows)[0]
-    row.image.value = image_layer
-    row.painted.value = viewer.layers["my corrections"]
+    click_tab(finetune)
+    finetune.rows[0].image.value = image_layer
     finetune.steps.value = args.steps
     finetune.folder.value = tempfile.mkdtemp(prefix="graphkd-shots-")
     finetune.start()
+    scroll_to_bottom(finetune)
     started = time.time()
     while finetune.busy and time.time() - started < 20:
         QApplication.processEvents()
         time.sleep(0.02)
     shoot(viewer, out / "finetune_running.png")
     wait(finetune)
+    scroll_to_bottom(finetune)
     shoot(viewer, out / "finetune_done.png")
     viewer.close()
     return 0

@@ -38,7 +38,7 @@ def test_manifest_lists_every_sample_and_validates():
         assert [layer_type for _, _, layer_type in data] == ["image", "labels"]
         assert data[0][1]["name"] == sample.key and data[1][1]["name"] == f"{sample.key} ground truth"
     widgets = [w.display_name for w in manifest.contributions.widgets]
-    assert widgets == ["Segment (teacher vs student)", "Graph & affinity overlays", "Fine-tune / distil"]
+    assert widgets == ["Segment (teacher vs student)", "Graph and affinity overlays", "Fine-tune / distil"]
 
 
 def test_open_sample_in_napari(make_napari_viewer):

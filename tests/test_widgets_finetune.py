@@ -54,6 +54,10 @@ def test_short_finetune_saves_a_new_model_and_shows_heldout_scores(setup, qtbot,
     assert MODELS.get(str(new))[1].path == new
     report = widget.report.value
     assert "2 of 10 painted cells of 'crop' held out" in report and "student before" in report and "student after" in report
+    assert "caution: the before/after score rests on 2 held-out cells only" in report
+    assert any("2 held-out cells" in message for message in errors(notes, "warning"))
+    measured = float(report.split("use diameter ")[1].split()[0])
+    assert segment.diameter.value == pytest.approx(measured, abs=0.05) and measured > 0  # carried to Segment
     assert len(widget.curve.series["training student"]) == 3 and widget.progress.value == 100
     np.testing.assert_array_equal(viewer.layers["my cells"].data, annotation)  # user layers untouched
     assert [layer.name for layer in viewer.layers] == ["crop", "my cells"]
@@ -75,14 +79,34 @@ def test_cancel_keeps_the_weights(setup, qtbot, notes):
     wait(qtbot, widget)
     latency = time.perf_counter() - pressed
     print(f"\ncancel -> job finished in {latency:.2f} s")
-    assert latency < 5.0
+    assert latency < 1.0
     assert any("cancelled" in message for _, message in notes)
     assert not widget.folder.value.exists() or not list(widget.folder.value.iterdir())
     assert student.read_bytes() == old
     assert MODELS.get(str(student))[1].model is cached
     assert all((cached.state_dict()[k] == v).all() for k, v in weights.items())
     assert segment.pickers["student"].path.value == student and widget.pickers["student"].path.value == student
-    assert "nothing saved" in widget.report.value and "student before" in widget.report.value
+    assert "nothing saved" in widget.report.value  # (with the before scores when the run stopped within the grace time)
+
+
+def test_cancel_while_scoring_before_training_answers_within_a_second(setup, qtbot, monkeypatch, notes):
+    viewer, widget, segment, (teacher, student) = setup
+    import napari_graphkd.train.finetune.run as run
+
+    original = run.heldout_scores
+    monkeypatch.setattr(run, "heldout_scores", lambda *a: (time.sleep(2.0), original(*a))[1])  # a slow first phase
+    widget.steps.value = 5
+    widget.start()
+    qtbot.wait(200)
+    pressed = time.perf_counter()
+    widget.cancel_button.changed.emit(True)
+    wait(qtbot, widget)
+    latency = time.perf_counter() - pressed
+    print(f"\ncancel while scoring -> job finished in {latency:.2f} s")
+    assert latency < 1.0 and "nothing saved" in widget.report.value
+    qtbot.wait(2500)  # the abandoned run stops at its next check and never saves
+    assert not widget.folder.value.exists() or not list(widget.folder.value.iterdir())
+    assert segment.pickers["student"].path.value == student
 
 
 def test_event_loop_stays_responsive_while_training(setup, qtbot, notes):
@@ -195,3 +219,38 @@ def test_opened_from_the_plugin_menu(make_napari_viewer, qtbot, crop, checkpoint
     wait(qtbot, widget)
     assert errors(notes) == []
     assert segment.pickers["student"].path.value == tmp_path / "student-distilled.safetensors"
+
+
+def test_annotation_defaults_to_the_users_layer_and_asks_before_training_on_model_output(
+        make_napari_viewer, qtbot, crop, checkpoints, tmp_path, notes):
+    from napari_graphkd._widgets._layers import KEY
+
+    viewer = make_napari_viewer()
+    image, gt = crop
+    viewer.add_image(image, name="crop")
+    viewer.add_labels(gt, name="crop ground truth")
+    result = viewer.add_labels(gt.copy(), name="crop student 28px",
+                               metadata={KEY: {"created_by": "napari-graphkd Segment widget", "model": "student"}})
+    widget = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    for role, path in zip(("teacher", "student"), checkpoints):
+        widget.pickers[role].source.value = "file"
+        widget.pickers[role].path.value = str(path)
+    widget.folder.value = str(tmp_path / "models")
+    widget.steps.value = 1
+    row = widget.rows[0]
+    assert row.painted.value is not result and row.painted.value.name == "crop ground truth"
+    assert not widget.confirm.native.isHidden()  # both candidates are suspects: ask first
+    assert widget.start() is None and not widget.busy
+    assert "looks like ground truth" in errors(notes, "warning")[-1] and "Train on it anyway" in errors(notes, "warning")[-1]
+    row.painted.value = result
+    assert widget.start() is None
+    assert "is a result of the student model" in errors(notes, "warning")[-1]
+    mine = viewer.add_labels(partial(gt), name="Labels")  # the user makes a layer and paints: it becomes the default
+    assert row.painted.value is mine and widget.confirm.native.isHidden()
+    row.painted.value = result
+    widget.confirm.value = True  # the user insists
+    assert widget.start() is not None
+    wait(qtbot, widget)
+    assert errors(notes) == [] and widget.last_result.saved
+    assert "every nucleus" in widget.help.value and "Shapes" in widget.help.value  # checked regions explained

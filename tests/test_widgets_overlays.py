@@ -10,6 +10,7 @@ from napari_graphkd._widgets._layers import KEY
 from napari_graphkd._widgets._state import CACHE
 from napari_graphkd.affinity import OFFSETS
 from napari_graphkd.graph import instance_centroids
+from qtpy.QtWidgets import QLabel
 
 
 @pytest.fixture()
@@ -44,14 +45,40 @@ def test_result_choices_are_network_results_only(segmented):
     assert list(overlays.result.choices) == [teacher, student]
 
 
-def test_affinity_map(segmented, qtbot, network_calls, notes):
+def test_defaults_to_the_newest_teacher_student_pair(segmented, qtbot):
+    viewer, overlays, teacher, student = segmented
+    assert overlays.result.value is teacher and overlays.other.value is student  # set when the widget opened
+    segment = next(w for w in viewer.window.dock_widgets.values() if isinstance(w, SegmentWidget))
+    segment.diameter.value = 40.0
+    segment.run(("teacher", "student"))
+    wait(qtbot, segment)
+    new_teacher, new_student = viewer.layers[-2:]
+    assert new_teacher.name.endswith("40px") and overlays.result.value is new_teacher
+    assert overlays.other.value is new_student
+
+
+def test_legends_and_dock_titles(segmented):
+    _, overlays, _, _ = segmented
+    texts = [label.text() for legend in overlays.legends for label in legend.findChildren(QLabel)]
+    assert any("cosine similarity" in t for t in texts) and "-1 unlike" in texts and "+1 alike" in texts
+    assert any("disagreement" in t for t in texts) and "1 differ" in texts
+    import npe2
+
+    names = [w.display_name for w in npe2.PluginManager.instance().get_manifest("napari-graphkd").contributions.widgets]
+    assert names and not any("&" in name for name in names)  # Qt would turn '&' into a mnemonic underline
+
+
+def test_affinity_map_is_one_offset_and_keeps_the_viewer_2d(segmented, qtbot, network_calls, notes):
     viewer, overlays, teacher, _ = segmented
+    assert viewer.dims.ndim == 2
+    overlays.offset.value = 5  # (0, -5)
     overlays.affinity_map()
     wait(qtbot, overlays)
     layer = viewer.layers[-1]
-    assert layer.name == f"{teacher.name} affinities"
-    assert layer.data.shape == (len(OFFSETS), 160, 200)
-    assert layer.metadata[KEY]["offsets"] == [list(o) for o in OFFSETS]
+    assert layer.name == f"{teacher.name} affinity 5 px left"
+    assert layer.data.shape == (160, 200) and viewer.dims.ndim == 2  # no offset slider appears
+    assert layer.blending == "additive" and layer.opacity < 1
+    assert layer.metadata[KEY]["offset"] == list(OFFSETS[5]) == [0, -5]
     assert layer.metadata[KEY]["model_spec"] == teacher.metadata[KEY]["model_spec"]
     assert np.abs(layer.data).max() <= 1.0 + 1e-5
     assert network_calls == []  # from the Segment widget's cache
@@ -125,7 +152,7 @@ def test_overlays_of_a_stack_plane(make_napari_viewer, qtbot, crop, checkpoints,
     overlays.instance_graph()
     wait(qtbot, overlays)
     aff, nodes, edges = viewer.layers[-3:]
-    assert aff.data.shape == (len(OFFSETS), 1, 64, 96) and tuple(aff.translate) == (0, 2, 0, 0)
+    assert aff.data.shape == (1, 64, 96) and tuple(aff.translate) == (2, 0, 0) and viewer.dims.ndim == 3
     n = len(np.unique(result.data[2])) - (result.data[2] == 0).any()
     assert n > 1 and nodes.data.shape == (n, 3) and (nodes.data[:, 0] == 0).all() and tuple(nodes.translate) == (2, 0, 0)
     assert edges.data.shape[1:] == (2, 3) and len(edges.data) > 0

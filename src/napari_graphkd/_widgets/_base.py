@@ -10,6 +10,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 
 from ..decode.process import offload_large_decodes
 from ..runtime import configure_threads
+from ._layout import FirstShow, compact, scroll_in_dock, tabify_with_siblings, wrap
 
 
 class JobWidget(Container):
@@ -26,17 +27,33 @@ class JobWidget(Container):
         self.progress = ProgressBar(value=0, min=0, max=100, label="Progress")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.cancel_button.changed.connect(self.cancel)
-        self.report = Label(value="", label="Report")
-        self.report.native.setWordWrap(True)
+        self.report = Label(value="")
+        wrap(self.report.native)
         self.actions: list[PushButton] = []  # buttons that start jobs, disabled while one runs
         self._worker = None
         self._cancel = threading.Event()
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.moved):
             event.connect(self._layers_changed)
+        self._first_show = FirstShow(self.native, self._docked)
+
+    def finish_layout(self) -> None:
+        """Elide dropdowns so no layer name widens the widget; the report goes last, using the whole width."""
+        compact(self)
+        if self.native.layout().indexOf(self.report.native) < 0:
+            self.native.layout().addWidget(self.report.native)
+
+    def _docked(self) -> None:
+        """Once shown in its dock: share a tab group with the plugin's other docks, refit the view to the smaller canvas."""
+        try:
+            scroll_in_dock(self)
+            tabify_with_siblings(self, JobWidget)
+            self.viewer.reset_view()
+        except RuntimeError:  # the window closed before the first paint
+            pass
 
     def footer(self) -> list:
-        """Progress, Cancel and report widgets, to put at the bottom."""
-        return [self.progress, self.cancel_button, self.report]
+        """Progress and Cancel, to put at the bottom (the report goes below them, full width)."""
+        return [self.progress, self.cancel_button]
 
     @property
     def busy(self) -> bool:
@@ -83,6 +100,7 @@ class JobWidget(Container):
             show_info("napari-graphkd: cancelled")
         elif result.error is not None:
             show_error(f"napari-graphkd: {result.error}")
+            self.report.value = f"failed: {result.error}"  # never leave the previous run's report standing
         else:
             for warning in result.warnings:
                 show_warning(f"napari-graphkd: {warning}")

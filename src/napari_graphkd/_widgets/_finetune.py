@@ -9,14 +9,15 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import napari  # noqa: F401 - the viewer annotation
 import numpy as np
 import torch
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
 from napari.layers import Image, Labels, Layer, Shapes
 from napari.utils import progress
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QPointF, Qt
 from qtpy.QtGui import QColor, QFontDatabase, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QWidget
@@ -37,11 +38,17 @@ from ..train.finetune import (
 from ._base import JobWidget
 from ._jobs import JobResult, _guard, relay
 from ._layers import provenance
+from ._layout import compact, wrap
 from ._models import ModelPicker
 from ._segment import SegmentWidget
 from ._state import MODELS
 
 COLOURS = ("#4fc3f7", "#ffb74d", "#aed581")
+GROUND_TRUTH_WORDS = ("ground truth", "ground_truth", "groundtruth", " gt", "gt ", "_gt")
+MIN_HELDOUT_CELLS = 10  # fewer held-out cells than this: the before/after scores are a rough hint only
+HELP = ("Paint nuclei in a Labels layer (one id per cell, not all needed). Unpainted pixels within the margin of "
+        "a cell are background; so is every unpainted pixel inside the 'Checked' Shapes layer (areas where you "
+        "painted every nucleus); other pixels are ignored. A fifth of the cells are held back for scoring.")
 
 
 class LossCurve(QWidget):
@@ -81,17 +88,45 @@ class LossCurve(QWidget):
             painter.drawText(6 + 190 * i, self.height() - 6, f"{phase}: {losses[-1]:.3f}")
 
 
+def suspect(layer: Layer) -> str | None:
+    """Why a Labels layer is probably not the user's annotation (a model's result, ground truth), or None."""
+    prov = provenance(layer)
+    if prov.get("created_by") and not prov.get("edited"):
+        return f"{layer.name!r} is a result of the {prov.get('model', 'model')} model, not your annotation"
+    lowered = layer.name.lower()
+    if any(word in lowered for word in GROUND_TRUTH_WORDS):
+        return f"{layer.name!r} looks like ground truth, not your own annotation"
+    return None
+
+
+def annotation_rank(layer: Layer) -> int:
+    """Order of annotation candidates: the user's own layers, then hand-edited results, then suspects."""
+    if suspect(layer) is not None:
+        return 2
+    return 1 if provenance(layer) else 0
+
+
 class AnnotationRow(Container):
     """One image with the Labels layer holding its annotation and, optionally, Shapes marking checked regions."""
 
     def __init__(self, widget: "FinetuneWidget"):
         self.image = ComboBox(label="Image", choices=widget.layer_choices(Image))
         self.painted = ComboBox(label="Annotation", choices=widget.layer_choices(Labels),
-                                tooltip="Labels layer: every painted id is one cell")
-        self.regions = ComboBox(label="Checked regions", choices=widget.layer_choices(Shapes), nullable=True, value=None,
-                                tooltip="Optional Shapes layer: inside its shapes every unpainted pixel is background")
+                                tooltip="Your Labels layer: every painted id is one cell")
+        self.regions = ComboBox(label="Checked", choices=widget.layer_choices(Shapes), nullable=True, value=None,
+                                tooltip="Optional Shapes layer of regions you checked completely: "
+                                        "inside them every unpainted pixel is background")
         super().__init__(widgets=[self.image, self.painted, self.regions], labels=True)
         self.margins = (0, 0, 0, 0)
+        compact(self)
+
+    def prefer_user_layer(self) -> None:
+        """Move the annotation off a model's result or ground truth when a layer of the user's own exists."""
+        current = self.painted.value
+        choices = [layer for layer in self.painted.choices if layer is not None]
+        best = min(choices, key=annotation_rank, default=None)  # (the dropdown keeps its own item order)
+        if best is not None and (current is None or annotation_rank(current) > annotation_rank(best)):
+            self.painted.value = best
 
 
 @dataclass(frozen=True)
@@ -108,15 +143,24 @@ def finetune_job(request: FinetuneRequest, cancel: threading.Event):
 
 
 def _finetune(request: FinetuneRequest, cancel: threading.Event):
+    trained = threading.Event()  # a training phase finished: the run may go on to save, so a cancel waits for it
+
     def work(report) -> FinetuneResult:
+        def forward(record: dict) -> None:
+            if record["loss"] is not None and record["done"] >= record["total"]:
+                trained.set()
+            report(record)
+
         previous = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return run_finetune(request.plan, request.folder, on_progress=report, should_stop=cancel.is_set)
+            return run_finetune(request.plan, request.folder, on_progress=forward, should_stop=cancel.is_set)
         finally:
             torch.set_num_threads(previous)
 
-    result = yield from relay(work)
+    # Before training ends a stopped run never saves: the job may end at once and leave the thread to stop.
+    abandonable = SimpleNamespace(is_set=lambda: cancel.is_set() and not trained.is_set())
+    result = yield from relay(work, abandonable)
     return JobResult(request, finetune=result, cancelled=result.cancelled)
 
 
@@ -166,36 +210,77 @@ class FinetuneWidget(JobWidget):
         self.rows = Container(widgets=[AnnotationRow(self)], labels=False)
         self.add_row = PushButton(text="Add image")
         self.remove_row = PushButton(text="Remove last image")
-        self.add_row.changed.connect(lambda _=None: self.rows.append(AnnotationRow(self)))
+        self.add_row.changed.connect(self._add_row)
         self.remove_row.changed.connect(self._remove_row)
         self.pickers = {"teacher": ModelPicker("teacher", "teacher"), "student": ModelPicker("student", "student")}
-        self.diameter = FloatSpinBox(label="Nucleus diameter (px, 0 = measure the painted cells)", value=0.0, min=0.0,
-                                     max=1000.0, step=1.0)
+        self.diameter = FloatSpinBox(label="Diameter (px)", value=0.0, min=0.0, max=1000.0, step=1.0,
+                                     tooltip="Typical nucleus diameter; 0 = measured from your painted cells")
         self.invert = CheckBox(text="Dark nuclei on a bright background")
-        self.margin = SpinBox(label="Checked margin around painted cells (px)", value=FinetuneSettings.margin, min=0, max=500,
+        self.margin = SpinBox(label="Margin (px)", value=FinetuneSettings.margin, min=0, max=500,
                               tooltip="Unpainted pixels this close to a painted cell are background; "
                                       "other unpainted pixels (outside checked regions) are ignored")
-        self.steps = SpinBox(label="Training steps", value=FinetuneSettings.steps, min=1, max=100000)
-        self.folder = FileEdit(label="Save new models in", mode="d", value=str(DEFAULT_FOLDER.expanduser()))
+        self.steps = SpinBox(label="Steps", value=FinetuneSettings.steps, min=1, max=100000, tooltip="Training steps")
+        self.folder = FileEdit(label="Save in", mode="d", value=str(DEFAULT_FOLDER.expanduser()),
+                               tooltip="Folder for the new models (existing files are never overwritten)")
+        self.confirm = CheckBox(text="Train on it anyway", visible=False,
+                                tooltip="The chosen annotation is a model's result or ground truth; tick to use it")
+        self.help = Label(value=HELP)
+        wrap(self.help.native)
         self.start_button = PushButton(text="Start")
         self.start_button.changed.connect(lambda _=None: self.start())
         self.actions = [self.start_button, self.add_row, self.remove_row]
         self.curve = LossCurve()
-        self.extend([self.mode, self.rows, Container(widgets=[self.add_row, self.remove_row], layout="horizontal", labels=False),
+        self.extend([self.mode, self.rows,
+                     Container(widgets=[self.add_row, self.remove_row], layout="horizontal", labels=False),
                      *self.pickers.values(), self.diameter, self.invert, self.margin, self.steps, self.folder,
-                     self.start_button, self.progress, self.cancel_button])
+                     self.confirm, self.start_button, self.progress, self.cancel_button])
+        self.rows[0].painted.changed.connect(self._annotation_changed)
+        self.rows[0].prefer_user_layer()
+        self._annotation_changed()
         self.report.native.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))  # aligned score table
+        self.native.layout().insertWidget(1, self.help.native)  # below the mode, using the whole width
         for full_width in (self.report.native, self.curve):  # below the form, using its whole width
             self.native.layout().addWidget(full_width)
         for picker in self.pickers.values():
             picker.source.changed.connect(lambda _=None, p=picker: p.refresh())
             picker.path.changed.connect(lambda _=None, p=picker: p.refresh())
             picker.refresh()
+        self.finish_layout()
 
     def layer_choices(self, kind: type):
-        """Choices callback: the viewer's layers of one type (not the ones napari-graphkd made)."""
-        return lambda widget=None: [(layer.name, layer) for layer in self.viewer.layers
-                                    if isinstance(layer, kind) and not (kind is Image and provenance(layer))]
+        """Choices callback: the viewer's layers of one type (images: not ones napari-graphkd made; labels: the user's first)."""
+        def choices(widget=None) -> list:
+            layers = [layer for layer in self.viewer.layers if isinstance(layer, kind) and not (kind is Image and provenance(layer))]
+            if kind is Labels:
+                layers.sort(key=annotation_rank)
+            return [(layer.name, layer) for layer in layers]
+
+        return choices
+
+    def _add_row(self, _=None) -> None:
+        row = AnnotationRow(self)
+        row.painted.changed.connect(self._annotation_changed)
+        self.rows.append(row)
+        row.prefer_user_layer()
+
+    def _layers_changed(self, event=None) -> None:
+        super()._layers_changed(event)
+        try:
+            for row in self.rows:
+                row.prefer_user_layer()
+            self._annotation_changed()
+        except RuntimeError:  # the Qt widget is already deleted (viewer closing)
+            pass
+
+    def suspects(self) -> list[str]:
+        """Why chosen annotations look like a model's result or ground truth (empty when they are the user's)."""
+        return [why for row in self.rows if row.painted.value is not None and (why := suspect(row.painted.value))]
+
+    def _annotation_changed(self, *_) -> None:
+        problems = self.suspects()
+        self.confirm.visible = bool(problems)
+        if not problems:
+            self.confirm.value = False
 
     def _remove_row(self, _=None) -> None:
         if len(self.rows) > 1:
@@ -221,11 +306,19 @@ class FinetuneWidget(JobWidget):
 
     def start(self):
         """Validate the inputs and start training; returns the worker, or None (with a notification) if nothing starts."""
+        problems = self.suspects()
+        if problems and not self.confirm.value:
+            self._annotation_changed()
+            show_warning(f"napari-graphkd: {problems[0]}; paint your own Labels layer, or tick 'Train on it anyway'")
+            return None
         try:
             request = self._request()
         except (InputError, CheckpointError) as exc:
             show_error(f"napari-graphkd: {exc}")
             return None
+        caution = heldout_caution(request.plan)
+        if caution:
+            show_warning(f"napari-graphkd: {caution}")
         return self._start(finetune_job, request, self._show)
 
     def _set_running(self, running: bool) -> None:
@@ -248,8 +341,9 @@ class FinetuneWidget(JobWidget):
 
     def _on_returned(self, outcome: JobResult, on_done) -> None:
         super()._on_returned(outcome, on_done)
-        if outcome.cancelled and outcome.finetune is not None:
-            self.report.value = finetune_report(outcome.finetune, outcome.request.plan)
+        if outcome.cancelled:  # the library's own report when it stopped in time, else the short story
+            self.report.value = (finetune_report(outcome.finetune, outcome.request.plan) if outcome.finetune is not None
+                                 else "cancelled: nothing saved, the models are unchanged")
 
     def _after_job(self) -> None:
         if self._bar is not None:
@@ -257,18 +351,33 @@ class FinetuneWidget(JobWidget):
             self._bar = None
 
     def _show(self, outcome: JobResult) -> None:
-        result = outcome.finetune
+        result, plan = outcome.finetune, outcome.request.plan
         for role, path in result.saved.items():
             self.use_model(role, path)
+        for widget in self._segment_widgets():
+            widget.use_inputs(plan.diameter, plan.invert)
         self.last_result = result
-        self.report.value = finetune_report(result, outcome.request.plan)
+        caution = heldout_caution(plan)
+        self.report.value = finetune_report(result, plan) + (f"\ncaution: {caution}" if caution else "")
         show_info("napari-graphkd: saved " + ", ".join(p.name for p in result.saved.values())
-                  + "; now the current model(s) here and in the Segment widget")
+                  + f"; now the current model(s) here and in the Segment widget, with diameter {plan.diameter:.1f} px"
+                  + (" and inversion" if plan.invert else ""))
+
+    def _segment_widgets(self) -> list[SegmentWidget]:
+        return [w for w in self.viewer.window.dock_widgets.values() if isinstance(w, SegmentWidget)]
 
     def use_model(self, role: str, path: Path) -> None:
         """Load a checkpoint into the model cache and make it the ``role`` model here and in every Segment widget."""
         MODELS.get(str(path))
-        segment_widgets = [w for w in self.viewer.window.dock_widgets.values() if isinstance(w, SegmentWidget)]
-        for picker in [self.pickers[role]] + [w.pickers[role] for w in segment_widgets]:
+        for picker in [self.pickers[role]] + [w.pickers[role] for w in self._segment_widgets()]:
             picker.source.value = "file"
             picker.path.value = str(path)
+
+
+def heldout_caution(plan: FinetunePlan) -> str | None:
+    """A caution when the held-out score rests on too few cells to mean much."""
+    n = len(np.unique(plan.heldout.cells)) - 1
+    if n >= MIN_HELDOUT_CELLS:
+        return None
+    return (f"the before/after score rests on {n} held-out cell{'s' if n != 1 else ''} only; "
+            f"paint more cells (about {5 * MIN_HELDOUT_CELLS} or more) for a score you can trust")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Generator, Hashable, TypeVar
 
@@ -17,6 +18,7 @@ import numpy as np
 from ..affinity import OFFSETS
 from ..graph import affinity_disagreement, agreement, at_size, edge_cosines, edge_vectors, graph_disagreement
 from ..graph import instance_embeddings, instance_graph
+from ..guidance import assess
 from ..io.checkpoint import CheckpointError
 from ..preprocess import InputError
 from ..segment import InputDecision, OutputCache, RunSettings, Stopped, plane_output, segment_any
@@ -26,6 +28,8 @@ from ._state import CACHE, MODELS
 log = logging.getLogger(__name__)
 OFFSET_LIST = [list(o) for o in OFFSETS]
 T = TypeVar("T")
+POLL_SECONDS = 0.05  # how often a waiting job looks at its cancel event
+CANCEL_GRACE = 0.6  # seconds a cancelled run gets to stop by itself before it is abandoned
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,10 @@ class ModelResult:
     decode: dict | None
     inputs: str = ""  # what the input rules chose (diameter, inversion, channel)
     decision: InputDecision | None = None
+    diameter: float = 0.0  # nucleus diameter (px) the image was segmented at
+    invert: bool = False
+    objects: int = 0
+    advice: list[str] = field(default_factory=list)  # guidance.assess: how to fix an out-of-range result
     ground_truth: dict | None = None
 
 
@@ -95,11 +103,13 @@ def _guard(job, request):
         return JobResult(request, error=_message(exc))
 
 
-def relay(work: Callable[[Callable[[Any], None]], T]) -> Generator[Any, None, T]:
+def relay(work: Callable[[Callable[[Any], None]], T], cancel: threading.Event | None = None) -> Generator[Any, None, T]:
     """Run ``work(report)`` in a thread of its own; yield what it reports; return its result (or raise its error).
 
     The library reports progress through callbacks from deep inside a run (per tile); a worker
-    generator can only yield, so the callbacks go through a queue.
+    generator can only yield, so the callbacks go through a queue. When ``cancel`` is set, the
+    work gets CANCEL_GRACE seconds to stop by itself; then the job ends with :class:`Stopped` and
+    the thread is left to stop at its next check, its result discarded (cancel answers within a second).
     """
     records: queue.Queue = queue.Queue()
     outcome: dict[str, Any] = {}
@@ -114,7 +124,18 @@ def relay(work: Callable[[Callable[[Any], None]], T]) -> Generator[Any, None, T]
             records.put(done)
 
     threading.Thread(target=run, name="graphkd-job", daemon=True).start()
-    while (record := records.get()) is not done:
+    cancelled_at = None
+    while True:
+        try:
+            record = records.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            if cancel is not None and cancel.is_set():
+                cancelled_at = cancelled_at or time.monotonic()
+                if time.monotonic() - cancelled_at > CANCEL_GRACE:
+                    raise Stopped from None
+            continue
+        if record is done:
+            break
         yield record
     if "error" in outcome:
         raise outcome["error"]
@@ -153,11 +174,14 @@ def _segment(request: SegmentRequest, cancel: threading.Event):
             return segment_any(segmenter, request.data, **run.kwargs(), decode=decode, planes=planes, cache=cache,
                                on_progress=report, should_stop=cancel.is_set)
 
-        seg = yield from _scaled(relay(work), i, len(request.models))
+        seg = yield from _scaled(relay(work, cancel), i, len(request.models))
         labels = seg.labels
-        model = ModelResult(role, spec, segmenter.name, segmenter.describe(), labels, seg.network_seconds, seg.decode_seconds,
+        description = segmenter.describe()
+        diameter = seg.inputs.diameter or segmenter.train_diameter
+        model = ModelResult(role, spec, segmenter.name, description, labels, seg.network_seconds, seg.decode_seconds,
                             seg.cached, None if decode is None else decode.to_dict(), inputs=seg.inputs.describe(),
-                            decision=seg.inputs)
+                            decision=seg.inputs, diameter=float(diameter), invert=bool(seg.inputs.invert),
+                            objects=seg.objects, advice=assess(seg, description, plane_data(request.data, request.planes[0])))
         if request.ground_truth is not None:
             gt = stack_planes([plane_data(request.ground_truth, p) for p in request.planes], list(request.planes))
             if gt.shape == labels.shape:
@@ -206,6 +230,7 @@ class OverlayRequest:
     stacked: bool  # the result layers are stacks: overlays get a plane axis
     k: int = 4
     max_distance: float | None = None
+    offset: int = 0  # affinity map: index into OFFSETS of the one channel shown
 
 
 def overlay_job(request: OverlayRequest, cancel: threading.Event):
@@ -227,12 +252,15 @@ def _overlay(request: OverlayRequest, cancel: threading.Event):
     pl, stacked = request.placement, request.stacked
     meta = {"source_labels": src.name, "model": src.model, "model_spec": src.spec, "offsets": OFFSET_LIST}
     result = JobResult(request)
-    embedding, affinities = _maps(src, cancel)
+    embedding, affinities = yield from relay(lambda report: _maps(src, cancel), cancel)
     yield 0.5
     if request.kind == "affinity":
-        data = affinities[:, None] if stacked else affinities
-        result.layers.append((data, {"name": f"{src.name} affinities", "colormap": "magma", "contrast_limits": (0.0, 1.0),
-                                     "metadata": {KEY: dict(meta, kind="affinities")}, **pl.kwargs(leading=1)}, "image"))
+        channel = affinities[request.offset]
+        result.layers.append((channel[None] if stacked else channel,
+                              {"name": f"{src.name} affinity {offset_name(request.offset)}", "colormap": "magma",
+                               "contrast_limits": (0.0, 1.0), "blending": "additive", "opacity": 0.6,
+                               "metadata": {KEY: dict(meta, kind="affinity", offset=OFFSET_LIST[request.offset])},
+                               **pl.kwargs()}, "image"))
     elif request.kind == "graph":
         graph = instance_graph(embedding, src.labels, request.k, request.max_distance)
         graph_meta = dict(meta, k=request.k, max_distance=request.max_distance)
@@ -241,12 +269,13 @@ def _overlay(request: OverlayRequest, cancel: threading.Event):
         result.layers.append(_edges(f"{src.name} graph edges", graph, features, "similarity", "viridis", (-1.0, 1.0),
                                     pl, stacked, dict(graph_meta, kind="graph edges")))
     else:
-        other_embedding, other_affinities = _maps(other, cancel)
+        other_embedding, other_affinities = yield from relay(lambda report: _maps(other, cancel), cancel)
         pair = dict(meta, other_labels=other.name, other_model=other.model, other_model_spec=other.spec)
         diff = affinity_disagreement(affinities, other_affinities)
         result.layers.append((diff[None] if stacked else diff,
                               {"name": f"{src.name} vs {other.name} affinity disagreement", "colormap": "inferno",
-                               "contrast_limits": (0.0, 1.0), "metadata": {KEY: dict(pair, kind="affinity disagreement")},
+                               "contrast_limits": (0.0, 1.0), "blending": "additive", "opacity": 0.7,
+                               "metadata": {KEY: dict(pair, kind="affinity disagreement")},
                                **pl.kwargs()}, "image"))
         graph = instance_graph(embedding, src.labels, request.k, request.max_distance)
         other_nodes = instance_embeddings(other_embedding, src.labels)
@@ -258,6 +287,12 @@ def _overlay(request: OverlayRequest, cancel: threading.Event):
                                     dict(pair, kind="graph disagreement", k=request.k, max_distance=request.max_distance)))
     yield 1.0
     return result
+
+
+def offset_name(index: int) -> str:
+    """Readable name of an affinity offset, e.g. ``3 px up`` for (-3, 0)."""
+    dy, dx = OFFSETS[index]
+    return f"{abs(dy)} px up" if dy else f"{abs(dx)} px left"
 
 
 def _nodes(name: str, graph, pl: Placement, stacked: bool, meta: dict) -> tuple:

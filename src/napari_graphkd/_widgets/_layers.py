@@ -14,6 +14,7 @@ from napari.layers import Image, Layer
 from ..preprocess import InputError
 
 KEY = "graphkd"  # layer.metadata key holding provenance
+CREATED_BY = "napari-graphkd Segment widget"  # provenance["created_by"] of segmentation results
 
 
 def check_image_layer(layer: Image | None) -> None:

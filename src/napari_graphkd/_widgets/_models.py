@@ -5,19 +5,21 @@ from pathlib import Path
 
 from magicgui.widgets import ComboBox, Container, FileEdit, Label
 
+from ..guidance import training_summary
 from ..io.checkpoint import CheckpointError
+from ._layout import wrap
 from ._state import MODELS
 
 SOURCES = [("bundled teacher", "teacher"), ("bundled student", "student"), ("checkpoint file...", "file")]
 
 
 def describe_model(description: dict) -> str:
-    """One line: architecture, widths, resolution and parameter count."""
+    """Architecture, widths, resolution and parameter count; then what it was trained on (data, nucleus size)."""
     config = description.get("config", {})
     resolution = "half-resolution" if config.get("stem_stride") == 2 else "full-resolution"
     widths = "-".join(str(w) for w in config.get("widths", []))
-    return (f"{description.get('architecture', '?')} ({config.get('block', 'residual')}, widths {widths}, "
-            f"{resolution}): {description.get('parameters', 0):,} parameters")
+    return (f"{description.get('architecture', '?')} {widths}, {resolution}, {description.get('parameters', 0):,} "
+            f"parameters; {training_summary(description)}")
 
 
 class ModelPicker(Container):
@@ -28,7 +30,7 @@ class ModelPicker(Container):
         self.source = ComboBox(label=role.title(), choices=SOURCES, value=default)
         self.path = FileEdit(label="Checkpoint", mode="r", filter="*.safetensors", visible=False)
         self.info = Label(value="")
-        self.info.native.setWordWrap(True)
+        wrap(self.info.native)
         super().__init__(widgets=[self.source, self.path, self.info], labels=True)
         self.margins = (0, 0, 0, 0)
         self.source.changed.connect(self._source_changed)

@@ -5,9 +5,9 @@ from ..sample_data import load_sample
 
 
 def _sample(name: str) -> list[tuple]:
-    """LayerData tuples: the image and its ground-truth labels."""
+    """LayerData tuples: the image and its ground-truth labels (hidden, so the image and results stay readable)."""
     image, labels = load_sample(name)
-    return [(image, {"name": name}, "image"), (labels, {"name": f"{name} ground truth"}, "labels")]
+    return [(image, {"name": name}, "image"), (labels, {"name": f"{name} ground truth", "visible": False}, "labels")]
 
 
 def bbbc039_p10_s2() -> list[tuple]:

@@ -6,6 +6,7 @@ from dataclasses import asdict, replace
 from datetime import datetime
 
 import napari  # noqa: F401 - the viewer annotation
+import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushButton, SpinBox
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
@@ -18,7 +19,8 @@ from ._base import JobWidget
 from ..preprocess import AUTO, CHANNEL_MODES
 from ..segment import RunSettings
 from ._jobs import JobResult, ModelResult, SegmentRequest, segment_job
-from ._layers import KEY, check_image_layer, placement, planes_to_run, provenance
+from ._layers import CREATED_BY, KEY, check_image_layer, find_layer, placement, planes_to_run, provenance
+from ._layout import collapsible
 from ._models import ModelPicker
 
 DECODER_FIELDS = ("min_size", "foreground_threshold", "attractive_bias")
@@ -32,8 +34,9 @@ def _mark_edited(event) -> None:
 class SegmentWidget(JobWidget):
     """Teacher and student (and a classical baseline) side by side on one image layer.
 
-    Results always go to new Labels layers (or, with "replace", to this widget's own earlier
-    layers); network outputs are cached so decoder changes re-decode the last run at once.
+    Each result is a Labels layer named by image, model and input settings; running the same model
+    with the same settings again updates that layer (never one painted by hand or made by the user).
+    Network outputs are cached so decoder changes re-decode the last run at once.
     """
 
     def __init__(self, viewer: napari.viewer.Viewer):  # napari injects the viewer (matched by this annotation)
@@ -43,37 +46,52 @@ class SegmentWidget(JobWidget):
         self._latest: dict = {}  # role -> result layer of the last run
         self._redecode_pending = False
         self._syncing = False
+        self._saved_view: dict | None = None  # the user's grid settings and the visibility we changed, to restore
         self.last_result: JobResult | None = None
 
         self.image = ComboBox(label="Image", choices=self._image_choices)
-        self.ground_truth = ComboBox(label="Ground truth", choices=self._labels_choices, nullable=True, value=None)
+        self.ground_truth = ComboBox(label="Ground truth", choices=self._labels_choices, nullable=True, value=None,
+                                     tooltip="Optional Labels layer to score the results against (F1, AJI)")
         self.pickers = {"teacher": ModelPicker("teacher", "teacher"), "student": ModelPicker("student", "student")}
-        self.diameter = FloatSpinBox(label="Nucleus diameter (px, 0 = auto)", value=0.0, min=0.0, max=1000.0, step=1.0)
+        self.diameter = FloatSpinBox(label="Diameter (px)", value=0.0, min=0.0, max=1000.0, step=1.0,
+                                     tooltip="Typical nucleus diameter in this image; 0 = estimated automatically")
         self.invert = ComboBox(label="Nuclei", value=AUTO, choices=[("auto-detect", AUTO), ("bright on dark", False),
-                                                                    ("dark on bright", True)])
-        self.channel = ComboBox(label="Input channel", value=AUTO, choices=[AUTO, *CHANNEL_MODES])
-        self.all_planes = CheckBox(text="All planes of a stack (else the current plane)")
-        self.tile = SpinBox(label="Tile size (px)", value=DEFAULT_TILE, min=128, max=8192, step=128)
-        self.own_settings = CheckBox(text="Each model's tuned decoder settings", value=True)
+                                                                    ("dark on bright", True)],
+                               tooltip="Dark on bright (e.g. bright-field) is inverted so nuclei are bright, as in training")
+        self.channel = ComboBox(label="Input channel", value=AUTO, choices=[AUTO, *CHANNEL_MODES],
+                                tooltip="Grey level used: luminance, or hematoxylin of stained RGB images")
+        self.all_planes = CheckBox(text="All planes of a stack", tooltip="Unticked: only the plane the viewer shows")
+        self.side_by_side = CheckBox(text="Show teacher and student side by side", value=True,
+                                     tooltip="After 'Run both', napari's grid shows image | teacher | student "
+                                             "(ground truth hidden); untick to restore your previous view")
+        self.tile = SpinBox(label="Tile (px)", value=DEFAULT_TILE, min=128, max=8192, step=128,
+                            tooltip="Large images run in overlapping tiles of this size (memory vs. speed)")
+        self.own_settings = CheckBox(text="Each model's tuned settings", value=True,
+                                     tooltip="Untick to decode with the values below (re-decodes at once)")
         defaults = DecodeSettings()
-        self.min_size = SpinBox(label="Min fragment size (px)", value=defaults.min_size, min=0, max=100000)
-        self.foreground_threshold = FloatSpinBox(label="Foreground threshold", value=defaults.foreground_threshold,
+        self.min_size = SpinBox(label="Min fragment (px)", value=defaults.min_size, min=0, max=100000)
+        self.foreground_threshold = FloatSpinBox(label="Foreground thr.", value=defaults.foreground_threshold,
                                                  min=0.0, max=1.0, step=0.05)
-        self.attractive_bias = FloatSpinBox(label="Attractive bias", value=defaults.attractive_bias, min=-1.0, max=1.0, step=0.05)
-        self.replace = CheckBox(text="Replace my previous result (only layers this widget made)")
-        buttons = {"Run teacher": ("teacher",), "Run student": ("student",), "Run both": ("teacher", "student"),
+        self.attractive_bias = FloatSpinBox(label="Attractive bias", value=defaults.attractive_bias, min=-1.0, max=1.0,
+                                            step=0.05)
+        buttons = {"Teacher": ("teacher",), "Student": ("student",), "Run both": ("teacher", "student"),
                    "Classical": ("classical",)}
         self.buttons = {}
         for text, roles in buttons.items():
             self.buttons[text] = PushButton(text=text)
             self.buttons[text].changed.connect(lambda _=None, roles=roles: self.run(roles))
+        self.buttons["Classical"].tooltip = "Otsu + watershed baseline (what a CellProfiler pipeline does)"
         self.actions = list(self.buttons.values())
 
+        self.advanced = Container(widgets=[self.tile, self.own_settings, self.min_size, self.foreground_threshold,
+                                           self.attractive_bias], labels=True)
         self.extend([self.image, self.ground_truth, *self.pickers.values(), self.diameter, self.invert, self.channel,
-                     self.all_planes,
-                     self.tile, self.own_settings, self.min_size, self.foreground_threshold, self.attractive_bias,
-                     self.replace, Container(widgets=list(self.buttons.values()), layout="horizontal", labels=False),
+                     self.all_planes, self.side_by_side,
+                     Container(widgets=list(self.buttons.values()), layout="horizontal", labels=False),
                      *self.footer()])
+        self.advanced_section = collapsible("Advanced: tiles and decoder", self.advanced)
+        self.native.layout().insertWidget(self.index(self.side_by_side) + 1, self.advanced_section)
+        self.finish_layout()
         for picker in self.pickers.values():
             picker.source.changed.connect(lambda _=None, p=picker: self._model_changed(p))
             picker.path.changed.connect(lambda _=None, p=picker: self._model_changed(p))
@@ -81,6 +99,7 @@ class SegmentWidget(JobWidget):
         self.own_settings.changed.connect(self._own_settings_changed)
         for name in DECODER_FIELDS:
             getattr(self, name).changed.connect(self._decoder_changed)
+        self.side_by_side.changed.connect(lambda on: None if on else self.restore_view())
         self._own_settings_changed()
 
     # -- choices -----------------------------------------------------------------------------
@@ -136,8 +155,7 @@ class SegmentWidget(JobWidget):
         except (InputError, CheckpointError) as exc:
             show_error(f"napari-graphkd: {exc}")
             return None
-        targets = self._replaceable(request) if self.replace.value else {}
-        return self._start(segment_job, request, lambda result: self._show(result, targets))
+        return self._start(segment_job, request, lambda result: self._show(result, self._replaceable(request)))
 
     def redecode(self):
         """Re-decode the last run's network outputs with the current decoder settings (no network)."""
@@ -177,29 +195,32 @@ class SegmentWidget(JobWidget):
 
     # -- results -------------------------------------------------------------------------------
     def _owns(self, layer, shape) -> bool:
-        """True for a layer this widget made, still in the viewer, not painted by hand, of this shape."""
+        """True for a layer napari-graphkd made, still in the viewer, not painted by hand, of this shape."""
         prov = provenance(layer)
-        return (layer in self.viewer.layers and prov.get("widget") == self._uid and not prov.get("edited")
+        return (layer in self.viewer.layers and prov.get("created_by") == CREATED_BY and not prov.get("edited")
                 and layer.data.shape == shape)
 
     def _replaceable(self, request: SegmentRequest) -> dict:
-        """This widget's latest earlier result layers for the same image, planes and roles."""
+        """Earlier results of the same image, planes, model and input settings (updated in place, not duplicated)."""
         targets = {}
-        for layer in self.viewer.layers:
-            prov = provenance(layer)
-            if (prov.get("widget") == self._uid and prov.get("image_layer_id") == request.image_id
-                    and prov.get("planes") == list(request.planes) and not prov.get("edited")):
-                targets[prov["role"]] = layer
+        for role, spec in request.models:
+            for layer in self.viewer.layers:
+                prov = provenance(layer)
+                if (prov.get("created_by") == CREATED_BY and prov.get("image_layer_id") == request.image_id
+                        and prov.get("planes") == list(request.planes) and prov.get("model_spec") == spec
+                        and prov.get("requested_run") == asdict(request.run) and not prov.get("edited")):
+                    targets[role] = layer
         return targets
 
     def _provenance(self, request: SegmentRequest, model: ModelResult, result: JobResult) -> dict:
         return {
-            "created_by": "napari-graphkd Segment widget", "widget": self._uid, "role": model.role,
+            "created_by": CREATED_BY, "widget": self._uid, "role": model.role,
             "model": model.name, "model_spec": model.spec, "model_path": model.description.get("path"),
             "architecture": model.description.get("architecture"), "parameters": model.description.get("parameters"),
             "image_layer": request.image_name, "image_layer_id": request.image_id, "planes": list(request.planes),
-            "run": asdict(self._resolved(request, model)), "inputs": model.inputs,
-            "input_rules": None if model.decision is None else model.decision.to_dict(),
+            "run": asdict(self._resolved(request, model)), "requested_run": asdict(request.run), "inputs": model.inputs,
+            "input_rules": None if model.decision is None else model.decision.to_dict(), "objects": model.objects,
+            "advice": model.advice,
             "decode": model.decode, "network_seconds": model.network_seconds,
             "network_cached": model.cached, "decode_seconds": model.decode_seconds,
             "ground_truth_scores": model.ground_truth,
@@ -216,16 +237,22 @@ class SegmentWidget(JobWidget):
 
     def _show(self, result: JobResult, targets: dict) -> None:
         request = result.request
+        if find_layer(self.viewer, request.image_id) is None:
+            show_warning(f"napari-graphkd: the image {request.image_name!r} was closed; its result is discarded")
+            self.report.value = ""
+            return
         for model in result.models:
             prov = self._provenance(request, model, result)
             layer = targets.get(model.role)
+            name = result_name(request.image_name, model)
             if layer is not None and self._owns(layer, model.labels.shape):
                 layer.data = model.labels
                 provenance(layer).update(prov)
+                if request.network:
+                    layer.name = name
             else:
                 if layer is not None and layer in self.viewer.layers:
                     show_info(f"napari-graphkd: {layer.name!r} was edited by hand; the new result is a new layer")
-                name = f"{request.image_name} {model.role}" + ("" if model.name == model.role else f" ({model.name})")
                 layer = self.viewer.add_labels(model.labels, name=name, metadata={KEY: prov}, **request.placement.kwargs())
                 layer.events.paint.connect(_mark_edited)
             self._latest[model.role] = layer
@@ -233,18 +260,98 @@ class SegmentWidget(JobWidget):
             self._last_request = replace(request, runs={m.role: self._resolved(request, m) for m in result.models})
         self.last_result = result
         self.report.value = report_text(result)
+        advice = sorted({line for model in result.models for line in model.advice})
+        if advice and request.network:
+            show_warning("napari-graphkd: this image looks unlike the model's training data: " + "; ".join(advice))
+        if request.network and {"teacher", "student"} <= {m.role for m in result.models} and self.side_by_side.value:
+            self.show_side_by_side()
+
+    # -- view ----------------------------------------------------------------------------------
+    def show_side_by_side(self) -> None:
+        """Grid view: image | teacher | student, with ground truth and older results hidden (restorable)."""
+        grid = grid_of(self.viewer)
+        shown = {self.image.value, self._latest.get("teacher"), self._latest.get("student")}
+        if self._saved_view is None:
+            self._saved_view = {"grid": (grid.enabled, tuple(grid.shape), grid.stride), "visible": {}}
+        for layer in self.viewer.layers:
+            made_here = bool(provenance(layer).get("created_by"))
+            if layer not in shown and layer.visible and (made_here or layer is self.ground_truth.value):
+                self._saved_view["visible"].setdefault(layer, True)
+                layer.visible = False
+        for layer in shown:
+            if layer is not None:
+                layer.visible = True
+        grid.stride = 1  # the bottom layer (the image) first, then teacher, then student
+        image = self.image.value
+        extent = np.ptp(np.asarray(image.extent.world), axis=0)[-2:] if image is not None else (1.0, 1.0)
+        canvas = getattr(getattr(self.viewer, "canvas", None), "size", (600, 800))
+        grid.shape = grid_shape(tuple(canvas), tuple(extent), len([layer for layer in shown if layer is not None]))
+        grid.enabled = True
+        self.viewer.reset_view()
+
+    def restore_view(self) -> None:
+        """Put back the grid settings and layer visibility the user had before the side-by-side view."""
+        saved, self._saved_view = self._saved_view, None
+        if saved is None:
+            return
+        grid = grid_of(self.viewer)
+        enabled, shape, stride = saved["grid"]
+        grid.stride, grid.shape, grid.enabled = stride, shape, enabled
+        for layer, visible in saved["visible"].items():
+            if layer in self.viewer.layers:
+                layer.visible = visible
+        self.viewer.reset_view()
+
+    def use_inputs(self, diameter: float | None, invert: bool | None) -> None:
+        """Take over input settings measured elsewhere (e.g. the diameter of the painted cells after fine-tuning)."""
+        if diameter:
+            self.diameter.value = round(float(diameter), 1)
+        if invert is not None:
+            self.invert.value = bool(invert)
+
+
+def grid_shape(canvas: tuple[float, float], image: tuple[float, float], n: int) -> tuple[int, int]:
+    """(rows, columns) of a grid of ``n`` images of size ``image`` that shows them largest on ``canvas`` (both H, W)."""
+    def zoom(rows: int) -> float:
+        columns = -(-n // rows)
+        return min(canvas[0] / (rows * image[0]), canvas[1] / (columns * image[1]))
+
+    rows = max(range(1, n + 1), key=zoom)
+    return rows, -(-n // rows)
+
+
+def grid_of(viewer):
+    """The viewer's grid settings (``viewer.canvas.grid`` since napari 0.9, ``viewer.grid`` before)."""
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
+
+
+def short_name(name: str, limit: int = 24) -> str:
+    """``name`` cut in the middle to at most ``limit`` characters."""
+    if len(name) <= limit:
+        return name
+    half = (limit - 1) // 2
+    return name[:half] + "…" + name[-(limit - 1 - half):]
+
+
+def result_name(image_name: str, model: ModelResult) -> str:
+    """Short layer name: image, model and what the input rules chose (diameter, inversion)."""
+    who = model.role if model.name == model.role else f"{model.role} ({short_name(model.name, 16)})"
+    return f"{short_name(image_name)} {who} {model.diameter:.0f}px" + (" inverted" if model.invert else "")
 
 
 def report_text(result: JobResult) -> str:
-    """Timings per model, agreement of student and teacher, scores against ground truth."""
+    """Per model: objects, what the input rules chose, timings, scores; then student-teacher agreement."""
     lines = []
     for m in result.models:
-        network = "-" if m.role == "classical" else f"{m.network_seconds:.2f} s" + (" (cached)" if m.cached else "")
-        lines.append(f"{m.role} [{m.name}]: network {network}, decode {m.decode_seconds:.2f} s; nuclei {m.inputs}")
+        network = "no network" if m.role == "classical" else f"network {m.network_seconds:.2f} s" + (" (cached)" if m.cached else "")
+        lines.append(f"{m.role} [{m.name}]: {m.objects} objects; inputs {m.inputs}; {network}, decode {m.decode_seconds:.2f} s")
         if m.ground_truth:
             gt = m.ground_truth
             lines.append(f"  vs ground truth: F1 {gt['f1']:.3f}, AJI {gt['aji']:.3f} ({gt['n_b']:.0f} nuclei, GT {gt['n_a']:.0f})")
     if result.agreement:
         a = result.agreement
         lines.append(f"student vs teacher: F1 {a['f1']:.3f}, AJI {a['aji']:.3f} ({a['n_b']:.0f} vs {a['n_a']:.0f} nuclei)")
+    advice = sorted({line for m in result.models for line in m.advice})
+    lines += [f"! {line}" for line in advice]
     return "\n".join(lines)
