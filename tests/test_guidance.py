@@ -8,7 +8,8 @@ import pytest
 import tifffile
 import torch
 
-from napari_graphkd.guidance import assess, background_level, equivalent_diameters, training_summary
+from napari_graphkd.guidance import assess, background_level, training_summary
+from napari_graphkd.sizing import equivalent_diameters
 from napari_graphkd.sample_data import SAMPLE_NAMES, load_sample
 from napari_graphkd.segment import AS_TRAINED, load_segmenter, segment_any
 
@@ -37,7 +38,7 @@ def test_equivalent_diameters_and_background_level():
     labels = np.zeros((40, 40), np.int32)
     labels[:10, :10] = 1
     labels[20:22, 20:22] = 3
-    np.testing.assert_allclose(equivalent_diameters(labels), 2 * np.sqrt(np.array([100, 4]) / np.pi))
+    np.testing.assert_allclose(equivalent_diameters(labels, skip_border=False)[0], 2 * np.sqrt(np.array([100, 4]) / np.pi))
     dark = np.zeros((50, 50), np.uint8)
     dark[10:20, 10:20] = 200
     assert background_level(dark) < 0.1 and background_level(255 - dark) > 0.9

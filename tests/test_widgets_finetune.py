@@ -56,7 +56,7 @@ def test_short_finetune_saves_a_new_model_and_shows_heldout_scores(setup, qtbot,
     assert "2 of 10 painted cells of 'crop' held out" in report and "student before" in report and "student after" in report
     assert "caution: the before/after score rests on 2 held-out cells only" in report
     assert any("2 held-out cells" in message for message in errors(notes, "warning"))
-    measured = float(report.split("use diameter ")[1].split()[0])
+    measured = float(report.split("nuclei of ")[1].split()[0])
     assert segment.diameter.value == pytest.approx(measured, abs=0.05) and measured > 0  # carried to Segment
     assert len(widget.curve.series["training student"]) == 3 and widget.progress.value == 100
     np.testing.assert_array_equal(viewer.layers["my cells"].data, annotation)  # user layers untouched

@@ -13,6 +13,7 @@ import numpy as np
 
 from .inference import TRAIN_DIAMETER
 from .preprocess import grayscale
+from .sizing import equivalent_diameters
 
 BRIGHT_BACKGROUND = 0.35  # median this far up the 1-99.8 % intensity range: the background is bright
 DARK_BACKGROUND = 0.1  # median below this: the background is dark (fluorescence)
@@ -48,12 +49,6 @@ def training_summary(description: dict[str, Any]) -> str:
                  f"(nuclei {float(finetune.get('diameter', diameter)):.0f} px, run at {diameter:.0f} px)")
         text = f"{text}; then {tuned}" if text else tuned
     return text
-
-
-def equivalent_diameters(labels: np.ndarray) -> np.ndarray:
-    """Equivalent-circle diameter (px) of every object of a label image (all planes of a stack)."""
-    areas = np.bincount(np.asarray(labels).ravel().astype(np.int64, copy=False))[1:]
-    return 2.0 * np.sqrt(areas[areas > 0] / np.pi)
 
 
 def background_level(image: np.ndarray) -> float:
@@ -99,7 +94,7 @@ def assess(result: Any, description: dict[str, Any], image: np.ndarray | None = 
         if unsure > MAX_UNSURE:
             advice.append(f"the model is unsure whether {unsure:.0%} of the image is nucleus or background (under 5 % on "
                           "images like its training data): fine-tune on a few painted nuclei of this kind of image")
-    diameters = equivalent_diameters(result.labels)
+    diameters = equivalent_diameters(np.asarray(result.labels).astype(np.int64, copy=False), skip_border=False)[0]
     if len(diameters) >= MIN_OBJECTS:
         typical = float(np.median(diameters))
         ratio = typical / worked_at

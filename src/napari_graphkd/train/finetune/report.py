@@ -20,7 +20,7 @@ def finetune_report(result: FinetuneResult, plan: FinetunePlan) -> str:
     """What was held out, the before/after table, and where the new checkpoints are."""
     lines = [f"{MODES[result.mode]}: {plan.train_cells} cells for training; {result.heldout}",
              f"nuclei of {plan.diameter:.1f} px rescaled to {plan.train_diameter:.1f} px"
-             f" (use diameter {plan.diameter:.1f} in the Segment widget)", scores_table(result.scores)]
+             f" (the Segment widget takes this diameter with the new model)", scores_table(result.scores)]
     if result.cancelled:
         lines.append("cancelled: nothing saved, the models are unchanged")
     lines += [f"saved {role}: {path}" for role, path in result.saved.items()]
