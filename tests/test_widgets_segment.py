@@ -52,6 +52,15 @@ def test_pickers_show_architecture_and_parameters(setup):
     assert "trained on BBBC039 fluorescence" in widget.pickers["student"].info.value
 
 
+def test_diameter_zero_reads_auto_and_means_the_automatic_estimate(setup):
+    _, widget = setup
+    widget.diameter.value = 0.0
+    assert widget.diameter.native.text() == "auto"
+    assert widget.run_settings().diameter == "auto"
+    widget.diameter.value = 31.0
+    assert widget.diameter.native.text() != "auto" and widget.run_settings().diameter == 31.0
+
+
 def test_run_both_creates_new_layers_with_provenance_and_scores(setup, qtbot, network_calls, notes):
     viewer, widget = setup
     gt_before = viewer.layers["crop gt"].data.copy()

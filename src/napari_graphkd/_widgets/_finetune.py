@@ -215,6 +215,7 @@ class FinetuneWidget(JobWidget):
         self.pickers = {"teacher": ModelPicker("teacher", "teacher"), "student": ModelPicker("student", "student")}
         self.diameter = FloatSpinBox(label="Diameter (px)", value=0.0, min=0.0, max=1000.0, step=1.0,
                                      tooltip="Typical nucleus diameter; 0 = measured from your painted cells")
+        self.diameter.native.setSpecialValueText("measure")  # the spin box shows "measure" at 0
         self.invert = CheckBox(text="Dark nuclei on a bright background")
         self.margin = SpinBox(label="Margin (px)", value=FinetuneSettings.margin, min=0, max=500,
                               tooltip="Unpainted pixels this close to a painted cell are background; "

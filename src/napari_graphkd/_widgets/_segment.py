@@ -55,6 +55,7 @@ class SegmentWidget(JobWidget):
         self.pickers = {"teacher": ModelPicker("teacher", "teacher"), "student": ModelPicker("student", "student")}
         self.diameter = FloatSpinBox(label="Diameter (px)", value=0.0, min=0.0, max=1000.0, step=1.0,
                                      tooltip="Typical nucleus diameter in this image; 0 = estimated automatically")
+        self.diameter.native.setSpecialValueText("auto")  # the spin box shows "auto" at 0
         self.invert = ComboBox(label="Nuclei", value=AUTO, choices=[("auto-detect", AUTO), ("bright on dark", False),
                                                                     ("dark on bright", True)],
                                tooltip="Dark on bright (e.g. bright-field) is inverted so nuclei are bright, as in training")
