@@ -16,7 +16,7 @@ from napari_graphkd.large.chunks import ChunkPlan
 from napari_graphkd.large.stats import chunk_stats, combine, plane_normalization
 from napari_graphkd.large.stitch import global_ids, matching_pairs
 from napari_graphkd.metrics import f1_at
-from napari_graphkd.preprocess import normalize
+from napari_graphkd.preprocess import InputError, normalize
 from napari_graphkd.sample_data import SAMPLE_NAMES, load_sample
 from napari_graphkd.segment import load_segmenter, segment_any
 
@@ -195,3 +195,18 @@ def test_a_stack_is_segmented_plane_by_plane_with_ids_unique_across_planes(tmp_p
     whole = segment_any(load_segmenter("student"), np.stack(planes)).labels
     assert labels.shape == (2, 256, 320) and all(f1_at(whole[i], labels[i]) >= 0.995 for i in range(2))
     assert not set(np.unique(labels[0])[1:]) & set(np.unique(labels[1])[1:])
+
+
+def test_a_diameter_that_would_blow_up_each_chunk_is_refused(tmp_path, sample, capsys):
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, sample[0], tile=(128, 128))
+    out = tmp_path / "res"
+    assert main(["segment", str(path), "--chunked", "--model", "student", "--chunk", "256", "--workers", "0",
+                 "--threads", "1", "--diameter", "0.01", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nucleus diameter 0.01" in err[0]
+    assert not (out / "big.zarr").exists()
+    target = LabelsTarget(str(tmp_path / "lib.zarr"))
+    with pytest.raises(InputError, match="nucleus diameter 0.01 rescales each .* smaller --chunk"):
+        run_to_end(segment_large(open_image(path), target, "student", chunk=256, diameter=0.01))
+    assert not (tmp_path / "lib.zarr").exists()

@@ -17,11 +17,10 @@ from scipy import ndimage as ndi
 
 from .affinity import OFFSETS, embedding_affinities
 from .models import EmbeddingUNet
-from .preprocess import InputError, grayscale, normalize
+from .preprocess import MAX_WORKING_PIXELS, InputError, grayscale, normalize
 
 TRAIN_DIAMETER = 28.0  # nucleus diameter (px) the bundled models were trained at (BBBC039: mean area ~600 px)
 MIN_SIDE = 16
-MAX_WORKING_PIXELS = 2**28  # largest image (after object-size rescaling) a network is run on
 DEFAULT_TILE = 1024
 TILE_OVERLAP = 64
 

@@ -13,6 +13,7 @@ MIN_CONTRAST_SNR = 30.0
 # chunk-by-chunk normalisation applies the same rule.
 HOT_PIXEL_MARGIN = 0.2
 
+MAX_WORKING_PIXELS = 2**28  # largest image (after object-size rescaling) a network is run on
 
 class InputError(ValueError):
     """An image cannot be segmented as given (shape, values, size)."""

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from ..preprocess import MAX_WORKING_PIXELS, InputError
 from . import stitch
 from .chunks import DEFAULT_CHUNK, Box, Chunk, ChunkPlan, round_up
 from .stats import ChunkStats, combine, plane_normalization
@@ -134,6 +135,15 @@ def chunk_geometry(align: int, chunk: int, halo: int | None, zoom: float) -> tup
     return round_up(max(chunk, align), align), round_up(halo, align)
 
 
+def check_chunk_work(chunk: int, halo: int, zoom: float, diameter: float | None) -> None:
+    """InputError when one haloed chunk, rescaled to the model's object size, exceeds MAX_WORKING_PIXELS."""
+    side = (chunk + 2 * halo) * zoom
+    if side * side > MAX_WORKING_PIXELS:
+        raise InputError(f"nucleus diameter {diameter} rescales each {chunk + 2 * halo} px chunk (with halo) to "
+                         f"{side:,.0f} px per side (more than {MAX_WORKING_PIXELS:,} px); give the diameter in pixels "
+                         "of this image or a smaller --chunk")
+
+
 def run_settings(source: Source, model: str, plan: ChunkPlan, zoom: float, invert: bool, tile: int | None,
                  decode: dict) -> dict:
     """What a resumed run must share with the unfinished one."""
@@ -187,6 +197,12 @@ def segment_large(source: Source, target: LabelsTarget, model: str = "student", 
     invert = facts["invert"] if invert is None else bool(invert)
     zoom = facts["zoom"]
     chunk, halo = chunk_geometry(facts["align"], chunk, halo, zoom)
+    try:
+        check_chunk_work(chunk, halo, zoom, diameter)
+    except InputError:
+        if own_executor:
+            executor.close()
+        raise
     plan = ChunkPlan(source.planes, source.plane_shape, chunk, halo)
     work = target.work
     try:
