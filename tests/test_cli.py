@@ -182,3 +182,18 @@ def test_unreadable_image_is_one_line_and_a_failed_exit(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "napari_graphkd.cli", "segment", "--model", "classical", "--out",
                            str(tmp_path / "o"), str(bad)], capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "cannot read" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_segment_prints_concrete_advice_when_the_image_is_unlike_the_training_data(tmp_path, capsys):
+    crops = Path(__file__).resolve().parents[1] / "examples" / "data" / "brightfield" / "test" / "images"
+    crop = sorted(crops.glob("*.tif"))[0]
+    assert main(["segment", str(crop), "--model", "student", "--invert", "no", "--diameter", "28",
+                 "--threads", "1", "--out", str(tmp_path / "bf")]) == 0
+    err = capsys.readouterr().err
+    assert f"advice for {crop.name}:" in err and "dark on bright" in err  # bright-field shown as if fluorescence
+    image = tmp_path / "fluo.tif"
+    from napari_graphkd.sample_data import SAMPLE_NAMES, load_sample
+
+    tifffile.imwrite(image, load_sample(SAMPLE_NAMES[0])[0])
+    assert main(["segment", str(image), "--model", "student", "--threads", "1", "--out", str(tmp_path / "fl")]) == 0
+    assert "advice" not in capsys.readouterr().err  # an image like the training data gets none

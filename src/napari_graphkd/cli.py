@@ -122,6 +122,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             raise CLIError("--runtime onnx runs whole images only; chunked (Zarr, large TIFF) segmentation uses torch")
         return segment_chunked(args)
     from .data import read_tiff
+    from .guidance import assess
     from .preprocess import InputError
     from .runtime import configure_threads
     from .segment import load_segmenter, segment_any
@@ -142,13 +143,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
         use_onnx_runtime(segmenter, args.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"model {segmenter.name}: {segmenter.parameters:,} parameters")
+    description = segmenter.describe()
     print(f"{'image':<40} {'objects':>7} {'network ms':>10} {'decode ms':>9}  input rules (auto: chosen per image)")
     net_total = dec_total = 0.0
     done, failed = 0, []
     bar = image_bar(len(todo))
     for i, (path, target) in enumerate(todo):
         try:
-            result = segment_any(segmenter, read_tiff(path), diameter=args.diameter, invert=args.invert,
+            image = read_tiff(path)
+            result = segment_any(segmenter, image, diameter=args.diameter, invert=args.invert,
                                  channel=args.channel, **tile,
                                  on_progress=lambda fraction, i=i: bar.update(i + fraction - bar.n))
             write_labels(target, result.labels)
@@ -161,6 +164,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         dec_total += result.decode_seconds
         say(f"{path.name:<40} {result.objects:>7d} {1000 * result.network_seconds:>10.0f} "
             f"{1000 * result.decode_seconds:>9.0f}  {result.inputs.describe()}")
+        for line in assess(result, description, first_plane(image)):
+            say(f"  advice for {path.name}: {line}", file=sys.stderr)
     bar.close()
     k = max(1, done)
     print(f"{'mean':<40} {'':>7} {1000 * net_total / k:>10.0f} {1000 * dec_total / k:>9.0f}")
@@ -180,6 +185,14 @@ def use_onnx_runtime(segmenter, threads: int) -> None:
         segmenter.model = OnnxNetwork(segmenter.model, threads=threads)
     except ImportError as exc:
         raise CLIError(str(exc)) from None
+
+
+def first_plane(image: np.ndarray) -> np.ndarray:
+    """The first plane of a stack (the image itself when 2D), by the one stack rule."""
+    from .planes import plane_layout
+
+    stack, _ = plane_layout(image.shape)
+    return image[(0,) * len(stack)]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
