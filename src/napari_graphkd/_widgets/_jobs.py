@@ -308,3 +308,65 @@ def _edges(name: str, graph, features: dict, color_by: str, colormap: str, limit
             {"name": name, "features": features, "edge_color": color_by, "edge_colormap": colormap,
              "edge_contrast_limits": limits, "edge_width": 2, "vector_style": "line",
              "metadata": {KEY: meta}, **pl.kwargs()}, "vectors")
+
+
+STAGES = ("statistics", "segment", "stitch", "relabel")
+
+
+@dataclass(frozen=True)
+class LargeRequest:
+    """Chunked segmentation of a lazy (dask, zarr, multiscale) image layer by one network model into a Zarr store."""
+
+    image_id: str
+    image_name: str
+    data: Any  # the full-resolution array (never loaded whole)
+    role: str
+    spec: str
+    output: str  # the .zarr path the labels go to (in the widget's cache folder)
+    chunk: int
+    diameter: float | None
+    invert: bool | None
+    tile: int
+    overrides: dict | None
+    placement: Placement | None = None
+
+
+def large_job(request: LargeRequest, cancel: threading.Event):
+    """Run :func:`segment_large` on threads in this process; the result's labels are the Zarr array, opened lazily."""
+    return (yield from _guard(_large(request, cancel), request))
+
+
+def stage_fraction(stage: str, done: int, total: int) -> float:
+    """Progress of a chunked run in [0, 1]: its four stages weigh the same."""
+    if stage not in STAGES:
+        return 1.0
+    return (STAGES.index(stage) + (done / total if total else 1.0)) / len(STAGES)
+
+
+def _large(request: LargeRequest, cancel: threading.Event):
+    import dask.array as da
+
+    from ..large import LabelsTarget, from_array, segment_large
+    from ..large.zarr_io import remove_target
+
+    target = LabelsTarget(request.output)
+    start = time.perf_counter()
+    last = None
+    try:
+        for last in segment_large(from_array(request.data), target, request.spec, chunk=request.chunk,
+                                  diameter=request.diameter, invert=request.invert, tile=request.tile,
+                                  decode=request.overrides, workers=1, should_stop=cancel.is_set):
+            yield stage_fraction(last.stage, last.done, last.total)
+    finally:
+        if last is None or last.stage != "done":
+            remove_target(target)  # a stopped or failed run leaves nothing behind
+    if last.stage != "done":
+        return JobResult(request, cancelled=True)
+    labels = da.from_zarr(target.array_path)
+    key, segmenter = MODELS.get(request.spec)
+    objects = int(last.message.split()[0]) if last.message else 0
+    diameter = request.diameter or segmenter.train_diameter
+    model = ModelResult(request.role, request.spec, segmenter.name, segmenter.describe(), labels,
+                        time.perf_counter() - start, 0.0, False, request.overrides, inputs=f"chunked, {request.chunk} px chunks",
+                        diameter=float(diameter), invert=bool(request.invert), objects=objects)
+    return JobResult(request, models=[model])

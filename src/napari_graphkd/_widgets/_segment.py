@@ -1,6 +1,7 @@
 """The "Segment (teacher vs student)" widget: run models on an image layer into new Labels layers."""
 from __future__ import annotations
 
+import tempfile
 import uuid
 from dataclasses import asdict, replace
 from datetime import datetime
@@ -14,12 +15,14 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from ..decode.mws import DecodeSettings
 from ..inference import DEFAULT_TILE
 from ..io.checkpoint import CheckpointError
+from ..large.chunks import DEFAULT_CHUNK
+from ..large.view import full_resolution, view_box, wants_chunked
 from ..preprocess import InputError
 from ._base import JobWidget
 from ..preprocess import AUTO, CHANNEL_MODES
 from ..segment import RunSettings
-from ._jobs import JobResult, ModelResult, SegmentRequest, segment_job
-from ._layers import CREATED_BY, KEY, check_image_layer, find_layer, placement, planes_to_run, provenance
+from ._jobs import JobResult, LargeRequest, ModelResult, SegmentRequest, large_job, segment_job
+from ._layers import CREATED_BY, KEY, Placement, check_image_layer, find_layer, placement, planes_to_run, provenance
 from ._layout import collapsible
 from ._models import ModelPicker
 
@@ -48,6 +51,7 @@ class SegmentWidget(JobWidget):
         self._syncing = False
         self._saved_view: dict | None = None  # the user's grid settings and the visibility we changed, to restore
         self.last_result: JobResult | None = None
+        self._store: str | None = None  # folder of this widget's chunked results (Zarr stores the layers read)
 
         self.image = ComboBox(label="Image", choices=self._image_choices)
         self.ground_truth = ComboBox(label="Ground truth", choices=self._labels_choices, nullable=True, value=None,
@@ -62,9 +66,14 @@ class SegmentWidget(JobWidget):
         self.channel = ComboBox(label="Input channel", value=AUTO, choices=[AUTO, *CHANNEL_MODES],
                                 tooltip="Grey level used: luminance, or hematoxylin of stained RGB images")
         self.all_planes = CheckBox(text="All planes of a stack", tooltip="Unticked: only the plane the viewer shows")
+        self.field_of_view = CheckBox(text="Field of view only", tooltip="Segment only the part of the image on screen "
+                                      "(a quick look at a large image); the labels overlay it in place")
         self.side_by_side = CheckBox(text="Show teacher and student side by side", value=True,
                                      tooltip="After 'Run both', napari's grid shows image | teacher | student "
                                              "(ground truth hidden); untick to restore your previous view")
+        self.chunk = SpinBox(label="Chunk (px)", value=DEFAULT_CHUNK, min=128, max=8192, step=128,
+                             tooltip="Lazy (Dask, Zarr, multiscale) or very large images run chunk by chunk into a "
+                                     "Zarr store on disk; chunk size without the halo")
         self.tile = SpinBox(label="Tile (px)", value=DEFAULT_TILE, min=128, max=8192, step=128,
                             tooltip="Large images run in overlapping tiles of this size (memory vs. speed)")
         self.own_settings = CheckBox(text="Each model's tuned settings", value=True,
@@ -84,10 +93,10 @@ class SegmentWidget(JobWidget):
         self.buttons["Classical"].tooltip = "Otsu + watershed baseline (what a CellProfiler pipeline does)"
         self.actions = list(self.buttons.values())
 
-        self.advanced = Container(widgets=[self.tile, self.own_settings, self.min_size, self.foreground_threshold,
+        self.advanced = Container(widgets=[self.tile, self.chunk, self.own_settings, self.min_size, self.foreground_threshold,
                                            self.attractive_bias], labels=True)
         self.extend([self.image, self.ground_truth, *self.pickers.values(), self.diameter, self.invert, self.channel,
-                     self.all_planes, self.side_by_side,
+                     self.all_planes, self.field_of_view, self.side_by_side,
                      Container(widgets=list(self.buttons.values()), layout="horizontal", labels=False),
                      *self.footer()])
         self.advanced_section = collapsible("Advanced: tiles and decoder", self.advanced)
@@ -152,11 +161,73 @@ class SegmentWidget(JobWidget):
     def run(self, roles: tuple[str, ...]):
         """Segment the chosen image with ``roles`` (teacher, student, classical); returns the worker or None."""
         try:
+            image = self.image.value
+            if image is not None and self.field_of_view.value:
+                request, box = self._view_request(roles)
+                return self._start(segment_job, request, lambda result: self._show_view(result, box))
+            if image is not None and wants_chunked(image.data):
+                return self._start(large_job, self._large_request(roles), self._show_large)
             request = self._request(roles)
         except (InputError, CheckpointError) as exc:
             show_error(f"napari-graphkd: {exc}")
             return None
         return self._start(segment_job, request, lambda result: self._show(result, self._replaceable(request)))
+
+    def visible_box(self, image: Image) -> tuple[int, int, int, int]:
+        """(y0, y1, x0, x1) full-resolution pixels of a 2D image layer that the canvas shows now."""
+        camera = getattr(getattr(self.viewer, "scene", None), "camera", None) or self.viewer.camera  # napari 0.9 moved it
+        return view_box(tuple(camera.center)[-2:], float(camera.zoom), tuple(self.viewer.canvas.size),
+                        full_resolution(image.data).shape[-2:], tuple(image.scale)[-2:], tuple(image.translate)[-2:])
+
+    def _models(self, roles: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+        """(role, spec) of each role, loading each model here so a bad one fails with its reason."""
+        models = []
+        for role in roles:
+            if role == "classical":
+                models.append((role, "classical"))
+            else:
+                self.pickers[role].load()
+                models.append((role, self.pickers[role].spec))
+        return tuple(models)
+
+    @staticmethod
+    def _check_plane(image: Image | None, what: str) -> None:
+        """InputError unless ``image`` is a 2D gray layer (single or multiscale)."""
+        if image is None:
+            raise InputError("choose an Image layer first")
+        if image.ndim != 2 or image.rgb:
+            raise InputError(f"{what} works on 2D gray images here; {image.name!r} has {image.ndim} dimensions"
+                             " (use graphkd segment for stacks)")
+
+    def _view_request(self, roles: tuple[str, ...]) -> tuple[SegmentRequest, tuple[int, int, int, int]]:
+        """The visible crop of the image (read from lazy data alone) as an ordinary request placed over it."""
+        image = self.image.value
+        self._check_plane(image, "segmenting the field of view")
+        y0, y1, x0, x1 = box = self.visible_box(image)
+        if y1 - y0 < 16 or x1 - x0 < 16:
+            raise InputError(f"too little of {image.name!r} is on screen ({y1 - y0}x{x1 - x0} px); pan or zoom to it")
+        crop = np.asarray(full_resolution(image.data)[y0:y1, x0:x1])
+        base = placement(image, [None])
+        translate = (base.translate[0] + y0 * base.scale[0], base.translate[1] + x0 * base.scale[1])
+        return SegmentRequest(str(image.unique_id), image.name, crop, (None,), self._models(roles), self.run_settings(),
+                              self.decoder_overrides(), True, None, Placement(base.scale, translate)), box
+
+    def _large_request(self, roles: tuple[str, ...]) -> LargeRequest:
+        """One network model on a lazy or very large image, chunk by chunk into a new store in the widget's folder."""
+        image = self.image.value
+        self._check_plane(image, "the chunked path")
+        if len(roles) != 1 or roles[0] == "classical":
+            raise InputError(f"{image.name!r} is lazy or very large: it runs chunk by chunk with one network model at a "
+                             "time; press Teacher or Student (or tick 'Field of view only')")
+        (role, spec), = self._models(roles)
+        if self._store is None:
+            self._store = tempfile.mkdtemp(prefix="napari-graphkd-")
+        run = self.run_settings()
+        return LargeRequest(str(image.unique_id), image.name, full_resolution(image.data), role, spec,
+                            f"{self._store}/{uuid.uuid4().hex}.zarr", int(self.chunk.value),
+                            None if run.diameter == AUTO else float(run.diameter),
+                            None if run.invert == AUTO else bool(run.invert), int(self.tile.value),
+                            self.decoder_overrides(), placement(image, [None]))
 
     def redecode(self):
         """Re-decode the last run's network outputs with the current decoder settings (no network)."""
@@ -180,14 +251,7 @@ class SegmentWidget(JobWidget):
     def _request(self, roles: tuple[str, ...]) -> SegmentRequest:
         image = self.image.value
         check_image_layer(image)
-        models = []
-        for role in roles:
-            if role == "classical":
-                models.append((role, "classical"))
-            else:
-                picker = self.pickers[role]
-                picker.load()  # fail here, with the reason, rather than in the thread
-                models.append((role, picker.spec))
+        models = self._models(roles)
         planes = tuple(planes_to_run(self.viewer, image, self.all_planes.value))
         gt = self.ground_truth.value
         return SegmentRequest(str(image.unique_id), image.name, image.data, planes, tuple(models), self.run_settings(),
@@ -266,6 +330,35 @@ class SegmentWidget(JobWidget):
             show_warning("napari-graphkd: this image looks unlike the model's training data: " + "; ".join(advice))
         if request.network and {"teacher", "student"} <= {m.role for m in result.models} and self.side_by_side.value:
             self.show_side_by_side()
+
+    def _show_view(self, result: JobResult, box: tuple[int, int, int, int]) -> None:
+        """New layers for a field-of-view run, named and marked with the box they cover."""
+        self._show(result, {})
+        for model in result.models:
+            layer = self._latest.get(model.role)
+            if layer is not None and layer in self.viewer.layers:
+                provenance(layer)["field_of_view"] = list(box)
+                layer.name = f"{layer.name} view"
+
+    def _show_large(self, result: JobResult) -> None:
+        """A Labels layer reading the chunked run's Zarr store from disk, with provenance."""
+        request: LargeRequest = result.request
+        if find_layer(self.viewer, request.image_id) is None:
+            show_warning(f"napari-graphkd: the image {request.image_name!r} was closed; its result is discarded")
+            return
+        model = result.models[0]
+        prov = {"created_by": CREATED_BY, "widget": self._uid, "role": model.role, "model": model.name,
+                "model_spec": model.spec, "model_path": model.description.get("path"),
+                "architecture": model.description.get("architecture"), "parameters": model.description.get("parameters"),
+                "image_layer": request.image_name, "image_layer_id": request.image_id, "planes": [None],
+                "chunked": {"store": request.output, "chunk": request.chunk}, "inputs": model.inputs,
+                "objects": model.objects, "decode": model.decode, "network_seconds": model.network_seconds,
+                "time": datetime.now().isoformat(timespec="seconds"), "edited": False}
+        layer = self.viewer.add_labels(model.labels, name=result_name(request.image_name, model) + " chunked",
+                                       metadata={KEY: prov}, **request.placement.kwargs())
+        layer.events.paint.connect(_mark_edited)
+        self.last_result = result  # not a re-decoding target: the chunked run keeps no network outputs
+        self.report.value = report_text(result)
 
     # -- view ----------------------------------------------------------------------------------
     def show_side_by_side(self) -> None:
