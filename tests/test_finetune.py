@@ -17,7 +17,7 @@ from napari_graphkd.train.finetune import (
     save_new_checkpoint,
 )
 from napari_graphkd.train.finetune.report import no_better_warnings
-from napari_graphkd.train.finetune.run import RETUNE_GRID, retune_cells
+from napari_graphkd.train.finetune.run import RETUNE_GRID, retune_cells, save_checkpoint_as
 
 torch.set_num_threads(1)
 CROPS = Path(__file__).parents[1] / "examples" / "data" / "brightfield" / "train"
@@ -111,3 +111,12 @@ def test_report_warns_when_the_model_is_no_better():
     assert len(worse) == 1 and "no better than before" in worse[0] and "0.600 -> 0.550" in worse[0]
     assert no_better_warnings({"student": {"before": row(0.6), "after": row(0.7)}}) == []
     assert no_better_warnings({"student": {"before": row(0.6)}}) == []  # cancelled: nothing to compare
+
+
+def test_saving_as_an_exact_name_refuses_an_existing_file(tmp_path):
+    model = build_model(UNetConfig(widths=(4, 8), stem_stride=2))
+    path = save_checkpoint_as(model, {"name": "a"}, tmp_path / "mine.safetensors")
+    data = path.read_bytes()
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        save_checkpoint_as(model, {"name": "b"}, path)
+    assert path.read_bytes() == data and [p.name for p in tmp_path.iterdir()] == ["mine.safetensors"]

@@ -54,3 +54,14 @@ def test_finetune_command_writes_a_new_checkpoint_and_never_overwrites(painted, 
     assert "exists" in capsys.readouterr().err
     assert main(args[:-1] + [str(tmp_path / "other.safetensors"), "--mode", "nonsense"]) == 2
     assert "unknown mode" in capsys.readouterr().err
+
+
+def test_finetune_command_teacher_mode_writes_both_models(painted, tiny, tmp_path, capsys):
+    teacher, student = tiny
+    out = tmp_path / "mine.safetensors"
+    assert main(["finetune", str(painted), "--model", student, "--teacher", teacher, "--mode", "teacher", "--steps", "1",
+                 "--invert", "yes", "--unpainted", "background", "--out", str(out)]) == 0
+    new_teacher = tmp_path / "mine-teacher.safetensors"
+    assert f"saved teacher: {new_teacher}" in capsys.readouterr().out
+    assert read_metadata(out)["finetune"]["teacher"]["path"] == str(new_teacher)
+    assert read_metadata(new_teacher)["finetune"]["mode"] == "teacher"

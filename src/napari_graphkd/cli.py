@@ -512,9 +512,6 @@ def painted_folder(folder: Path, unpainted: str) -> list:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune on a folder of images and painted labels with the Fine-tune widget's library function; write --out."""
-    import shutil
-    import tempfile
-
     from .runtime import configure_threads
     from .segment import BUNDLED, bundled_path
     from .train.finetune import FinetuneSettings, finetune_report, plan_finetune, run_finetune
@@ -538,13 +535,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             loss = "" if r["loss"] is None else f"  loss {r['loss']:.4f}"
             say(f"{r['phase']}: {r['done']}/{r['total']}{loss}", file=sys.stderr)
 
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".graphkd-finetune-") as tmp:
-        result = run_finetune(plan, tmp, on_progress=on_progress)
-        targets = {"student": out, **extra}
-        for role, path in result.saved.items():
-            os.link(path, targets[role])  # fails if the name appeared meanwhile: never overwrites
-            result.saved[role] = targets[role]
-        shutil.rmtree(tmp, ignore_errors=True)
+    result = run_finetune(plan, on_progress=on_progress, targets={"student": out, **extra})
     say(finetune_report(result, plan))
     return 0
 

@@ -103,17 +103,29 @@ def train_settings(plan: FinetunePlan) -> TrainSettings:
 def save_new_checkpoint(model: EmbeddingUNet, metadata: dict[str, Any], folder: str | Path, stem: str) -> Path:
     """Save as ``folder/stem.safetensors`` or the first free ``stem-2``, ``stem-3``...: atomic, never overwrites."""
     folder = Path(folder).expanduser()
+    names = (folder / (f"{stem}.safetensors" if n == 1 else f"{stem}-{n}.safetensors") for n in itertools.count(1))
+    return _save_first_free(model, metadata, folder, names)
+
+
+def save_checkpoint_as(model: EmbeddingUNet, metadata: dict[str, Any], path: str | Path) -> Path:
+    """Save as exactly ``path``: atomic; FileExistsError if it exists (never overwrites)."""
+    path = Path(path).expanduser()
+    return _save_first_free(model, metadata, path.parent, iter([path]))
+
+
+def _save_first_free(model: EmbeddingUNet, metadata: dict[str, Any], folder: Path, names) -> Path:
+    """Write a partial file in ``folder``, then hard-link it to the first of ``names`` that does not exist."""
     folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".{stem}.{uuid.uuid4().hex}.partial"
+    partial = folder / f".{uuid.uuid4().hex}.partial"
     save_checkpoint(partial, model, metadata)
     try:
-        for n in itertools.count(1):
-            path = folder / (f"{stem}.safetensors" if n == 1 else f"{stem}-{n}.safetensors")
+        for path in names:
             try:
                 os.link(partial, path)  # fails if the name exists: no race with another writer
                 return path
             except FileExistsError:
-                continue
+                last = path
+        raise FileExistsError(f"{last} exists; checkpoints are never overwritten")
     finally:
         partial.unlink()
 
@@ -186,8 +198,11 @@ STEMS = {"distil": {"student": "student-distilled"}, "finetune": {"student": "st
 
 
 def run_finetune(plan: FinetunePlan, folder: str | Path = DEFAULT_FOLDER, *, on_progress: Progress = lambda record: None,
-                 should_stop: StopCheck = lambda: False) -> FinetuneResult:
+                 should_stop: StopCheck = lambda: False, targets: dict[str, Path] | None = None) -> FinetuneResult:
     """Score, train, score again and save new checkpoints; the input checkpoint files are never touched.
+
+    New checkpoints go to ``folder`` under free names, or to exactly ``targets[role]`` when given
+    (FileExistsError if one exists by then).
 
     ``on_progress`` gets ``{"phase", "done", "total", "loss"}`` records; when ``should_stop()``
     turns true the run ends after the current step, saves nothing and returns ``cancelled``.
@@ -217,5 +232,6 @@ def run_finetune(plan: FinetunePlan, folder: str | Path = DEFAULT_FOLDER, *, on_
     for role in roles:
         extra = {"teacher": {"path": str(result.saved.get("teacher", plan.teacher_path))}} if role == "student" else {}
         meta = _metadata(role, models[role][1], plan, result, extra)
-        result.saved[role] = save_new_checkpoint(models[role][0], meta, folder, STEMS[plan.settings.mode][role])
+        result.saved[role] = (save_checkpoint_as(models[role][0], meta, targets[role]) if targets else
+                              save_new_checkpoint(models[role][0], meta, folder, STEMS[plan.settings.mode][role]))
     return result
