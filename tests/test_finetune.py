@@ -16,6 +16,8 @@ from napari_graphkd.train.finetune import (
     run_finetune,
     save_new_checkpoint,
 )
+from napari_graphkd.train.finetune.report import no_better_warnings
+from napari_graphkd.train.finetune.run import RETUNE_GRID, retune_cells, save_checkpoint_as
 
 torch.set_num_threads(1)
 CROPS = Path(__file__).parents[1] / "examples" / "data" / "brightfield" / "train"
@@ -53,7 +55,10 @@ def test_finetuning_lowers_the_loss_and_saves_a_new_checkpoint(brightfield, mode
     assert meta["input"]["invert"] is True and meta["finetune"]["mode"] == "finetune"
     assert meta["finetune"]["heldout_scores"] == result.scores["student"]
     assert set(result.scores["student"]) == {"before", "after"}
+    assert meta["finetune"]["decode_tuned_on"] == "training cells"  # 3 held-out cells are too few to tune on
+    assert all(meta["decode"][k] in values for k, values in RETUNE_GRID.items())
     report = finetune_report(result, plan)
+    assert "decoder settings re-tuned on the training cells" in report
     assert "student before" in report and "student after" in report and "3 of 16 painted cells" in report
 
 
@@ -86,3 +91,32 @@ def test_new_checkpoints_never_overwrite(tmp_path):
     assert [p.name for p in (first, second, third)] == [f"student-finetuned{s}.safetensors" for s in ("", "-2", "-3")]
     assert first.read_bytes() == data and read_metadata(third)["name"] == "c"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (first, second, third))  # no partial files
+
+
+def test_decoder_is_retuned_on_heldout_cells_only_when_there_are_enough(brightfield, models):
+    paths = sorted((CROPS / "images").glob("*.tif"))[:2]  # the second crop (13 cells) is held out entirely
+    images = [AnnotatedImage(p.stem, tifffile.imread(p), tifffile.imread(CROPS / "labels" / p.name).astype(np.int32))
+              for p in paths]
+    settings = FinetuneSettings(steps=1, invert=True)
+    where, samples = retune_cells(plan_finetune(images, settings, *models))
+    assert where == "held-out cells" and len(samples) == 1 and len(np.unique(samples[0].labels)) - 1 == 13
+    where, samples = retune_cells(plan_finetune([AnnotatedImage("bf", *brightfield)], settings, *models))
+    assert where == "training cells" and len(np.unique(samples[0].labels[samples[0].labels > 0])) == 13
+    assert samples[0].labels.min() == 0  # unannotated pixels (-1) are not cells
+
+
+def test_report_warns_when_the_model_is_no_better():
+    row = lambda r: {"recall@0.5": r, "mean_iou": 0.5, "aji": 0.4}
+    worse = no_better_warnings({"student": {"before": row(0.6), "after": row(0.55)}})
+    assert len(worse) == 1 and "no better than before" in worse[0] and "0.600 -> 0.550" in worse[0]
+    assert no_better_warnings({"student": {"before": row(0.6), "after": row(0.7)}}) == []
+    assert no_better_warnings({"student": {"before": row(0.6)}}) == []  # cancelled: nothing to compare
+
+
+def test_saving_as_an_exact_name_refuses_an_existing_file(tmp_path):
+    model = build_model(UNetConfig(widths=(4, 8), stem_stride=2))
+    path = save_checkpoint_as(model, {"name": "a"}, tmp_path / "mine.safetensors")
+    data = path.read_bytes()
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        save_checkpoint_as(model, {"name": "b"}, path)
+    assert path.read_bytes() == data and [p.name for p in tmp_path.iterdir()] == ["mine.safetensors"]

@@ -491,6 +491,55 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def painted_folder(folder: Path, unpainted: str) -> list:
+    """FOLDER/images/*.tif with FOLDER/labels/<same name> as annotated images (sorted; the last one is held out)."""
+    from .data import read_tiff
+    from .train.finetune import AnnotatedImage
+
+    images = sorted(p for p in (folder / "images").glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise CLIError(f"no TIFF images in {folder / 'images'}")
+    out = []
+    for path in images:
+        labels_path = folder / "labels" / path.name
+        if not labels_path.is_file():
+            raise CLIError(f"{path.name} has no painted labels at {labels_path}")
+        image, labels = read_tiff(path), read_tiff(labels_path)
+        checked = np.ones(labels.shape, bool) if unpainted == "background" else None
+        out.append(AnnotatedImage(path.name, image, labels, checked))
+    return out
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune on a folder of images and painted labels with the Fine-tune widget's library function; write --out."""
+    from .runtime import configure_threads
+    from .segment import BUNDLED, bundled_path
+    from .train.finetune import FinetuneSettings, finetune_report, plan_finetune, run_finetune
+
+    chosen = {"mode": args.mode, "steps": args.steps, "margin": args.margin, "diameter": args.diameter,
+              "invert": None if args.invert == "auto" else args.invert}
+    settings = FinetuneSettings(**{k: v for k, v in chosen.items() if v is not None})  # ValueError: one line, exit 2
+    out = Path(args.out)
+    extra = {"teacher": out.with_name(f"{out.stem}-teacher{out.suffix}")} if settings.mode == "teacher" else {}
+    for target in (out, *extra.values()):
+        if target.exists():
+            raise CLIError(f"{target} exists; choose a new --out (checkpoints are never overwritten)")
+    if not out.parent.is_dir():
+        raise CLIError(f"the folder of --out ({out.parent}) does not exist")
+    configure_threads(args.threads)
+    teacher, student = (bundled_path(m) if m in BUNDLED else Path(m) for m in (args.teacher, args.model))
+    plan = plan_finetune(painted_folder(Path(args.folder), args.unpainted), settings, teacher, student)
+
+    def on_progress(r: dict) -> None:
+        if r["loss"] is None or r["done"] == r["total"] or r["done"] % max(1, r["total"] // 10) == 0:
+            loss = "" if r["loss"] is None else f"  loss {r['loss']:.4f}"
+            say(f"{r['phase']}: {r['done']}/{r['total']}{loss}", file=sys.stderr)
+
+    result = run_finetune(plan, on_progress=on_progress, targets={"student": out, **extra})
+    say(finetune_report(result, plan))
+    return 0
+
+
 def display_available() -> bool:
     """Whether a GUI can open (X11/Wayland on Linux; always on macOS and Windows)."""
     import os
@@ -608,6 +657,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("finetune", help="fine-tune on a folder of images and painted labels (as the Fine-tune widget)")
+    p.add_argument("folder", help="folder with images/*.tif and labels/*.tif (same names; label 0 = not painted); "
+                   "with several images the last one (by name) is held out for the before/after scores")
+    p.add_argument("--model", default="student", help="model trained and written to --out: student, teacher or a checkpoint path")
+    p.add_argument("--teacher", default="teacher", help="teacher it learns from: teacher, student or a checkpoint path")
+    p.add_argument("--mode", default=None, help="distil, finetune or teacher, as in the Fine-tune widget "
+                   "(default: the widget's default)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the widget's default)")
+    p.add_argument("--unpainted", choices=["ignored", "background"], default="ignored",
+                   help="unpainted pixels farther than --margin from a painted cell: ignored (partly painted "
+                        "images) or background (every nucleus is painted)")
+    p.add_argument("--margin", type=int, default=None,
+                   help="unpainted pixels within this many px of a painted cell are background (default: the widget's)")
+    p.add_argument("--diameter", type=float, default=None, help="nucleus diameter in px (default: measured on the painted cells)")
+    p.add_argument("--invert", type=invert_arg, default=None, metavar="yes|no",
+                   help="dark nuclei on a bright background (default: the model's setting)")
+    p.add_argument("--out", required=True, help="new checkpoint (.safetensors; never overwritten); mode teacher also "
+                   "writes OUT-teacher.safetensors")
+    p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads (0 = one per idle CPU this process may use)")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("data", help="build the benchmark data layout (BBBC039, DSB 2018) and verify its checksums")
     p.add_argument("root", help="output folder (give it to the benchmarks as --data)")

@@ -62,12 +62,16 @@ def tune_decoder(
     base: DecodeSettings = DecodeSettings(),
     grid: dict[str, Iterable] = DECODE_GRID,
     objective: Callable[[dict[str, float]], float] = lambda m: m["score"],
+    score: Callable[[list[NetworkOutput], list[Sample], DecodeSettings], dict[str, float]] = score_outputs,
 ) -> tuple[DecodeSettings, dict[str, float], list[tuple[dict, dict]]]:
-    """Grid search of decoder settings on tune samples; returns best settings, its scores, all trials."""
+    """Grid search of decoder settings on tune samples; returns best settings, its scores, all trials.
+
+    ``score`` measures one setting on all samples (default: fully annotated samples, :func:`score_outputs`).
+    """
     keys = list(grid)
     trials = []
     for values in itertools.product(*(grid[k] for k in keys)):
         settings = replace(base, **dict(zip(keys, values)))
-        trials.append((settings.to_dict(), score_outputs(outputs, samples, settings)))
+        trials.append((settings.to_dict(), score(outputs, samples, settings)))
     best = max(trials, key=lambda t: objective(t[1]))
     return DecodeSettings(**best[0]), best[1], trials

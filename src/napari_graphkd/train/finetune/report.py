@@ -16,11 +16,26 @@ def scores_table(scores: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def no_better_warnings(scores: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """A warning line for each role whose held-out recall@0.5 after training is not above before."""
+    lines = []
+    for role, by_time in scores.items():
+        if "after" in by_time and by_time["after"]["recall@0.5"] <= by_time["before"]["recall@0.5"]:
+            lines.append(f"warning: the fine-tuned {role} scores no better than before on the held-out cells "
+                         f"(recall@0.5 {by_time['before']['recall@0.5']:.3f} -> {by_time['after']['recall@0.5']:.3f}); "
+                         f"keep the old model or paint more cells")
+    return lines
+
+
 def finetune_report(result: FinetuneResult, plan: FinetunePlan) -> str:
     """What was held out, the before/after table, and where the new checkpoints are."""
     lines = [f"{MODES[result.mode]}: {plan.train_cells} cells for training; {result.heldout}",
              f"nuclei of {plan.diameter:.1f} px rescaled to {plan.train_diameter:.1f} px"
              f" (the Segment widget takes this diameter with the new model)", scores_table(result.scores)]
+    if result.decode_tuned_on:
+        lines.append(f"decoder settings re-tuned on the {result.decode_tuned_on} and saved with the new models"
+                     f" (the 'after' rows use them)")
+    lines += no_better_warnings(result.scores)
     if result.cancelled:
         lines.append("cancelled: nothing saved, the models are unchanged")
     lines += [f"saved {role}: {path}" for role, path in result.saved.items()]

@@ -17,14 +17,18 @@ import torch
 from ...data import AugmentConfig, Sample
 from ...decode.mws import DecodeSettings
 from ...decode.policy import decode_output
-from ...inference import network_output
+from ...evaluation import tune_decoder
+from ...inference import NetworkOutput, network_output, working_image
 from ...io.checkpoint import load_checkpoint, save_checkpoint
 from ...models import EmbeddingUNet
 from ...segment import ModelSegmenter, segment_any
 from ..distill import DistillSettings, distill_samples, with_pseudo_labels
 from ..loop import TrainSettings, run_training, segmentation_batches, segmentation_loss
-from .plan import FinetunePlan
+from .plan import FinetunePlan, working_labels
 from .rules import heldout_metrics, pseudo_instances
+
+RETUNE_GRID = {"foreground_threshold": (0.4, 0.5, 0.6), "min_size": (20, 40, 80), "attractive_bias": (0.15, 0.3, 0.5)}
+MIN_RETUNE_HELDOUT = 10  # fewer held-out cells than this: the decoder is re-tuned on the training cells
 
 DEFAULT_FOLDER = Path("~/.napari-graphkd/models")
 
@@ -41,6 +45,7 @@ class FinetuneResult:
     scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # role -> before/after -> metrics
     heldout: str = ""
     cancelled: bool = False
+    decode_tuned_on: str = ""  # "held-out cells" or "training cells"
 
 
 def decode_working(model: EmbeddingUNet, image: np.ndarray, settings: DecodeSettings) -> np.ndarray:
@@ -55,6 +60,38 @@ def heldout_scores(model: EmbeddingUNet, meta: dict[str, Any], plan: FinetunePla
     return heldout_metrics(plan.heldout.cells, pred)
 
 
+def retune_cells(plan: FinetunePlan) -> tuple[str, list[Sample]]:
+    """Which painted cells the decoder is re-tuned on, as samples at the model's scale (labels: cells, 0 elsewhere).
+
+    The held-out cells when there are at least :data:`MIN_RETUNE_HELDOUT` (or no painted cell is trained on,
+    as in ``distil`` mode), else the training cells.
+    """
+    held = plan.heldout.cells
+    train = [Sample(s.name, s.image, np.maximum(s.labels, 0)) for s in plan.train if (s.labels > 0).any()]
+    if len(np.unique(held[held > 0])) >= MIN_RETUNE_HELDOUT or not train:
+        image = working_image(plan.heldout.image, plan.invert, plan.scale).astype(np.float32)
+        return "held-out cells", [Sample(plan.heldout.name, image, working_labels(held, plan.scale).astype(np.int32))]
+    return "training cells", train
+
+
+def painted_cell_scores(outputs: list[NetworkOutput], samples: list[Sample], settings: DecodeSettings) -> dict[str, float]:
+    """Mean held-out-style scores (see :func:`heldout_metrics`) of painted cells; ``score`` = recall@0.5 + AJI."""
+    per = [heldout_metrics(s.labels, decode_output(o, settings)[0]) for o, s in zip(outputs, samples)]
+    mean = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
+    return dict(mean, score=mean["recall@0.5"] + mean["aji"])
+
+
+def retune_decoder(model: EmbeddingUNet, meta: dict[str, Any], samples: list[Sample]) -> DecodeSettings:
+    """Decoder settings (threshold, min size, bias) that best segment the painted cells of ``samples``."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        outputs = [network_output(model, s.image) for s in samples]
+    model.train(was_training)
+    base = DecodeSettings(**meta.get("decode", {}))
+    return tune_decoder(outputs, samples, base, RETUNE_GRID, score=painted_cell_scores)[0]
+
+
 def train_settings(plan: FinetunePlan) -> TrainSettings:
     """Short fine-tuning schedule: saved once at the end, no snapshots, no scale augmentation."""
     s = plan.settings
@@ -66,17 +103,29 @@ def train_settings(plan: FinetunePlan) -> TrainSettings:
 def save_new_checkpoint(model: EmbeddingUNet, metadata: dict[str, Any], folder: str | Path, stem: str) -> Path:
     """Save as ``folder/stem.safetensors`` or the first free ``stem-2``, ``stem-3``...: atomic, never overwrites."""
     folder = Path(folder).expanduser()
+    names = (folder / (f"{stem}.safetensors" if n == 1 else f"{stem}-{n}.safetensors") for n in itertools.count(1))
+    return _save_first_free(model, metadata, folder, names)
+
+
+def save_checkpoint_as(model: EmbeddingUNet, metadata: dict[str, Any], path: str | Path) -> Path:
+    """Save as exactly ``path``: atomic; FileExistsError if it exists (never overwrites)."""
+    path = Path(path).expanduser()
+    return _save_first_free(model, metadata, path.parent, iter([path]))
+
+
+def _save_first_free(model: EmbeddingUNet, metadata: dict[str, Any], folder: Path, names) -> Path:
+    """Write a partial file in ``folder``, then hard-link it to the first of ``names`` that does not exist."""
     folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".{stem}.{uuid.uuid4().hex}.partial"
+    partial = folder / f".{uuid.uuid4().hex}.partial"
     save_checkpoint(partial, model, metadata)
     try:
-        for n in itertools.count(1):
-            path = folder / (f"{stem}.safetensors" if n == 1 else f"{stem}-{n}.safetensors")
+        for path in names:
             try:
                 os.link(partial, path)  # fails if the name exists: no race with another writer
                 return path
             except FileExistsError:
-                continue
+                last = path
+        raise FileExistsError(f"{last} exists; checkpoints are never overwritten")
     finally:
         partial.unlink()
 
@@ -136,7 +185,7 @@ def _metadata(role: str, base: dict[str, Any], plan: FinetunePlan, result: Finet
         "mode": plan.settings.mode, "base": {"path": str(path), "sha256_16": _digest(path), "name": base.get("name")},
         "images": [s.name for s in plan.train], "heldout": result.heldout, "train_cells": plan.train_cells,
         "diameter": plan.diameter, "scale": plan.scale, "settings": asdict(plan.settings),
-        "heldout_scores": result.scores[role],
+        "heldout_scores": result.scores[role], "decode_tuned_on": result.decode_tuned_on,
         "time": datetime.now().isoformat(timespec="seconds"), **extra,
     }
     keep = {k: base[k] for k in ("decode", "distillation") if k in base}
@@ -149,8 +198,11 @@ STEMS = {"distil": {"student": "student-distilled"}, "finetune": {"student": "st
 
 
 def run_finetune(plan: FinetunePlan, folder: str | Path = DEFAULT_FOLDER, *, on_progress: Progress = lambda record: None,
-                 should_stop: StopCheck = lambda: False) -> FinetuneResult:
+                 should_stop: StopCheck = lambda: False, targets: dict[str, Path] | None = None) -> FinetuneResult:
     """Score, train, score again and save new checkpoints; the input checkpoint files are never touched.
+
+    New checkpoints go to ``folder`` under free names, or to exactly ``targets[role]`` when given
+    (FileExistsError if one exists by then).
 
     ``on_progress`` gets ``{"phase", "done", "total", "loss"}`` records; when ``should_stop()``
     turns true the run ends after the current step, saves nothing and returns ``cancelled``.
@@ -169,11 +221,17 @@ def run_finetune(plan: FinetunePlan, folder: str | Path = DEFAULT_FOLDER, *, on_
     if not finished:
         result.cancelled = True
         return result
+    result.decode_tuned_on, tune_samples = retune_cells(plan)
+    for i, role in enumerate(roles):
+        model, meta = models[role]
+        models[role] = (model, dict(meta, decode=retune_decoder(model, meta, tune_samples).to_dict()))
+        on_progress({"phase": "re-tuning the decoder", "done": i + 1, "total": len(roles), "loss": None})
     for i, role in enumerate(roles):
         result.scores[role]["after"] = heldout_scores(*models[role], plan)
         on_progress({"phase": "scoring after", "done": i + 1, "total": len(roles), "loss": None})
     for role in roles:
         extra = {"teacher": {"path": str(result.saved.get("teacher", plan.teacher_path))}} if role == "student" else {}
         meta = _metadata(role, models[role][1], plan, result, extra)
-        result.saved[role] = save_new_checkpoint(models[role][0], meta, folder, STEMS[plan.settings.mode][role])
+        result.saved[role] = (save_checkpoint_as(models[role][0], meta, targets[role]) if targets else
+                              save_new_checkpoint(models[role][0], meta, folder, STEMS[plan.settings.mode][role]))
     return result
