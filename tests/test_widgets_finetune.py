@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 from qtpy.QtCore import QTimer
-from widget_utils import checkpoints, errors, fresh_cache, notes, wait  # noqa: F401 - fixtures
+from widget_utils import cancel_latency, checkpoints, errors, fresh_cache, notes, wait  # noqa: F401 - fixtures
 
 from napari_graphkd._widgets import FinetuneWidget, SegmentWidget
 from napari_graphkd._widgets._state import MODELS
@@ -74,10 +74,7 @@ def test_cancel_keeps_the_weights(setup, qtbot, notes):
     widget.steps.value = 2000
     widget.start()
     qtbot.waitUntil(lambda: len(widget.curve.series.get("training student", [])) >= 2, timeout=60_000)
-    pressed = time.perf_counter()
-    widget.cancel_button.changed.emit(True)  # as if the user pressed Cancel
-    wait(qtbot, widget)
-    latency = time.perf_counter() - pressed
+    latency = cancel_latency(qtbot, widget)
     print(f"\ncancel -> job finished in {latency:.2f} s")
     assert latency < 1.0
     assert any("cancelled" in message for _, message in notes)
@@ -98,10 +95,7 @@ def test_cancel_while_scoring_before_training_answers_within_a_second(setup, qtb
     widget.steps.value = 5
     widget.start()
     qtbot.wait(200)
-    pressed = time.perf_counter()
-    widget.cancel_button.changed.emit(True)
-    wait(qtbot, widget)
-    latency = time.perf_counter() - pressed
+    latency = cancel_latency(qtbot, widget)
     print(f"\ncancel while scoring -> job finished in {latency:.2f} s")
     assert latency < 1.0 and "nothing saved" in widget.report.value
     qtbot.wait(2500)  # the abandoned run stops at its next check and never saves

@@ -1,6 +1,8 @@
 """Helpers for the napari widget tests: tiny checkpoints, notification capture, waiting for workers."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -67,6 +69,14 @@ def fresh_cache():
 def wait(qtbot, widget, worker=None):
     """Wait until the widget's job (and the handling of its result) is done."""
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+
+
+def cancel_latency(qtbot, widget) -> float:
+    """Press the widget's Cancel as a user would; seconds until its job has finished."""
+    pressed = time.perf_counter()
+    widget.cancel_button.changed.emit(True)
+    wait(qtbot, widget)
+    return time.perf_counter() - pressed
 
 
 def use_files(widget, teacher, student):
