@@ -10,7 +10,7 @@ from napari_graphkd.cli import CLIError, main, parse_weights
 from napari_graphkd.data import Sample
 from napari_graphkd.decode.mws import DecodeSettings
 from napari_graphkd.distill import DistillWeights
-from napari_graphkd.evaluation import network_outputs, score_outputs, tune_decoder
+from napari_graphkd.evaluation import network_outputs, score_by_source, score_outputs, tune_decoder
 from napari_graphkd.io.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from napari_graphkd.models import UNetConfig, build_model
 from napari_graphkd.preprocess import normalize
@@ -133,3 +133,17 @@ def test_tune_decoder_returns_the_best_setting_of_its_grid(sample):
     assert settings.foreground_threshold == 0.4 and settings.min_size == 40  # extreme thresholds merge or lose nuclei
     assert settings.attractive_bias == DecodeSettings().attractive_bias  # keys outside the grid keep the base value
     assert np.isfinite([t[1]["score"] for t in trials]).all()
+
+
+def test_decoder_score_by_source_counts_every_source_the_same(folder):
+    from napari_graphkd.data import load_folder
+
+    torch.manual_seed(0)
+    samples = load_folder(folder)
+    outputs = network_outputs(build_model(UNetConfig(widths=(4, 8, 8))).eval(), samples)
+    settings = DecodeSettings()
+    pooled = score_by_source([1, 3])(outputs, samples, settings)
+    first = score_outputs(outputs[:1], samples[:1], settings)["score"]
+    rest = score_outputs(outputs[1:], samples[1:], settings)["score"]
+    assert pooled["score"] == pytest.approx((first + rest) / 2)
+    assert pooled["f1@0.5"] == pytest.approx(score_outputs(outputs, samples, settings)["f1@0.5"])

@@ -161,3 +161,19 @@ def test_tune_sets_come_back_from_checkpoint_metadata(source_folder):
     assert abs(median_diameter(sets["mine"]) - TRAIN_DIAMETER) < 1.5
     with pytest.raises(ValueError, match="no training sources"):
         tune_sets({"training_data": {"folder": "x"}})
+
+
+def test_tune_sets_find_each_source_under_a_data_folder(source_folder, tmp_path):
+    import shutil
+
+    from napari_graphkd.train.segmentation import tune_sets
+
+    root = tmp_path / "DATA"
+    for kind in ("images", "labels"):  # laid out as `graphkd data` does: NAME/tune
+        (root / "mine" / "tune" / kind).mkdir(parents=True)
+        shutil.copy(source_folder / kind / "im2.tif", root / "mine" / "tune" / kind)
+    entry = {"name": "mine", "folder": "/elsewhere/mine", "tune_images": ["im2"]}
+    sets = tune_sets({"training_data": {"sources": [entry]}}, data_root=root)
+    assert [s.name for s in sets["mine"]] == ["im2"]
+    with pytest.raises(ValueError, match="no folder under .* holds its 1 tune images"):
+        tune_sets({"training_data": {"sources": [dict(entry, name="other")]}}, data_root=root)

@@ -402,8 +402,9 @@ def write_standard_formats(checkpoint: str, args: argparse.Namespace) -> None:
 def write_compact_checkpoint(checkpoint: str, args: argparse.Namespace) -> None:
     """``export CHECKPOINT OUT``: tune the decoder if asked, then write the (fp16) copy."""
     from .data import load_folder
-    from .evaluation import DECODE_GRID, network_outputs, tune_decoder
+    from .evaluation import DECODE_GRID, network_outputs, score_by_source, score_outputs, tune_decoder
     from .io.checkpoint import load_checkpoint, save_checkpoint
+    from .train.segmentation import tune_sets
 
     model, meta = load_checkpoint(checkpoint)
     tune_names = meta.get("training_data", {}).get("tune_images")
@@ -411,9 +412,17 @@ def write_compact_checkpoint(checkpoint: str, args: argparse.Namespace) -> None:
     if args.tune_data:
         if not tune_names:
             raise CLIError("checkpoint metadata lists no tune images; cannot tune the decoder")
-        samples = load_folder(args.tune_data, names=tune_names)
+        if len(meta["training_data"].get("sources") or []) > 1:  # several sources: each counts the same
+            try:
+                sets = tune_sets(meta, data_root=args.tune_data)
+            except ValueError as exc:
+                raise CLIError(str(exc)) from None
+            samples = [s for group in sets.values() for s in group]
+            score = score_by_source([len(group) for group in sets.values()])
+        else:
+            samples, score = load_folder(args.tune_data, names=tune_names), score_outputs
         grid = dict(DECODE_GRID, resolution=(args.resolution,)) if args.resolution else DECODE_GRID
-        settings, scores, _ = tune_decoder(network_outputs(model, samples), samples, grid=grid)
+        settings, scores, _ = tune_decoder(network_outputs(model, samples), samples, grid=grid, score=score)
         extra = {"decode": settings.to_dict(), "tune_metrics": scores}
         print(f"decoder tuned on {len(samples)} tune images: {settings} -> f1 {scores['f1@0.5']:.3f} aji {scores['aji']:.3f}")
     if args.name:
@@ -650,7 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bioimageio", metavar="OUT.zip", default=None,
                    help="also write a BioImage Model Zoo package of the network (tested with bioimageio.core)")
     p.add_argument("--onnx", metavar="OUT.onnx", default=None, help="also write the network as ONNX")
-    p.add_argument("--tune-data", default=None, help="folder holding the tune images listed in the checkpoint (e.g. DATA/bbbc039/tune)")
+    p.add_argument("--tune-data", default=None, help="folder holding the tune images listed in the checkpoint (e.g. DATA/bbbc039/tune); for a "
+                   "checkpoint trained on several sources, the data folder DATA (each source's tune images "
+                   "under DATA/NAME/tune)")
     p.add_argument("--half", action="store_true", help="store fp16 weights")
     p.add_argument("--resolution", choices=["full", "half", "quarter"], default=None,
                    help="restrict the decoder search to this decoding grid (default: search full and half)")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -37,6 +37,17 @@ def score_outputs(outputs: list[NetworkOutput], samples: list[Sample], settings:
     """Per-image mean metrics of decoded outputs, plus the :func:`selection_score` as ``score``."""
     per_image = [evaluate(s.labels, decode_output(o, settings)[0]) for o, s in zip(outputs, samples)]
     return dict(mean_metrics(per_image), score=selection_score(per_image))
+
+
+def score_by_source(sizes: Sequence[int]) -> Callable[[list[NetworkOutput], list[Sample], DecodeSettings], dict[str, float]]:
+    """A :func:`tune_decoder` score for samples concatenated source by source (``sizes`` each): per-image means,
+    and ``score`` = the mean of the sources' selection scores, so every source counts the same."""
+    def score(outputs: list[NetworkOutput], samples: list[Sample], settings: DecodeSettings) -> dict[str, float]:
+        per_image = [evaluate(s.labels, decode_output(o, settings)[0]) for o, s in zip(outputs, samples)]
+        bounds = np.cumsum([0, *sizes])
+        per_source = [selection_score(per_image[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        return dict(mean_metrics(per_image), score=float(np.mean(per_source)))
+    return score
 
 
 def score_model(model: EmbeddingUNet, samples: list[Sample], settings: DecodeSettings = DecodeSettings()) -> dict[str, float]:

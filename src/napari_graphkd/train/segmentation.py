@@ -35,14 +35,28 @@ def score_sources(model: EmbeddingUNet, tune: TuneSets) -> dict[str, float]:
     return scores
 
 
-def tune_sets(metadata: dict[str, Any]) -> TuneSets:
+def source_tune_folder(entry: dict[str, Any], data_root: str | Path | None) -> Path:
+    """Folder holding a source's tune images: as recorded, or found under ``data_root`` (``NAME/tune``, ``NAME/train``, ``NAME``)."""
+    recorded = Path(entry.get("tune_folder") or entry["folder"])
+    if data_root is None:
+        return recorded
+    root, names = Path(data_root), set(entry["tune_images"])
+    for candidate in (root / entry["name"] / "tune", root / entry["name"] / "train", root / entry["name"], recorded):
+        images = candidate / "images"
+        if images.is_dir() and names <= {p.stem for p in images.iterdir()}:
+            return candidate
+    raise ValueError(f"source {entry['name']}: no folder under {root} holds its {len(names)} tune images "
+                     f"(expected {entry['name']}/tune as laid out by `graphkd data`)")
+
+
+def tune_sets(metadata: dict[str, Any], data_root: str | Path | None = None) -> TuneSets:
     """The tune images of a checkpoint trained on sources, per source, rescaled as in training (e.g. to tune its decoder)."""
     entries = metadata.get("training_data", {}).get("sources") or []
     if not entries:
         raise ValueError("checkpoint metadata lists no training sources")
     sets = {}
     for entry in entries:
-        tune_folder = Path(entry.get("tune_folder") or entry["folder"])
+        tune_folder = source_tune_folder(entry, data_root)
         source = Source(entry["name"], Path(entry["folder"]), tuple(entry["tune_images"]), (), tune_folder=tune_folder)
         sets[source.name] = load_source(source)[1] if source.tune else []
     return sets
