@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from napari_graphkd.io.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from napari_graphkd.affinity import offsets_for
+from napari_graphkd.io.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from napari_graphkd.models import EMBEDDING_DIM, NAMED_CONFIGS, EmbeddingUNet, UNetConfig, build_model, count_parameters
 
 NAMES_2D = [n for n, c in NAMED_CONFIGS.items() if c.ndim == 2]
@@ -98,4 +99,12 @@ def test_2d_configs_serialise_as_before_and_3d_round_trips(tmp_path):
     path = save_checkpoint(tmp_path / "v.safetensors", model)
     loaded, meta = load_checkpoint(path)
     assert loaded.config == model.config and meta["config"]["pool"] == [[1, 2, 2]]
-    assert read_metadata(path)["config"]["ndim"] == 3
+    assert read_metadata(path)["config"]["ndim"] == 3 and meta["offsets"] == [list(o) for o in offsets_for(3)]
+    anisotropic = save_checkpoint(tmp_path / "a.safetensors", model, {"offsets": [list(o) for o in offsets_for(3, 4.0)],
+                                                                      "voxel_size": [40.0, 10.0, 10.0]})
+    stored = read_metadata(anisotropic)
+    assert stored["offsets"] == [list(o) for o in offsets_for(3, 4.0)] and stored["voxel_size"] == [40.0, 10.0, 10.0]
+    for bad in ({"offsets": [[-1, 0]]}, {"voxel_size": [1.0, 1.0]}):
+        save_checkpoint(tmp_path / "bad.safetensors", model, bad, overwrite=True)
+        with pytest.raises(CheckpointError):
+            read_metadata(tmp_path / "bad.safetensors")

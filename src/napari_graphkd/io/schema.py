@@ -141,6 +141,21 @@ def validate_input(rules: Any) -> None:
         _boolean(rules["invert"], "input.invert")
 
 
+def validate_offsets(offsets: Any, ndim: int) -> None:
+    """2D: exactly the package's offsets; 3D: a list of nonzero (z, y, x) integer offsets (anisotropy changes z)."""
+    if ndim == 2:
+        if offsets != [list(o) for o in OFFSETS]:
+            _fail("offsets", f"must be the package's affinity offsets {[list(o) for o in OFFSETS]}")
+        return
+    if not isinstance(offsets, list) or not 1 <= len(offsets) <= 64:
+        _fail("offsets", f"must be a list of 1 to 64 offsets, got {offsets!r}")
+    for i, offset in enumerate(offsets):
+        if not isinstance(offset, list) or len(offset) != ndim or not any(offset):
+            _fail(f"offsets[{i}]", f"must be a nonzero list of {ndim} integers, got {offset!r}")
+        for a, v in enumerate(offset):
+            _number(v, f"offsets[{i}][{a}]", -256, 256, integer=True)
+
+
 def validate_metadata(meta: Any) -> None:
     """Raise SchemaError (naming the field) unless ``meta`` is safe to build and run a network from."""
     if not isinstance(meta, dict):
@@ -160,8 +175,14 @@ def validate_metadata(meta: Any) -> None:
         _number(meta["train_diameter"], "train_diameter", 1.0, 1000.0)
     if "embedding_dim" in meta and meta["embedding_dim"] != meta["config"].get("embedding_dim", 16):
         _fail("embedding_dim", f"({meta['embedding_dim']!r}) differs from config.embedding_dim")
-    if "offsets" in meta and meta["offsets"] != [list(o) for o in OFFSETS]:
-        _fail("offsets", f"must be the package's affinity offsets {[list(o) for o in OFFSETS]}")
+    if "offsets" in meta:
+        validate_offsets(meta["offsets"], meta["config"].get("ndim", 2))
+    if "voxel_size" in meta:
+        size = meta["voxel_size"]
+        if not isinstance(size, list) or len(size) != 3:
+            _fail("voxel_size", f"must be a list of 3 numbers (z, y, x), got {size!r}")
+        for a, v in enumerate(size):
+            _number(v, f"voxel_size[{a}]", 1e-9, 1e9)
     if "step" in meta:
         _number(meta["step"], "step", 0, 10**9, integer=True)
     if "name" in meta and not isinstance(meta["name"], str):
