@@ -9,6 +9,7 @@ from napari_graphkd.affinity import (
     balance_weights,
     embedding_affinities,
     label_affinities,
+    offsets_for,
     validity_mask,
 )
 
@@ -113,3 +114,87 @@ def test_unannotated_pixels_are_left_out_of_the_targets():
     np.testing.assert_array_equal(valid[0], [[0, 1, 0], [0, 1, 0]])
     np.testing.assert_array_equal(target[0], [[0, 1, 0], [0, 1, 0]])
     np.testing.assert_array_equal(valid[1], [[0, 0, 0], [1, 1, 0]])
+
+
+# ---- volumes (z, y, x) ----
+
+def test_default_offsets_in_2d_are_the_paper_ones_and_in_3d_add_z():
+    assert offsets_for(2) == OFFSETS
+    iso = offsets_for(3)
+    assert len(iso) == 15 and iso[:3] == ((-1, 0, 0), (0, -1, 0), (0, 0, -1)) and iso[-1] == (0, 0, -27)
+    # anisotropy 4: z shifts 1,3,5,9,27 -> max(1, round(s/4)) = 1,1,1,2,7, duplicates dropped
+    coarse_z = offsets_for(3, anisotropy=4.0)
+    assert [o[0] for o in coarse_z if o[0]] == [-1, -2, -7] and len(coarse_z) == 13
+    with pytest.raises(ValueError):
+        offsets_for(4)
+
+
+def test_validity_mask_of_z_offsets_at_the_volume_borders():
+    valid = validity_mask((3, 2, 2), [(-2, 0, 0), (1, 0, -1)])
+    assert not valid[0, :2].any() and valid[0, 2].all()  # z - 2 exists only for z = 2
+    # (1,0,-1): partner one slice up and one column left: z < 2 and x >= 1
+    np.testing.assert_array_equal(valid[1, :, 0], [[0, 1], [0, 1], [0, 0]])
+
+
+def test_label_affinities_of_a_tiny_volume_hand_computed():
+    labels = np.array([[[1, 1, 0]], [[1, 2, 0]]])  # (z=2, y=1, x=3)
+    target, valid = label_affinities(labels, [(-1, 0, 0), (0, 0, -1)])
+    # z neighbour (slice below): z=1 pairs (1,1)=1, (2,1)=0, (0,0)=1; z=0 invalid
+    np.testing.assert_array_equal(target[0], [[[0, 0, 0]], [[1, 0, 1]]])
+    np.testing.assert_array_equal(valid[0], [[[0, 0, 0]], [[1, 1, 1]]])
+    # x neighbour (left): z=0: (1,1)=1, (0,1)=0 ; z=1: (2,1)=0, (0,2)=0
+    np.testing.assert_array_equal(target[1], [[[0, 1, 0]], [[0, 0, 0]]])
+    with pytest.raises(ValueError, match="3D"):
+        label_affinities(labels, [(-1, 0)])
+
+
+def test_embedding_affinities_along_z_are_cosines():
+    emb = torch.zeros(1, 2, 3, 1, 1)
+    emb[0, :, 0, 0, 0] = torch.tensor([1.0, 0.0])
+    emb[0, :, 1, 0, 0] = torch.tensor([3.0, 3.0])  # 45 degrees from slice 0
+    emb[0, :, 2, 0, 0] = torch.tensor([0.0, -2.0])  # 135 degrees from slice 1
+    c = 2**-0.5
+    for grad in (False, True):
+        aff = embedding_affinities(emb.clone().requires_grad_(grad), [(-1, 0, 0), (-2, 0, 0)])
+        torch.testing.assert_close(aff[0, 0, :, 0, 0].detach(), torch.tensor([0.0, c, -c]))
+        torch.testing.assert_close(aff[0, 1, :, 0, 0].detach(), torch.tensor([0.0, 0.0, 0.0]))
+
+
+def test_class_balanced_loss_on_a_tiny_volume_hand_computed():
+    labels = np.array([[[1, 2]], [[1, 1]]])  # (2,1,2)
+    target, valid = label_affinities(labels, [(-1, 0, 0)])
+    np.testing.assert_array_equal(target[0, 1], [[1, 0]])  # the two z pairs: same, different
+    t, v = torch.from_numpy(target)[None], torch.from_numpy(valid)[None]
+    aff = torch.tensor([0.0, 0.0, 0.5, 0.5]).reshape(1, 1, 2, 1, 2)
+    # f = 1/2 -> both weights 1; errors (0.5-1)^2 + (0.5-0)^2 = 0.5, over B * 4 voxels
+    assert affinity_loss(aff, t, v).item() == pytest.approx(0.5 / 4)
+
+
+def test_a_one_slice_volume_gives_the_2d_targets_and_loss():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, (6, 7))
+    offsets_2d = [(-1, 0), (0, -1), (0, -3)]
+    offsets_3d = [(0, *o) for o in offsets_2d]
+    t2, v2 = label_affinities(labels, offsets_2d)
+    t3, v3 = label_affinities(labels[None], offsets_3d)
+    np.testing.assert_array_equal(t3[:, 0], t2)
+    emb = torch.randn(2, 4, 6, 7)
+    a2, a3 = embedding_affinities(emb, offsets_2d), embedding_affinities(emb[:, :, None], offsets_3d)
+    torch.testing.assert_close(a3[:, :, 0], a2)
+    l2 = affinity_loss(a2, torch.from_numpy(t2)[None].repeat(2, 1, 1, 1), torch.from_numpy(v2)[None].repeat(2, 1, 1, 1))
+    l3 = affinity_loss(a3, torch.from_numpy(t3)[None].repeat(2, 1, 1, 1, 1), torch.from_numpy(v3)[None].repeat(2, 1, 1, 1, 1))
+    assert l3.item() == pytest.approx(l2.item())
+
+
+def test_strided_long_range_affinities_in_3d_equal_the_dense_ones_on_the_grid():
+    from napari_graphkd.affinity import _slices
+
+    emb = torch.randn(1, 3, 7, 9, 10)
+    offsets = [(-1, 0, 0), (-3, 0, 0), (0, -5, 0)]
+    with torch.no_grad():
+        dense, strided = embedding_affinities(emb, offsets)[0], embedding_affinities(emb, offsets, 2)[0]
+    torch.testing.assert_close(strided[0], dense[0])
+    for k in (1, 2):
+        grid = tuple(slice(s.start, s.stop, 2) for s in _slices(offsets[k], (7, 9, 10))[0])
+        torch.testing.assert_close(strided[k][grid], dense[k][grid])
+        assert strided[k].count_nonzero() == strided[k][grid].count_nonzero() > 0

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-from ..affinity import OFFSETS
+from ..affinity import offsets_for
 from ..models import EmbeddingUNet, UNetConfig
 from ..preprocess import HOT_PIXEL_MARGIN, MIN_CONTRAST_SNR, PERCENTILES
 from .schema import FORMAT_VERSION, SchemaError, validate_metadata
@@ -104,7 +104,7 @@ def default_metadata(model: EmbeddingUNet) -> dict[str, Any]:
         "architecture": "EmbeddingUNet",
         "config": model.config.to_dict(),
         "embedding_dim": model.config.embedding_dim,
-        "offsets": [list(o) for o in OFFSETS],
+        "offsets": [list(o) for o in offsets_for(model.config.ndim)],  # 3D training passes its anisotropic ones
         "input": {"channels": model.config.in_channels, "normalization": "percentile", "percentiles": list(PERCENTILES),
                   "min_contrast_snr": MIN_CONTRAST_SNR, "hot_pixel_margin": HOT_PIXEL_MARGIN},
         "package_version": __version__,

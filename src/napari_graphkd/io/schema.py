@@ -21,7 +21,7 @@ MAX_LEVELS = 8
 MAX_WIDTH = 1024
 MAX_EMBEDDING_DIM = 256
 MAX_IN_CHANNELS = 8
-MAX_PARAMETERS = 100_000_000  # ~400 MB of fp32 weights; the bundled teacher has ~2 M
+MAX_PARAMETERS = 150_000_000  # ~600 MB of fp32 weights; the bundled teacher has ~2 M, the MALA-width 3D net ~122 M
 BLOCKS = ("residual", "separable")
 NORMALIZATIONS = ("percentile",)
 
@@ -63,10 +63,10 @@ def _section(value: Any, field: str, known: set[str]) -> dict:
     return value
 
 
-def estimated_parameters(widths: list[int], in_channels: int) -> int:
+def estimated_parameters(widths: list[int], in_channels: int, ndim: int = 2) -> int:
     """Upper estimate of the parameters of a U-Net of these widths (residual blocks), without building it."""
     def block(cin: int, cout: int) -> int:
-        return 9 * (2 * cin * cout + cout * cout)
+        return 3**ndim * (2 * cin * cout + cout * cout)
 
     total = block(in_channels, widths[0])
     total += sum(block(widths[i - 1], widths[i]) for i in range(1, len(widths)))
@@ -88,7 +88,18 @@ def validate_config(config: Any) -> None:
     _choice(config.get("stem_stride", 1), "config.stem_stride", (1, 2))
     _choice(config.get("block", "residual"), "config.block", BLOCKS)
     _boolean(config.get("foreground_head", True), "config.foreground_head")
-    n = estimated_parameters(widths, config.get("in_channels", 1))
+    ndim = config.get("ndim", 2)
+    _choice(ndim, "config.ndim", (2, 3))
+    pool = config.get("pool")
+    if pool is not None:
+        if not isinstance(pool, list) or len(pool) != len(widths) - 1:
+            _fail("config.pool", f"must be a list of {len(widths) - 1} levels, got {pool!r}")
+        for i, level in enumerate(pool):
+            if not isinstance(level, list) or len(level) != ndim:
+                _fail(f"config.pool[{i}]", f"must be a list of {ndim} factors, got {level!r}")
+            for a, factor in enumerate(level):
+                _number(factor, f"config.pool[{i}][{a}]", 1, 4, integer=True)
+    n = estimated_parameters(widths, config.get("in_channels", 1), ndim)
     if n > MAX_PARAMETERS:
         _fail("config.widths", f"describes a network of ~{n:,} parameters (more than {MAX_PARAMETERS:,})")
 
@@ -130,6 +141,21 @@ def validate_input(rules: Any) -> None:
         _boolean(rules["invert"], "input.invert")
 
 
+def validate_offsets(offsets: Any, ndim: int) -> None:
+    """2D: exactly the package's offsets; 3D: a list of nonzero (z, y, x) integer offsets (anisotropy changes z)."""
+    if ndim == 2:
+        if offsets != [list(o) for o in OFFSETS]:
+            _fail("offsets", f"must be the package's affinity offsets {[list(o) for o in OFFSETS]}")
+        return
+    if not isinstance(offsets, list) or not 1 <= len(offsets) <= 64:
+        _fail("offsets", f"must be a list of 1 to 64 offsets, got {offsets!r}")
+    for i, offset in enumerate(offsets):
+        if not isinstance(offset, list) or len(offset) != ndim or not any(offset):
+            _fail(f"offsets[{i}]", f"must be a nonzero list of {ndim} integers, got {offset!r}")
+        for a, v in enumerate(offset):
+            _number(v, f"offsets[{i}][{a}]", -256, 256, integer=True)
+
+
 def validate_metadata(meta: Any) -> None:
     """Raise SchemaError (naming the field) unless ``meta`` is safe to build and run a network from."""
     if not isinstance(meta, dict):
@@ -149,8 +175,14 @@ def validate_metadata(meta: Any) -> None:
         _number(meta["train_diameter"], "train_diameter", 1.0, 1000.0)
     if "embedding_dim" in meta and meta["embedding_dim"] != meta["config"].get("embedding_dim", 16):
         _fail("embedding_dim", f"({meta['embedding_dim']!r}) differs from config.embedding_dim")
-    if "offsets" in meta and meta["offsets"] != [list(o) for o in OFFSETS]:
-        _fail("offsets", f"must be the package's affinity offsets {[list(o) for o in OFFSETS]}")
+    if "offsets" in meta:
+        validate_offsets(meta["offsets"], meta["config"].get("ndim", 2))
+    if "voxel_size" in meta:
+        size = meta["voxel_size"]
+        if not isinstance(size, list) or len(size) != 3:
+            _fail("voxel_size", f"must be a list of 3 numbers (z, y, x), got {size!r}")
+        for a, v in enumerate(size):
+            _number(v, f"voxel_size[{a}]", 1e-9, 1e9)
     if "step" in meta:
         _number(meta["step"], "step", 0, 10**9, integer=True)
     if "name" in meta and not isinstance(meta["name"], str):

@@ -12,6 +12,12 @@ NAMED_CONFIGS: dict[str, UNetConfig] = {
     # Half-resolution students (docs/method.md, "Architectures"): stride-2 stem, no full-resolution block.
     "halfres-student": UNetConfig(widths=(8, 12, 16), stem_stride=2),
     "mobile-student": UNetConfig(widths=(12, 24, 32, 48), stem_stride=2, block="separable"),
+    # Volumes (docs/method.md, "Volumes"). The paper's MALA widths (12, x5 per level) with its anisotropic
+    # pooling (coarse z first): ~122 M parameters with our residual blocks, a reference, not CPU-trainable.
+    "mala3d": UNetConfig(widths=(12, 60, 300, 1500), ndim=3, pool=((1, 3, 3), (1, 3, 3), (3, 3, 3))),
+    # The CPU-sized 3D teacher (2.19 M parameters) and its half-resolution separable student (13.8 k, 0.63 %).
+    "unet3d-teacher": UNetConfig(widths=(16, 32, 64, 128), ndim=3),
+    "unet3d-student": UNetConfig(widths=(12, 24, 32), stem_stride=2, block="separable", ndim=3),
 }
 
 
