@@ -170,3 +170,17 @@ def test_batch_that_processes_cannot_share_is_refused(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     with pytest.raises(ValueError, match="multiple of the number of processes"):
         distributed.check_batch_size(4)
+
+
+def test_sync_batchnorm_conversion_keeps_parameters_state_and_one_process_output():
+    """Converted layers share the original tensors, and without a process group they compute plain BatchNorm."""
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(2, 1, 32, 32)
+    want = model(x)[0]
+    weights = [id(p) for p in model.parameters()]
+    model.load_state_dict(before)  # undo the running statistics the forward pass updated
+    distributed.convert_sync_batchnorm(model)
+    assert any(isinstance(m, distributed.SyncBatchNorm) for m in model.modules())
+    assert [id(p) for p in model.parameters()] == weights and model.state_dict().keys() == before.keys()
+    torch.testing.assert_close(model(x)[0], want, rtol=0, atol=0)

@@ -179,6 +179,7 @@ def distill_samples(
     for p in teacher.parameters():
         p.requires_grad_(False)
     distributed.setup()
+    distributed.check_batch_size(settings.batch_size)
     objective = DistillationObjective(
         distill.weights,
         MemoryBank(distill.memory_size, distill.memory_samples),
