@@ -184,3 +184,16 @@ def test_sync_batchnorm_conversion_keeps_parameters_state_and_one_process_output
     assert any(isinstance(m, distributed.SyncBatchNorm) for m in model.modules())
     assert [id(p) for p in model.parameters()] == weights and model.state_dict().keys() == before.keys()
     torch.testing.assert_close(model(x)[0], want, rtol=0, atol=0)
+
+
+def test_processes_of_one_machine_share_its_idle_cpus(monkeypatch):
+    from napari_graphkd import runtime
+
+    monkeypatch.setattr(runtime, "default_threads", lambda: 8)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.threads_per_process() == 0  # not launched: the caller's default
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert distributed.threads_per_process() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert distributed.threads_per_process() == 1

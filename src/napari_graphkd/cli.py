@@ -282,7 +282,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.loop import TrainSettings
     from .train.segmentation import score_sources, train_segmentation
 
-    configure_threads(args.threads)
+    configure_threads(args.threads or distributed.threads_per_process())  # 0: idle CPUs, shared by this machine's processes
     distributed.setup()  # one process of several under torchrun: rank 0 alone reports
     distributed.check_batch_size(args.batch_size)
     weights = args.source_weights or [1.0] * len(args.data)

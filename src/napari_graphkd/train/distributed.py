@@ -33,6 +33,15 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def threads_per_process() -> int:
+    """Torch threads for each of this machine's training processes: its idle CPUs shared equally (0 when not launched)."""
+    if not launched():
+        return 0
+    from ..runtime import default_threads
+
+    return max(1, default_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def setup() -> None:
     """Join the launcher's process group (gloo) once; nothing for a one-process run."""
     if launched() and dist.is_available() and not dist.is_initialized():
