@@ -142,6 +142,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(runs, run):
     assert single.keys() == double.keys()
     for name, value in single.items():
         torch.testing.assert_close(double[name], value, **TOLERANCE, msg=lambda m, name=name: f"{name}: {m}")
+    logged = [json.loads((d / run / "progress.json").read_text())["history"] for d in (one, two)]
+    assert [r.keys() for r in logged[0]] == [r.keys() for r in logged[1]]
+    for a, b in zip(*logged):  # rank 0 logs the global batch's losses
+        assert list(b.values()) == pytest.approx(list(a.values()), rel=1e-4, abs=1e-6)
     initial = tiny_model(0 if run == "train" else 2).state_dict()
     moved = max(float((value - initial[name[6:]]).abs().max()) for name, value in single.items() if value.is_floating_point())
     assert moved > 1e-3  # the runs trained: equality is not that of two untouched models

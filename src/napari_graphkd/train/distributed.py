@@ -131,6 +131,16 @@ def from_main(obj: Any) -> Any:
     return box[0]
 
 
+def mean_over_ranks(record: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the ranks that report it: a step's losses of the global batch, as one process logs them."""
+    if not active():
+        return record
+    records: list[Any] = [None] * world_size()
+    dist.all_gather_object(records, record)
+    keys = dict.fromkeys(k for r in records for k in r)
+    return {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in keys}
+
+
 def same_on_all_ranks(value: Any) -> bool:
     """Whether every rank holds the same (picklable) ``value``, e.g. the step of the run state each one loaded."""
     if not active():

@@ -194,7 +194,7 @@ def run_training(
         progress["seconds"] += now - t_last
         t_last = now
         progress["step"] = step + 1
-        record = {"step": step + 1, "loss": float(loss.detach()), **parts}
+        record = {"step": step + 1, **distributed.mean_over_ranks({"loss": float(loss.detach()), **parts})}
         progress["history"].append(record)
         if on_progress is not None and main:
             on_progress(dict(record, total=settings.steps, seconds=progress["seconds"]))
