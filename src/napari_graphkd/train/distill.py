@@ -190,7 +190,7 @@ def distill_samples(
     targets = load_teacher_targets(targets_file, names, objective.needs_features) if targets_file else None
     if targets is None:
         on_status(f"computing teacher outputs for {len(train)} training images (once)")
-        targets = compute_teacher_targets(teacher, train, objective.needs_features)
+        targets = distributed.split_work(lambda part: compute_teacher_targets(teacher, part, objective.needs_features), train)
         if targets_file and distributed.is_main():
             save_teacher_targets(targets, names, targets_file)
     extra_modules = []

@@ -113,6 +113,24 @@ def _take(value: Any, r: int, w: int) -> Any:
     return value
 
 
+def split_work(fn: Callable[[list], list], items: list) -> list:
+    """``fn(items)`` with the items dealt to the ranks in turn and every result sent to every rank.
+
+    ``fn`` must map each item on its own (e.g. the teacher's outputs per training image), so the
+    result is the one-process result; results travel one at a time, so no rank holds two copies.
+    """
+    if not active():
+        return fn(items)
+    r, w = rank(), world_size()
+    mine = fn(items[r::w])
+    results = []
+    for i in range(len(items)):
+        box = [mine[i // w] if i % w == r else None]
+        dist.broadcast_object_list(box, src=i % w)
+        results.append(box[0])
+    return results
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any (a stop request reaches all ranks together)."""
     if not active():
