@@ -10,6 +10,8 @@ identity and training is the one-process loop. With W processes:
   torch's own ``SyncBatchNorm`` refuses CPU tensors);
 * the network (and extra modules) run under ``DistributedDataParallel``, which averages the
   gradients, so every rank takes the same optimiser step;
+* the distillation memory bank receives every rank's items (:func:`gather_items`), so all ranks
+  hold the bank one process would hold;
 * rank 0 alone validates, writes checkpoints and the run state; the others wait for it.
 """
 from __future__ import annotations
