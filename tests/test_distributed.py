@@ -23,6 +23,8 @@ from napari_graphkd.train import distributed
 from napari_graphkd.train.distill import DistillSettings, distill_samples
 from napari_graphkd.train.loop import TrainSettings, run_training, segmentation_batches, segmentation_loss
 
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+
 STEPS = 4
 WORLD = 2
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # float32 sums in another order; observed max difference ~1e-6
