@@ -278,10 +278,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train a teacher (or a student without distillation) on one or more sources, validating on their tune images."""
     from .data import AugmentConfig, parse_source
     from .runtime import configure_threads
+    from .train import distributed
     from .train.loop import TrainSettings
     from .train.segmentation import score_sources, train_segmentation
 
-    configure_threads(args.threads)
+    configure_threads(args.threads or distributed.threads_per_process())  # 0: idle CPUs, shared by this machine's processes
+    distributed.setup()  # one process of several under torchrun: rank 0 alone reports
+    distributed.check_batch_size(args.batch_size)
     weights = args.source_weights or [1.0] * len(args.data)
     if len(weights) != len(args.data) or min(weights) <= 0:
         raise CLIError(f"--source-weights needs one positive weight per --data ({len(args.data)})")
@@ -292,7 +295,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         augment=AugmentConfig(crop=args.crop, elastic=args.elastic, scale_range=tuple(args.scale_range),
                               acquisition_prob=args.acquisition_aug),
     )
-    for source in sources:
+    for source in sources if distributed.is_main() else ():
         split = f"{len(source.train)} listed" if source.train is not None else "all other"
         print(f"source {source.name}: {source.folder} ({split} images to train, {len(source.tune)} to tune, weight {source.weight:g})",
               file=sys.stderr)
@@ -311,8 +314,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         command="graphkd " + shlex.join(args.argv), validate_factory=validator, on_progress=bar.update,
     )
     bar.close()
-    print(f"finished at step {progress_record['step']}; best on tune split: {progress_record['best']}")
-    print(f"checkpoints in {args.out} (best.safetensors, last.safetensors)")
+    if distributed.is_main():
+        print(f"finished at step {progress_record['step']}; best on tune split: {progress_record['best']}")
+        print(f"checkpoints in {args.out} (best.safetensors, last.safetensors)")
+    distributed.shutdown()
     return 0
 
 
@@ -349,9 +354,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
     """Distil a student from a teacher checkpoint with switchable, weighted terms."""
     from .data import AugmentConfig
     from .segment import load_segmenter
+    from .train import distributed
     from .train.distill import DistillSettings, distill_student
     from .train.loop import TrainSettings
 
+    distributed.setup()  # one process of several under torchrun: rank 0 alone reports
+    distributed.check_batch_size(args.batch_size)
     weights = parse_weights(args.method, args.weight or [], args.config)
     teacher = load_segmenter(args.teacher)
     if teacher.kind != "network":
@@ -361,14 +369,18 @@ def cmd_distill(args: argparse.Namespace) -> int:
                              augment=AugmentConfig(crop=args.crop))
     distill = DistillSettings(method=args.method, weights=weights, memory_size=args.memory_size,
                               memory_samples=args.memory_samples)
-    print(f"distilling {args.student} from {teacher.path} with {args.method}: {weights.active() or 'no KD terms'}", file=sys.stderr)
+    if distributed.is_main():
+        print(f"distilling {args.student} from {teacher.path} with {args.method}: {weights.active() or 'no KD terms'}",
+              file=sys.stderr)
     bar = TrainingBar("distill")
     record = distill_student(teacher.path, args.data, args.out, args.student, settings, distill,
                              n_tune=args.n_tune, command="graphkd " + shlex.join(args.argv),
                              validate_factory=tune_validator, on_progress=bar.update,
-                             on_status=lambda m: print(m, file=sys.stderr, flush=True))
+                             on_status=lambda m: distributed.is_main() and print(m, file=sys.stderr, flush=True))
     bar.close()
-    print(f"finished at step {record['step']}; best on tune split: {record['best']}")
+    if distributed.is_main():
+        print(f"finished at step {record['step']}; best on tune split: {record['best']}")
+    distributed.shutdown()
     return 0
 
 

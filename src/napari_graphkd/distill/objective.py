@@ -14,7 +14,7 @@ Resolution decision for a half-resolution student (``stem_stride == 2``):
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -132,7 +132,10 @@ class DistillationObjective:
     given, a default :class:`MemoryBank` is created (its ``pool`` sets the inter-AGD pooling). The bank is sampled without the current
     batch's image ids, and pushed with the current teacher embeddings only after the inter terms
     are computed, so the first batch has no inter terms. ``adapter`` (student→teacher channels
-    for CWD, see :func:`make_adapter`) must be optimised with the student.
+    for CWD, see :func:`make_adapter`) must be optimised with the student. ``share`` maps this
+    process' (teacher embeddings, labels, image ids) to those of the whole global batch when
+    training runs over several processes (``train.distributed.gather_items``), so that every
+    process excludes and pushes the same items and holds the same bank.
     """
 
     def __init__(
@@ -144,8 +147,10 @@ class DistillationObjective:
         skd_pool: int = 16,
         cwd_tau: float = 4.0,
         generator: torch.Generator | None = None,
+        share: Callable[[torch.Tensor, torch.Tensor, Sequence[Hashable]], tuple] | None = None,
     ):
         self.weights = weights
+        self.share = share
         self.uses_memory = any(getattr(weights, k) > 0 for k in INTER_TERMS)
         if memory_bank is None and self.uses_memory:
             memory_bank = MemoryBank()
@@ -210,7 +215,8 @@ class DistillationObjective:
             if w.node > 0 or w.edge > 0:
                 terms["node"], terms["edge"] = graph_losses(nodes_t, nodes_s)
         if self.uses_memory:
-            items = self.memory_bank.sample(exclude_ids=image_ids, generator=self.generator)
+            bank_items = self.share(emb_t, labels, image_ids) if self.share is not None else (emb_t, labels, image_ids)
+            items = self.memory_bank.sample(exclude_ids=bank_items[2], generator=self.generator)
             if items:
                 if w.inter_node > 0 or w.inter_edge > 0:
                     terms["inter_node"], terms["inter_edge"] = inter_igd_loss(nodes_t, nodes_s, [m.nodes for m in items])
@@ -221,7 +227,7 @@ class DistillationObjective:
         if self.needs_features:
             terms.update(self._feature_terms(student_out.features, teacher_out.features))
         if self.uses_memory:
-            self.memory_bank.push(emb_t, labels, image_ids)
+            self.memory_bank.push(*bank_items)
         terms = {k: v for k, v in terms.items() if getattr(w, k) > 0}  # node/edge come in pairs
         total = sum((getattr(w, k) * v for k, v in terms.items()), emb_s.sum() * 0)
         return total, {k: float(v.detach()) for k, v in terms.items()}

@@ -30,6 +30,7 @@ from ..distill import DistillationObjective, DistillWeights, MemoryBank, NetOut,
 from ..inference import TRAIN_DIAMETER
 from ..io.checkpoint import atomic_save_tensors, load_checkpoint
 from ..models import EmbeddingUNet, build_model
+from . import distributed
 from .loop import TrainSettings, run_training, segmentation_loss
 
 ALIGN = 16
@@ -177,17 +178,20 @@ def distill_samples(
     """
     for p in teacher.parameters():
         p.requires_grad_(False)
+    distributed.setup()
+    distributed.check_batch_size(settings.batch_size)
     objective = DistillationObjective(
         distill.weights,
         MemoryBank(distill.memory_size, distill.memory_samples),
         generator=torch.Generator().manual_seed(settings.seed),
+        share=distributed.gather_items if distributed.active() else None,
     )
     names = [s.name for s in train]
     targets = load_teacher_targets(targets_file, names, objective.needs_features) if targets_file else None
     if targets is None:
         on_status(f"computing teacher outputs for {len(train)} training images (once)")
-        targets = compute_teacher_targets(teacher, train, objective.needs_features)
-        if targets_file:
+        targets = distributed.split_work(lambda part: compute_teacher_targets(teacher, part, objective.needs_features), train)
+        if targets_file and distributed.is_main():
             save_teacher_targets(targets, names, targets_file)
     extra_modules = []
     if distill.weights.cwd > 0:

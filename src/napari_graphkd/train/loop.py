@@ -16,6 +16,7 @@ from ..affinity import OFFSETS, affinity_loss, embedding_affinities, label_affin
 from ..data import AugmentConfig, Sample, make_batch
 from ..io.checkpoint import CheckpointError, atomic_write_text, read_metadata, save_checkpoint
 from ..models import EmbeddingUNet
+from . import distributed
 from .state import ResumeError, Stateful, load_state, remove_stale_temps, save_state
 
 
@@ -124,14 +125,22 @@ def run_training(
     (batches and dropout are seeded by step) or raises ResumeError.
     ``extra_modules`` (e.g. distillation adapters) are optimised too but not saved in the model file;
     ``stateful`` objects (e.g. the distillation objective's memory bank) are saved in the state too.
+    Under ``torchrun`` each rank trains on its share of every batch, and rank 0 alone validates and
+    writes ``run_dir`` (see :mod:`.distributed`).
     """
+    distributed.setup()
+    distributed.check_batch_size(settings.batch_size)
+    main = distributed.is_main()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(run_dir)
+    if main:
+        remove_stale_temps(run_dir)
     params = [p for m in (model, *extra_modules) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     progress = load_state(run_dir, model, optimizer, list(extra_modules), stateful)
     resumed = progress is not None
+    if not distributed.same_on_all_ranks(progress and progress["step"]):
+        raise ResumeError(f"the processes see different run states in {run_dir}; it must be on a filesystem all of them share")
     if not resumed:
         progress = {"step": 0, "history": [], "validation": [], "best": None, "seconds": 0.0}
     model.train()
@@ -139,6 +148,8 @@ def run_training(
     saved_step = progress["step"] if resumed else None
 
     def checkpoint(name: str, overwrite: bool = True) -> None:
+        if not main:
+            return
         model.eval()
         save_checkpoint(run_dir / name, model, dict(meta, step=progress["step"], validation=progress["validation"][-1:]), overwrite=overwrite)
         model.train()
@@ -153,26 +164,28 @@ def run_training(
         if saved_step == progress["step"]:
             return
         progress["peak_rss_mb"] = peak_memory_mb()
-        save_state(run_dir, model, optimizer, list(extra_modules), progress, stateful)  # the resume point, one rename
         saved_step = progress["step"]
-        export()
+        if main:
+            save_state(run_dir, model, optimizer, list(extra_modules), progress, stateful)  # the resume point, one rename
+            export()
 
-    if resumed:
+    if resumed and main:
         export()  # a kill may have come between the state and its copies
         repair_best(run_dir, progress, checkpoint)
+    run_step = distributed.parallel_step(model, extra_modules, step_loss)
 
     t_last = time.perf_counter()
     while progress["step"] < settings.steps:
-        if should_stop():
+        if distributed.any_rank(should_stop()):
             break
         step = progress["step"]
         rng = np.random.default_rng([settings.seed, step])
         torch.manual_seed(settings.seed * 1_000_003 + step)
-        batch = batches(rng)
+        batch = distributed.shard(batches(rng))
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-            loss, parts = step_loss(model, batch)
+            loss, parts = run_step(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 5.0)
@@ -181,15 +194,15 @@ def run_training(
         progress["seconds"] += now - t_last
         t_last = now
         progress["step"] = step + 1
-        record = {"step": step + 1, "loss": float(loss.detach()), **parts}
+        record = {"step": step + 1, **distributed.mean_over_ranks({"loss": float(loss.detach()), **parts})}
         progress["history"].append(record)
-        if on_progress is not None:
+        if on_progress is not None and main:
             on_progress(dict(record, total=settings.steps, seconds=progress["seconds"]))
         done = progress["step"]
         new_best = False
         if validate is not None and (done % settings.validate_every == 0 or done == settings.steps):
             model.eval()
-            scores = validate(model)
+            scores = distributed.from_main(validate(model) if main else None)  # the other ranks wait for rank 0
             model.train()
             progress["validation"].append({"step": done, **scores})
             best = progress["best"]
@@ -205,6 +218,7 @@ def run_training(
         if new_best:
             checkpoint("best.safetensors")
     save_all()
+    distributed.barrier()  # every rank returns once rank 0's files are written
     model.eval()
     return progress
 
