@@ -27,6 +27,7 @@ row is cached as JSON, so the table can be built over several invocations (``--o
     python benchmarks/generalist_distill.py --teacher T --data DATA --runs RUNS [--steps N] [--seeds 0 1 2]
     python benchmarks/generalist_distill.py ... --only grd_s0 pseudo_s0     # some rows only (several processes)
     python benchmarks/generalist_distill.py ... --report                    # table from cached rows only
+    python benchmarks/generalist_distill.py ... --prepare                   # only the shared caches (run it first)
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import hashlib
 import json
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -118,27 +120,44 @@ def evaluate(segmenter, grid, tune: dict[str, list], val: dict[str, list], threa
             "parameters": segmenter.parameters, "decode": None if decode is None else decode.to_dict(), "tune": tune_scores}
 
 
+def teacher_data(path: str | Path) -> str:
+    """What the teacher was trained on, from its checkpoint metadata (sources and image counts)."""
+    from napari_graphkd.io.checkpoint import read_metadata
+
+    data = read_metadata(path).get("training_data", {})
+    if data.get("sources"):
+        return ", ".join(f"{s['name']} ({s['train_images']} images with labels)" for s in data["sources"])
+    return f"{data.get('train_images', '?')} labelled images of {Path(data.get('folder') or '?').name}"
+
+
 def digest(path: str | Path) -> str:
     """First 16 hex digits of a file's SHA-256."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def train_row(key: str, args) -> Path:
-    """Train (or resume) one student row in ``RUNS/KEY``; returns its folder."""
+def train_row(key: str, args, run_dir: Path | None = None, steps: int | None = None) -> Path:
+    """Train (or resume) one student row in ``RUNS/KEY`` (or ``run_dir``, for ``steps``); returns its folder."""
     prefix, seed = key.rsplit("_s", 1)
     _, method, with_unlabelled = ROWS[prefix]
     labelled, unlabelled = sources(args)
-    settings = TrainSettings(steps=args.steps, batch_size=4, lr=2e-3, seed=int(seed), validate_every=10**9, snapshot_every=10**9,
+    settings = TrainSettings(steps=args.steps if steps is None else steps, batch_size=4, lr=2e-3, seed=int(seed), validate_every=10**9, snapshot_every=10**9,
                              augment=AugmentConfig(crop=256, acquisition_prob=args.acquisition_aug))
     distill = DistillSettings(method=method, weights=method_weights(method))
     torch.set_num_threads(args.train_threads)
-    run_dir = Path(args.runs) / key
+    run_dir = run_dir or Path(args.runs) / key
     start = time.time()
     distill_student(args.teacher, labelled, run_dir, STUDENT, settings, distill, unlabelled=unlabelled if with_unlabelled else (),
                     command=command_line(), on_status=lambda m: print(f"  {key}: {m}", flush=True),
                     targets_dir=Path(args.runs) / "cache" / ("all" if with_unlabelled else "labelled"))
     print(f"  {key}: trained/resumed in {time.time() - start:.0f} s", flush=True)
     return run_dir
+
+
+def prepare(args) -> None:
+    """Fill the caches every student row reads (the teacher's decoded instances and outputs) without training a row."""
+    for key in ("grd_s0", "plain_s0"):
+        with tempfile.TemporaryDirectory() as tmp:
+            train_row(key, args, Path(tmp) / key, steps=0)
 
 
 def row_result(key: str, args, tune, val) -> dict:
@@ -201,15 +220,15 @@ def report(args, splits: dict, row_results: dict[str, list[dict]], refs: dict[st
             f"Teacher `{Path(args.teacher).name}` (sha256 {digest(args.teacher)}).\n",
             f"**Training pool.** From each bundled train list, {LABELLED_FRACTION:.0%} of the images (seeded random choice, "
             f"seed {SPLIT_SEED}; lists in RUNS/splits) keep their labels; the others are given without labels ({counts}). "
-            f"The tune lists choose decoder settings, the val lists are untouched. The teacher saw every training label "
-            f"(the bundled generalist teacher was trained on all of them), so on this pool it is an upper bound for a student, "
-            f"as a bundled teacher is on a user's images."
+            f"The tune lists choose decoder settings, the val lists are untouched. The teacher was trained on "
+            f"{teacher_data(args.teacher)}: where that includes the unlabelled images' labels it is an upper bound for a "
+            f"student here, as a bundled teacher is on a user's images."
             + (f" **Smoke run: at most {args.max_images} images per list**, not a result." if args.max_images else "") + "\n",
             f"Students: `{STUDENT}`, {args.steps} steps, batch 4, crop 256, AdamW 2e-3 cosine, camera augmentation "
             f"p={args.acquisition_aug:g} on the student's input; each source (two labelled, two unlabelled) drawn equally "
             f"often. Scored at the last checkpoint; decoder settings chosen on the tune splits; val run with automatic size, "
             f"polarity and channel (as `graphkd segment`). Times: per image including the size estimate, {args.threads} "
-            f"threads. Gap = share of the teacher - plain-student gap recovered.\n"]
+            f"thread(s). Gap = share of the teacher - plain-student gap recovered.\n"]
     for name, pairs in val.items():
         rows = {ROWS[p][0]: [for_set(r, name) for r in rs] for p, rs in row_results.items()}
         set_refs = {k: for_set(r, name) for k, r in refs.items() if r}
@@ -242,9 +261,14 @@ def main() -> int:
     parser.add_argument("--max-images", type=int, default=None, help="at most this many images per list (smoke runs only)")
     parser.add_argument("--only", nargs="*", default=None, help="row keys to run: classical, teacher, plain_s0, pseudo_s1, grd_s2, ...")
     parser.add_argument("--report", action="store_true", help="only assemble the table from cached rows")
+    parser.add_argument("--prepare", action="store_true", help="only compute the caches the student rows share (the "
+                        "teacher's instances on the unlabelled images and its outputs; once per teacher), then stop")
     args = parser.parse_args()
 
     splits = write_splits(Path(args.runs) / "splits", LABELLED_FRACTION, args.max_images)
+    if args.prepare:
+        prepare(args)
+        return 0
     labelled, _ = sources(args)
     tune, val = tune_sets(labelled), val_sets(Path(args.data), args.max_images)
     refs = {key: row_result(key, args, tune, val) for key in ("classical", "teacher")}

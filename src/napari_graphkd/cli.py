@@ -388,9 +388,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print(f"distilling {args.student} from {teacher.path} with {args.method}: {weights.active() or 'no KD terms'}",
               file=sys.stderr)
     bar = TrainingBar("distill")
-    record = distill_student(teacher.path, sources, args.out, args.student, settings, distill, unlabelled=unlabelled,
-                             command="graphkd " + shlex.join(args.argv),
-                             validate_factory=sources_validator, on_progress=bar.update,
+    as_is = len(args.data) == 1 and "@" not in args.data[0]  # one plain folder: as the bundled student was distilled
+    record = distill_student(teacher.path, args.data[0] if as_is else sources, args.out, args.student, settings, distill,
+                             unlabelled=unlabelled, n_tune=args.n_tune, command="graphkd " + shlex.join(args.argv),
+                             validate_factory=lambda tune: sources_validator(tune if isinstance(tune, dict) else {"tune": tune}),
+                             on_progress=bar.update,
                              on_status=lambda m: distributed.is_main() and print(m, file=sys.stderr, flush=True))
     bar.close()
     if distributed.is_main():
@@ -663,7 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distil a student from a teacher checkpoint")
     p.add_argument("--teacher", default="teacher", help="teacher checkpoint (default: the bundled teacher)")
     p.add_argument("--data", required=True, action="append", metavar="DIR[@SPLIT]",
-                   help="labelled images as in graphkd train (repeatable; rescaled to the teacher's training diameter)")
+                   help="labelled images as in graphkd train (repeatable). One folder without @SPLIT is used as it is; "
+                        "several sources or @SPLIT are rescaled to the teacher's training diameter, as graphkd train does")
     p.add_argument("--unlabelled", action="append", default=[], metavar="DIR[@SPLIT]",
                    help="images without labels (repeatable): a folder of .tif images (or its images/), or DIR@SPLIT for "
                         "the SPLIT_train images of a labelled folder, labels unused. The teacher segments each once, as "

@@ -301,7 +301,7 @@ def distill_student(
     digest = hashlib.sha256(Path(teacher_checkpoint).read_bytes()).hexdigest()[:16]
     decoded = []
     if unlabelled:
-        on_status(f"decoding the teacher's instances on {len(unlabelled)} unlabelled source(s) (once)")
+        on_status(f"the teacher's instances on {len(unlabelled)} unlabelled source(s) (decoded once, cached with targets_dir)")
         decoded = decode_unlabelled(ModelSegmenter(teacher_checkpoint), list(unlabelled),
                                     None if targets_dir is None else Path(targets_dir) / f"pseudo-{digest}.safetensors")
         training_data["unlabelled"] = [
