@@ -10,7 +10,7 @@ segmentation loss's targets.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -70,11 +70,21 @@ def teacher_instances(teacher: ModelSegmenter, raw: np.ndarray) -> tuple[np.ndar
     """(image at the model's scale, the teacher's instances on it, the rescale factor), inputs decided as for a user's image."""
     if np.ndim(raw) != 2 and not (np.ndim(raw) == 3 and np.shape(raw)[-1] in (3, 4)):
         raise ValueError(f"unlabelled images must be 2D (gray or RGB), got shape {np.shape(raw)}")
-    decision = decide_inputs(teacher, raw)
-    scale = rescale_factor(decision.diameter, teacher.train_diameter)
-    image = working_image(channel_image(raw, decision.channel), invert=decision.invert, scale=scale).astype(np.float32)
+    outputs: dict = {}  # the size estimate's network outputs: the chosen pass is not run again
+
+    def cache(key, compute):
+        hit = key in outputs
+        if not hit:
+            outputs[key] = compute()
+        return outputs[key], hit
+
     with torch.inference_mode():
-        instances = decode_output(network_output(teacher.model, image), teacher.decode_settings)[0]
+        decision = decide_inputs(teacher, raw, cache=cache)
+        scale = rescale_factor(decision.diameter, teacher.train_diameter)
+        image = working_image(channel_image(raw, decision.channel), invert=decision.invert, scale=scale).astype(np.float32)
+        chosen = next((o for (_, inputs, _), o in outputs.items() if inputs == decision), None)
+        output = network_output(teacher.model, image) if chosen is None else replace(chosen, image_shape=chosen.full_shape)
+        instances = decode_output(output, teacher.decode_settings)[0]  # decoded at the model's scale
     return image, instances.astype(np.int32), scale
 
 
