@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage as ndi
 
 from napari_graphkd.cli import main
-from napari_graphkd.data import AugmentConfig, Sample, Source, parse_source
+from napari_graphkd.data import AugmentConfig, Sample, parse_source
 from napari_graphkd.decode.policy import decode_output
 from napari_graphkd.distill import method_weights
 from napari_graphkd.inference import network_output
@@ -17,7 +17,7 @@ from napari_graphkd.metrics import evaluate
 from napari_graphkd.models import UNetConfig, build_model
 from napari_graphkd.segment import ModelSegmenter, bundled_path
 from napari_graphkd.train.distill import (
-    DistillSettings, compute_teacher_targets, distill_batches, distill_student, graph_labels, unlabelled_samples,
+    DistillSettings, compute_teacher_targets, distill_batches, distill_student, fit_crop, graph_labels, unlabelled_samples,
 )
 from napari_graphkd.train.loop import TrainSettings
 from napari_graphkd.train.pseudo import decode_unlabelled, parse_unlabelled
@@ -158,3 +158,16 @@ def test_cli_distils_from_two_sources_and_unlabelled_images(folders, teacher_pat
     assert "--unlabelled" in capsys.readouterr().err
     assert main(args[:-2] + ["--source-weights", "1", "1"]) == 2  # three sources, two weights
     assert "one weight per --data and --unlabelled (3)" in capsys.readouterr().err
+
+
+def test_images_smaller_than_the_crop_are_padded_with_unannotated_pixels():
+    """A small rescaled image still yields full crops: reflected image, labels -1 (ignored) in the padding."""
+    image = np.arange(40 * 50, dtype=np.float32).reshape(40, 50)
+    labels = np.ones((40, 50), np.int32)
+    padded = fit_crop(Sample("s", image, labels, 0.5), 64)
+    assert padded.image.shape == padded.labels.shape == (64, 64) and padded.scale == 0.5
+    np.testing.assert_array_equal(padded.image[:40, :50], image)
+    np.testing.assert_array_equal(padded.image[40:42, :50], image[38:36:-1, :])  # reflected
+    assert (padded.labels[40:] == -1).all() and (padded.labels[:, 50:] == -1).all() and (padded.labels[:40, :50] == 1).all()
+    big = Sample("b", np.zeros((64, 80), np.float32), np.zeros((64, 80), np.int32))
+    assert fit_crop(big, 64) is big

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..data import Sample, Source, jitter_intensity, load_source, load_train_tune, parse_source, pick_samples
+from ..data import Sample, Source, jitter_intensity, load_train_tune, parse_source, pick_samples
 from ..affinity import embedding_affinities
 from ..distill import DistillationObjective, DistillWeights, MemoryBank, NetOut, make_adapter, method_weights
 from ..inference import TRAIN_DIAMETER
