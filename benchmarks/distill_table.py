@@ -43,7 +43,7 @@ from napari_graphkd.distill import BASELINE_WEIGHTS, DistillWeights, method_weig
 from napari_graphkd.evaluation import DECODE_GRID, network_outputs, score_model, tune_decoder
 from napari_graphkd.io.checkpoint import load_checkpoint, read_metadata
 from napari_graphkd.metrics import evaluate, mean_metrics
-from napari_graphkd.segment import AS_TRAINED, ClassicalSegmenter, ModelSegmenter, segment_any
+from napari_graphkd.segment import AS_TRAINED, ClassicalSegmenter, ModelSegmenter, RunSettings, segment_any
 from napari_graphkd.train.distill import DistillSettings, distill_student
 from napari_graphkd.train.loop import TrainSettings
 
@@ -126,12 +126,16 @@ def train_run(run: Run, args, run_dir: Path | None = None) -> Path:
     return run_dir
 
 
-def timed_scores(segmenter, images_labels, threads: int, decode: DecodeSettings | None = None) -> dict:
-    """Per-image mean metrics, per-image F1/AJI/object counts, mean network and decode ms per image (single process)."""
+def timed_scores(segmenter, images_labels, threads: int, decode: DecodeSettings | None = None,
+                 run: RunSettings = AS_TRAINED) -> dict:
+    """Per-image mean metrics, per-image F1/AJI/object counts, mean network and decode ms per image (single process).
+
+    ``run``: the input rules (default: the model's own scale and polarity; ``RunSettings()``: automatic, as ``graphkd segment``).
+    """
     torch.set_num_threads(threads)
     rows, net, dec = [], 0.0, 0.0
     for image, labels in images_labels:
-        result = segment_any(segmenter, image, **AS_TRAINED.kwargs(), decode=decode)
+        result = segment_any(segmenter, image, **run.kwargs(), decode=decode)
         rows.append(evaluate(labels, result.labels))
         net, dec = net + result.network_seconds, dec + result.decode_seconds
     n = len(images_labels)

@@ -262,56 +262,57 @@ class TrainingBar:
             self.bar.close()
 
 
-def tune_validator(tune):
-    """Validation callback: metrics on the tune images, also printed."""
-    from .evaluation import score_model
+def sources_validator(tune):
+    """Validation callback: metrics on the tune images of each source, also printed."""
+    from .train.segmentation import score_sources
 
     def validate(model):
-        scores = score_model(model, tune)
-        print(f"\nvalidation: f1@0.5 {scores['f1@0.5']:.3f} aji {scores['aji']:.3f}", file=sys.stderr, flush=True)
+        scores = score_sources(model, tune)
+        parts = "; ".join(f"{n} f1@0.5 {scores[f'{n}/f1@0.5']:.3f} aji {scores[f'{n}/aji']:.3f}" for n in tune if tune[n])
+        print(f"\nvalidation: {parts}; score {scores['score']:.3f}", file=sys.stderr, flush=True)
         return scores
 
     return validate
 
 
+def parse_sources(specs: list[str], weights: list[float] | None, n_tune: int) -> list:
+    """``--data`` sources with their ``--source-weights`` (default equal), each announced on stderr (by rank 0)."""
+    from .data import parse_source
+    from .train import distributed
+
+    weights = weights or [1.0] * len(specs)
+    if len(weights) != len(specs) or min(weights) <= 0:
+        raise CLIError(f"--source-weights needs one positive weight per --data ({len(specs)})")
+    sources = [parse_source(spec, n_tune, w) for spec, w in zip(specs, weights)]
+    for source in sources if distributed.is_main() else ():
+        split = f"{len(source.train)} listed" if source.train is not None else "all other"
+        print(f"source {source.name}: {source.folder} ({split} images to train, {len(source.tune)} to tune, weight {source.weight:g})",
+              file=sys.stderr)
+    return sources
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a teacher (or a student without distillation) on one or more sources, validating on their tune images."""
-    from .data import AugmentConfig, parse_source
+    from .data import AugmentConfig
     from .runtime import configure_threads
     from .train import distributed
     from .train.loop import TrainSettings
-    from .train.segmentation import score_sources, train_segmentation
+    from .train.segmentation import train_segmentation
 
     configure_threads(args.threads or distributed.threads_per_process())  # 0: idle CPUs, shared by this machine's processes
     distributed.setup()  # one process of several under torchrun: rank 0 alone reports
     distributed.check_batch_size(args.batch_size)
-    weights = args.source_weights or [1.0] * len(args.data)
-    if len(weights) != len(args.data) or min(weights) <= 0:
-        raise CLIError(f"--source-weights needs one positive weight per --data ({len(args.data)})")
-    sources = [parse_source(spec, args.n_tune, w) for spec, w in zip(args.data, weights)]
+    sources = parse_sources(args.data, args.source_weights, args.n_tune)
     settings = TrainSettings(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         validate_every=args.validate_every, snapshot_every=args.validate_every,
         augment=AugmentConfig(crop=args.crop, elastic=args.elastic, scale_range=tuple(args.scale_range),
                               acquisition_prob=args.acquisition_aug),
     )
-    for source in sources if distributed.is_main() else ():
-        split = f"{len(source.train)} listed" if source.train is not None else "all other"
-        print(f"source {source.name}: {source.folder} ({split} images to train, {len(source.tune)} to tune, weight {source.weight:g})",
-              file=sys.stderr)
-
-    def validator(tune):
-        def validate(model):
-            scores = score_sources(model, tune)
-            parts = "; ".join(f"{n} f1@0.5 {scores[f'{n}/f1@0.5']:.3f} aji {scores[f'{n}/aji']:.3f}" for n in tune if tune[n])
-            print(f"\nvalidation: {parts}; score {scores['score']:.3f}", file=sys.stderr, flush=True)
-            return scores
-        return validate
-
     bar = TrainingBar("train")
     progress_record = train_segmentation(
         sources, args.out, args.arch, settings, init_checkpoint=args.init,
-        command="graphkd " + shlex.join(args.argv), validate_factory=validator, on_progress=bar.update,
+        command="graphkd " + shlex.join(args.argv), validate_factory=sources_validator, on_progress=bar.update,
     )
     bar.close()
     if distributed.is_main():
@@ -353,10 +354,12 @@ def parse_weights(method: str, overrides: list[str], config: str | None):
 def cmd_distill(args: argparse.Namespace) -> int:
     """Distil a student from a teacher checkpoint with switchable, weighted terms."""
     from .data import AugmentConfig
+    from .runtime import configure_threads
     from .segment import load_segmenter
     from .train import distributed
-    from .train.distill import DistillSettings, distill_student
+    from .train.distill import PSEUDO, DistillSettings, distill_student
     from .train.loop import TrainSettings
+    from .train.pseudo import parse_unlabelled
 
     distributed.setup()  # one process of several under torchrun: rank 0 alone reports
     distributed.check_batch_size(args.batch_size)
@@ -364,18 +367,32 @@ def cmd_distill(args: argparse.Namespace) -> int:
     teacher = load_segmenter(args.teacher)
     if teacher.kind != "network":
         raise CLIError("the teacher must be a network checkpoint")
+    if args.method == PSEUDO and not args.unlabelled:
+        raise CLIError(f"--method {PSEUDO} trains on the teacher's labels of --unlabelled images: give at least one")
+    configure_threads(args.threads or distributed.threads_per_process())
+    n_data = len(args.data)
+    weights_all = args.source_weights or [1.0] * (n_data + len(args.unlabelled))
+    if len(weights_all) != n_data + len(args.unlabelled):
+        raise CLIError(f"--source-weights needs one weight per --data and --unlabelled ({n_data + len(args.unlabelled)})")
+    sources = parse_sources(args.data, weights_all[:n_data], args.n_tune)
+    unlabelled = [parse_unlabelled(spec, w) for spec, w in zip(args.unlabelled, weights_all[n_data:])]
+    for u in unlabelled if distributed.is_main() else ():
+        print(f"unlabelled {u.name}: {u.folder} ({'all' if u.stems is None else len(u.stems)} images, weight {u.weight:g})",
+              file=sys.stderr)
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              validate_every=args.validate_every, snapshot_every=args.validate_every,
-                             augment=AugmentConfig(crop=args.crop))
+                             augment=AugmentConfig(crop=args.crop, acquisition_prob=args.acquisition_aug))
     distill = DistillSettings(method=args.method, weights=weights, memory_size=args.memory_size,
                               memory_samples=args.memory_samples)
     if distributed.is_main():
         print(f"distilling {args.student} from {teacher.path} with {args.method}: {weights.active() or 'no KD terms'}",
               file=sys.stderr)
     bar = TrainingBar("distill")
-    record = distill_student(teacher.path, args.data, args.out, args.student, settings, distill,
-                             n_tune=args.n_tune, command="graphkd " + shlex.join(args.argv),
-                             validate_factory=tune_validator, on_progress=bar.update,
+    as_is = len(args.data) == 1 and "@" not in args.data[0]  # one plain folder: as the bundled student was distilled
+    record = distill_student(teacher.path, args.data[0] if as_is else sources, args.out, args.student, settings, distill,
+                             unlabelled=unlabelled, n_tune=args.n_tune, command="graphkd " + shlex.join(args.argv),
+                             validate_factory=lambda tune: sources_validator(tune if isinstance(tune, dict) else {"tune": tune}),
+                             on_progress=bar.update,
                              on_status=lambda m: distributed.is_main() and print(m, file=sys.stderr, flush=True))
     bar.close()
     if distributed.is_main():
@@ -647,10 +664,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="distil a student from a teacher checkpoint")
     p.add_argument("--teacher", default="teacher", help="teacher checkpoint (default: the bundled teacher)")
-    p.add_argument("--data", required=True, help="folder with images/*.tif and labels/*.tif")
+    p.add_argument("--data", required=True, action="append", metavar="DIR[@SPLIT]",
+                   help="labelled images as in graphkd train (repeatable). One folder without @SPLIT is used as it is; "
+                        "several sources or @SPLIT are rescaled to the teacher's training diameter, as graphkd train does")
+    p.add_argument("--unlabelled", action="append", default=[], metavar="DIR[@SPLIT]",
+                   help="images without labels (repeatable): a folder of .tif images (or its images/), or DIR@SPLIT for "
+                        "the SPLIT_train images of a labelled folder, labels unused. The teacher segments each once, as "
+                        "graphkd segment would (automatic size and polarity); its instances are graph nodes of the "
+                        "distillation terms (method pseudo: the segmentation loss's targets)")
+    p.add_argument("--source-weights", type=float, nargs="+", default=None, metavar="W",
+                   help="sampling weight of each --data, then each --unlabelled source, in order (default: equal)")
     p.add_argument("--out", required=True, help="run folder (resumes if it holds a run)")
     p.add_argument("--student", default="halfres-student", help="named student architecture")
-    p.add_argument("--method", default="grd", help="grd, grd-intra, none, mimic, at, skd or cwd")
+    p.add_argument("--method", default="grd", help="grd, grd-intra, none, pseudo (the teacher's labels of the "
+                   "--unlabelled images as targets, no distillation terms), mimic, at, skd or cwd")
     p.add_argument("--weight", action="append", metavar="TERM=VALUE",
                    help="override a term weight, e.g. --weight inter_edge=0 (repeatable)")
     p.add_argument("--config", default=None, help='JSON file {"weights": {TERM: VALUE}}')
@@ -661,8 +688,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-tune", type=int, default=10)
+    p.add_argument("--acquisition-aug", type=float, default=0.0, metavar="P",
+                   help="chance to re-image the student's crop with a random camera (dim, 8-bit, saturated)")
+    p.add_argument("--n-tune", type=int, default=10, help="images held out to validate on (a source without @SPLIT "
+                   "and without a tune/ folder beside DIR=.../train)")
     p.add_argument("--validate-every", type=int, default=500)
+    p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads (0 = one per idle CPU this process may use)")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("export", help="tune the decoder and write a compact checkpoint; or write bioimage.io / ONNX")

@@ -35,7 +35,7 @@ BASELINE_WEIGHTS: dict[str, float] = {
     "skd": 10.0,  # the weight published for SKD's pairwise term
     "cwd": 3.0,  # Shu et al.'s segmentation default on score maps with τ = 4 (their range: 3-50)
 }
-METHODS: tuple[str, ...] = ("grd", "grd-intra", "none", *BASELINE_WEIGHTS)
+METHODS: tuple[str, ...] = ("grd", "grd-intra", "none", "pseudo", *BASELINE_WEIGHTS)
 
 
 @dataclass(frozen=True)
@@ -64,13 +64,14 @@ class DistillWeights:
 
 
 def method_weights(method: str) -> DistillWeights:
-    """Weights of a named method: ``grd``, ``grd-intra``, ``none`` or one baseline (``mimic``, ``at``, ``skd``, ``cwd``)."""
+    """Weights of a named method: ``grd``, ``grd-intra``, ``none``, ``pseudo`` (no terms: the teacher's decoded labels of
+    unlabelled images are training targets instead) or one baseline (``mimic``, ``at``, ``skd``, ``cwd``)."""
     off = DistillWeights(**{f.name: 0.0 for f in fields(DistillWeights)})
     if method == "grd":
         return DistillWeights()
     if method == "grd-intra":
         return replace(DistillWeights(), **{k: 0.0 for k in INTER_TERMS})
-    if method == "none":
+    if method in ("none", "pseudo"):
         return off
     if method in BASELINE_WEIGHTS:
         return replace(off, **{method: BASELINE_WEIGHTS[method]})

@@ -10,7 +10,12 @@ row of the benchmark (no-KD included) uses this same pipeline.
 Label maps follow the partial-annotation convention (< 0 = not annotated, ignored by the
 segmentation loss). An unannotated pixel may also carry a pseudo-instance (e.g. one of the
 teacher's decoded nuclei) for the graph terms: pseudo-instance k is stored as -1-k
-(:func:`with_pseudo_labels`, read back by :func:`graph_labels`).
+(:func:`with_pseudo_labels`, read back by :func:`graph_labels`); images given without labels carry
+the teacher's decoded instances this way (:mod:`.pseudo`), or, for the pseudo-label baseline
+(method ``pseudo``), carry them as ordinary labels.
+
+Several sources (labelled and unlabelled) are sampled as in ``graphkd train``
+(:func:`napari_graphkd.data.pick_samples`: each batch item picks a source by weight, then an image).
 """
 from __future__ import annotations
 
@@ -18,22 +23,25 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..data import Sample, jitter_intensity, load_train_tune
+from ..data import Sample, Source, jitter_intensity, load_train_tune, parse_source, pick_samples
 from ..affinity import embedding_affinities
 from ..distill import DistillationObjective, DistillWeights, MemoryBank, NetOut, make_adapter, method_weights
 from ..inference import TRAIN_DIAMETER
 from ..io.checkpoint import atomic_save_tensors, load_checkpoint
 from ..models import EmbeddingUNet, build_model
+from ..segment import ModelSegmenter
 from . import distributed
 from .loop import TrainSettings, run_training, segmentation_loss
+from .pseudo import UnlabelledSource, decode_unlabelled
 
 ALIGN = 16
+PSEUDO = "pseudo"  # the method whose unlabelled images train with the teacher's instances as labels, no KD terms
 
 
 @dataclass
@@ -119,6 +127,16 @@ def load_teacher_targets(path: Path, names: list[str], with_features: bool) -> l
                 for i in range(len(names))]
 
 
+def fit_crop(sample: Sample, size: int) -> Sample:
+    """``sample`` padded to at least ``size`` px per side (image reflected, labels -1 = not annotated)."""
+    h, w = sample.labels.shape
+    pad = ((0, max(0, size - h)), (0, max(0, size - w)))
+    if pad == ((0, 0), (0, 0)):
+        return sample
+    return Sample(sample.name, np.pad(sample.image, pad, mode="reflect"), np.pad(sample.labels, pad, constant_values=-1),
+                  sample.scale)
+
+
 def _crop_and_turn(t: torch.Tensor, y: int, x: int, size: int, scale: int, k: int, flip: bool) -> torch.Tensor:
     """Crop a (…,H,W) map at a 1/scale resolution, then rotate by k*90° and optionally flip."""
     y0, x0, s = y // scale, x // scale, size // scale
@@ -126,16 +144,24 @@ def _crop_and_turn(t: torch.Tensor, y: int, x: int, size: int, scale: int, k: in
     return torch.flip(out, dims=(-1,)) if flip else out
 
 
-def distill_batches(samples: list[Sample], targets: list[TeacherTargets], settings: TrainSettings):
-    """Batch factory of aligned (image, labels, teacher maps) crops with shared geometric augmentation."""
+def distill_batches(samples: list[Sample] | list[list[Sample]], targets: list[TeacherTargets], settings: TrainSettings,
+                    weights: list[float] | None = None):
+    """Batch factory of aligned (image, labels, teacher maps) crops with shared geometric augmentation.
+
+    ``samples`` is one list, or one list per source (``targets`` in the same order, flattened), drawn as
+    :func:`napari_graphkd.data.pick_samples` draws them (by ``weights``, default equal).
+    """
     size = settings.augment.crop
     if size % ALIGN:
         raise ValueError(f"distillation crop size must be a multiple of {ALIGN}")
+    sources = samples if samples and isinstance(samples[0], list) else [samples]
+    pairs, flat = [], iter(targets)
+    for source in sources:
+        pairs.append([(s, next(flat)) for s in source])
 
     def make(rng: np.random.Generator) -> DistillBatch:
         images, labels, embs, feats, ids = [], [], [], [], []
-        for i in rng.integers(0, len(samples), settings.batch_size):
-            s, t = samples[i], targets[i]
+        for s, t in pick_samples(pairs, weights, settings.batch_size, rng):
             h, w = s.image.shape
             if h < size or w < size:
                 raise ValueError(f"image {s.name} ({h}x{w}) is smaller than the crop size {size}")
@@ -159,12 +185,13 @@ def distill_batches(samples: list[Sample], targets: list[TeacherTargets], settin
 def distill_samples(
     teacher: EmbeddingUNet,
     student: EmbeddingUNet,
-    train: list[Sample],
+    train: list[Sample] | list[list[Sample]],
     run_dir: str | Path,
     settings: TrainSettings,
     distill: DistillSettings,
     *,
     metadata: dict[str, Any],
+    weights: list[float] | None = None,
     validate: Callable[[EmbeddingUNet], dict[str, float]] | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     on_status: Callable[[str], None] = lambda message: None,
@@ -173,6 +200,7 @@ def distill_samples(
 ) -> dict[str, Any]:
     """Distil ``student`` from a frozen ``teacher`` on in-memory samples (labels: see :func:`graph_labels`).
 
+    ``train`` is one list of samples or one list per source, sampled by ``weights`` (default equal).
     ``targets_file`` caches the teacher's outputs on disk so that runs on the same teacher and images
     (a benchmark's rows) compute them once; the caller keeps one file per teacher and data folder.
     """
@@ -186,11 +214,14 @@ def distill_samples(
         generator=torch.Generator().manual_seed(settings.seed),
         share=distributed.gather_items if distributed.active() else None,
     )
-    names = [s.name for s in train]
+    sources = [[fit_crop(s, settings.augment.crop) for s in source]
+               for source in (train if train and isinstance(train[0], list) else [train])]
+    flat = [s for source in sources for s in source]
+    names = [s.name if s.scale == 1.0 else f"{s.name}@{s.scale:.6g}" for s in flat]  # a rescaled image has other outputs
     targets = load_teacher_targets(targets_file, names, objective.needs_features) if targets_file else None
     if targets is None:
-        on_status(f"computing teacher outputs for {len(train)} training images (once)")
-        targets = distributed.split_work(lambda part: compute_teacher_targets(teacher, part, objective.needs_features), train)
+        on_status(f"computing teacher outputs for {len(flat)} training images (once)")
+        targets = distributed.split_work(lambda part: compute_teacher_targets(teacher, part, objective.needs_features), flat)
         if targets_file and distributed.is_main():
             save_teacher_targets(targets, names, targets_file)
     extra_modules = []
@@ -211,47 +242,85 @@ def distill_samples(
         return loss + kd, {**parts, **{f"kd_{k}": v for k, v in kd_parts.items()}}
 
     return run_training(
-        student, distill_batches(train, targets, settings), Path(run_dir), settings,
+        student, distill_batches(sources, targets, settings, weights), Path(run_dir), settings,
         step_loss=step_loss, metadata=metadata, extra_modules=extra_modules, validate=validate,
         on_progress=on_progress, should_stop=should_stop, stateful=[objective],
     )
 
 
+def unlabelled_samples(decoded: list[list[Sample]], method: str) -> list[list[Sample]]:
+    """Decoded unlabelled samples as training samples: the teacher's instances as labels (method ``pseudo``), else as
+    pseudo-instances for the graph terms on pixels the segmentation loss ignores."""
+    if method == PSEUDO:
+        return decoded
+    return [[Sample(s.name, s.image, with_pseudo_labels(np.full_like(s.labels, -1), s.labels), s.scale) for s in source]
+            for source in decoded]
+
+
 def distill_student(
     teacher_checkpoint: str | Path,
-    data_dir: str | Path,
+    data: str | Path | Sequence[Source],
     run_dir: str | Path,
     student_architecture: str,
     settings: TrainSettings,
     distill: DistillSettings,
     *,
+    unlabelled: Sequence[UnlabelledSource] = (),
     n_tune: int = 10,
     command: str = "",
-    validate_factory: Callable[[list], Callable[[EmbeddingUNet], dict[str, float]]] | None = None,
+    validate_factory: Callable[[Any], Callable[[EmbeddingUNet], dict[str, float]]] | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     on_status: Callable[[str], None] = lambda message: None,
     should_stop: Callable[[], bool] = lambda: False,
     targets_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Distil ``student_architecture`` from a teacher checkpoint on ``data_dir`` (tune images held out).
+    """Distil ``student_architecture`` from a teacher checkpoint on labelled data and optional unlabelled images.
 
-    ``targets_dir`` keeps the teacher's outputs on disk between runs (one file per teacher, redone for other images).
+    ``data`` is one folder, used as it is (``n_tune`` images held out; ``validate_factory`` gets the
+    tune samples as a list), or several :class:`~napari_graphkd.data.Source` s loaded as ``graphkd
+    train`` loads them, rescaled to the teacher's training diameter (``validate_factory`` gets the
+    tune samples per source). ``unlabelled`` images carry the teacher's decoded instances
+    (:func:`unlabelled_samples`). Every labelled source and unlabelled source is one source of the
+    balanced sampling. ``targets_dir`` keeps the teacher's outputs and decoded instances on disk
+    between runs (one file each per teacher, redone for other images).
     """
     teacher, teacher_meta = load_checkpoint(teacher_checkpoint)
-    train, tune = load_train_tune(data_dir, n_tune)
-    tune_names = [s.name for s in tune]
+    train_diameter = teacher_meta.get("train_diameter", TRAIN_DIAMETER)
+    if isinstance(data, (str, Path)):
+        train, tune = load_train_tune(data, n_tune)
+        sources, labelled = [parse_source(str(data), n_tune)], [train]
+        training_data = {"folder": str(data), "train_images": len(train), "tune_images": [s.name for s in tune]}
+    else:
+        from .segmentation import load_sources, sources_metadata
+
+        sources = list(data)
+        labelled, tune = load_sources(sources, train_diameter)
+        training_data = sources_metadata(sources, labelled)
+    if distill.method == PSEUDO and not unlabelled:
+        raise ValueError(f"method {PSEUDO} trains on the teacher's labels of unlabelled images: give some")
+    digest = hashlib.sha256(Path(teacher_checkpoint).read_bytes()).hexdigest()[:16]
+    decoded = []
+    if unlabelled:
+        on_status(f"the teacher's instances on {len(unlabelled)} unlabelled source(s) (decoded once, cached with targets_dir)")
+        decoded = decode_unlabelled(ModelSegmenter(teacher_checkpoint), list(unlabelled),
+                                    None if targets_dir is None else Path(targets_dir) / f"pseudo-{digest}.safetensors")
+        training_data["unlabelled"] = [
+            {"name": u.name, "folder": str(u.folder), "images": len(d), "weight": u.weight,
+             "used_as": "labels" if distill.method == PSEUDO else "graph nodes"} for u, d in zip(unlabelled, decoded)]
     torch.manual_seed(settings.seed)
     student = build_model(student_architecture)
-    digest = hashlib.sha256(Path(teacher_checkpoint).read_bytes()).hexdigest()[:16]
     metadata = {
         "name": f"{student_architecture} distilled ({distill.method})",
         "teacher": {"path": str(teacher_checkpoint), "sha256_16": digest, "name": teacher_meta.get("name")},
         "distillation": distill.to_dict(),
-        "training_data": {"folder": str(data_dir), "train_images": len(train), "tune_images": tune_names},
+        "training_data": training_data,
         "command": command,
-        "train_diameter": teacher_meta.get("train_diameter", TRAIN_DIAMETER),
+        "train_diameter": train_diameter,
     }
-    validate = validate_factory(tune) if (validate_factory is not None and tune) else None
-    return distill_samples(teacher, student, train, run_dir, settings, distill, metadata=metadata, validate=validate,
+    has_tune = any(tune.values()) if isinstance(tune, dict) else bool(tune)
+    validate = validate_factory(tune) if (validate_factory is not None and has_tune) else None
+    weights = [s.weight for s in sources] + [u.weight for u in unlabelled]
+    return distill_samples(teacher, student, labelled + unlabelled_samples(decoded, distill.method), run_dir, settings,
+                           distill, metadata=metadata, weights=weights, validate=validate,
                            on_progress=on_progress, on_status=on_status, should_stop=should_stop,
                            targets_file=None if targets_dir is None else Path(targets_dir) / f"teacher-{digest}.safetensors")

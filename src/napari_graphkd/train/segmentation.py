@@ -62,6 +62,33 @@ def tune_sets(metadata: dict[str, Any], data_root: str | Path | None = None) -> 
     return sets
 
 
+def sources_metadata(sources: Sequence[Source], train: list[list[Sample]]) -> dict[str, Any]:
+    """Checkpoint record of the training sources (read back by :func:`tune_sets`)."""
+    return {
+        "folder": str(sources[0].folder) if len(sources) == 1 else None,
+        "train_images": sum(len(t) for t in train),
+        "tune_images": [name for s in sources for name in s.tune],
+        "sources": [
+            {"name": s.name, "folder": str(s.folder), "tune_folder": str(s.tune_folder or s.folder),
+             "train_images": len(t), "tune_images": list(s.tune), "weight": s.weight}
+            for s, t in zip(sources, train)
+        ],
+    }
+
+
+def load_sources(sources: Sequence[Source], diameter: float = TRAIN_DIAMETER) -> tuple[list[list[Sample]], TuneSets]:
+    """Train samples per source and tune samples by source name, rescaled to nuclei of ``diameter`` px; one clear error
+    for a shared name or a source left without training images."""
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two sources share a name: {', '.join(names)}")
+    loaded = [load_source(s, diameter) for s in sources]
+    empty = [s.name for s, (train, _) in zip(sources, loaded) if not train]
+    if empty:
+        raise ValueError(f"source {empty[0]}: no training images left")
+    return [pair[0] for pair in loaded], {s.name: pair[1] for s, pair in zip(sources, loaded)}
+
+
 def train_segmentation(
     data: str | Path | Sequence[Source],
     run_dir: str | Path,
@@ -81,29 +108,12 @@ def train_segmentation(
     source by the sources' weights, then one of its images.
     """
     sources = [parse_source(str(data), n_tune)] if isinstance(data, (str, Path)) else list(data)
-    names = [s.name for s in sources]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two sources share a name: {', '.join(names)}")
-    loaded = [load_source(s) for s in sources]
-    empty = [s.name for s, (train, _) in zip(sources, loaded) if not train]
-    if empty:
-        raise ValueError(f"source {empty[0]}: no training images left")
-    train = [pair[0] for pair in loaded]
-    tune = {s.name: pair[1] for s, pair in zip(sources, loaded)}
+    train, tune = load_sources(sources)
     torch.manual_seed(settings.seed)
     model = load_checkpoint(init_checkpoint)[0] if init_checkpoint is not None else build_model(architecture)
     metadata = {
         "name": architecture,
-        "training_data": {
-            "folder": str(sources[0].folder) if len(sources) == 1 else None,
-            "train_images": sum(len(t) for t in train),
-            "tune_images": [name for s in sources for name in s.tune],
-            "sources": [
-                {"name": s.name, "folder": str(s.folder), "tune_folder": str(s.tune_folder or s.folder),
-                 "train_images": len(t), "tune_images": list(s.tune), "weight": s.weight}
-                for s, t in zip(sources, train)
-            ],
-        },
+        "training_data": sources_metadata(sources, train),
         "command": command,
         "train_diameter": TRAIN_DIAMETER,
         "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,
