@@ -7,9 +7,9 @@ from scipy import ndimage as ndi
 from napari_graphkd.affinity import offsets_for, offsets_from_metadata
 from napari_graphkd.data import AugmentConfig, Sample
 from napari_graphkd.distill import method_weights
-from napari_graphkd.io.checkpoint import load_checkpoint, read_metadata
+from napari_graphkd.io.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from napari_graphkd.models import UNetConfig, build_model
-from napari_graphkd.train.distill import DistillSettings, compute_teacher_targets, distill_batches, distill_samples
+from napari_graphkd.train.distill import DistillSettings, compute_teacher_targets, distill_batches, distill_volume_student
 from napari_graphkd.train.loop import TrainSettings
 from napari_graphkd.train.segmentation import train_volumes
 from napari_graphkd.train.volumes import augment_volume, volume_offsets
@@ -91,20 +91,20 @@ def test_cached_teacher_volume_crops_match_the_teacher_on_the_crop():
     assert [tuple(f.shape[2:]) for f in batch.teacher.features] == [(14, 16, 16), (14, 32, 32)]
 
 
-def test_a_grd_distillation_runs_on_volumes(tmp_path):
+def test_a_grd_distillation_runs_on_volumes_with_the_teachers_offsets(tmp_path):
     torch.manual_seed(0)
-    teacher = build_model(UNetConfig(widths=(8, 16), ndim=3)).eval()
-    student = build_model(UNetConfig(widths=(4, 8), ndim=3, stem_stride=2, block="separable"))
     offsets = offsets_for(3, 2.0)
-    settings = TrainSettings(steps=4, batch_size=2, warmup=1, save_every=4, snapshot_every=1000, bf16=False,
-                             augment=NO_JITTER)
+    teacher = save_checkpoint(tmp_path / "teacher.safetensors", build_model(UNetConfig(widths=(8, 16), ndim=3)),
+                              {"name": "tiny 3D teacher", "offsets": [list(o) for o in offsets], "voxel_size": [2.0, 1.0, 1.0]})
+    settings = TrainSettings(steps=4, batch_size=2, warmup=1, save_every=4, snapshot_every=1000, augment=NO_JITTER)
     distill = DistillSettings(method="grd", weights=method_weights("grd"), memory_size=4, memory_samples=2)
     seen = []
     volumes = [blob_volume(seed) for seed in range(3, 7)]  # the memory bank never serves a batch its own volume
-    progress = distill_samples(teacher, student, volumes, tmp_path / "run", settings, distill,
-                               metadata={"name": "tiny 3D student"}, on_progress=seen.append, offsets=offsets,
-                               crop=(8, 16, 16))
+    progress = distill_volume_student(teacher, volumes, tmp_path / "run", "unet3d-student", settings, distill,
+                                      crop=(8, 16, 16), on_progress=seen.append)
     assert progress["step"] == 4 and all(np.isfinite(r["loss"]) for r in seen)
     kd_parts = {k for record in seen for k in record if k.startswith("kd_")}
     assert {"kd_affinity", "kd_node", "kd_edge", "kd_inter_affinity", "kd_inter_edge"} <= kd_parts
-    assert read_metadata(tmp_path / "run" / "last.safetensors")["offsets"] == [list(o) for o in offsets]
+    meta = read_metadata(tmp_path / "run" / "last.safetensors")
+    assert offsets_from_metadata(meta) == offsets and meta["voxel_size"] == [2.0, 1.0, 1.0]
+    assert meta["teacher"]["name"] == "tiny 3D teacher" and meta["config"]["ndim"] == 3

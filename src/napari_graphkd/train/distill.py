@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 
 from ..data import Sample, Source, jitter_intensity, load_train_tune, parse_source, pick_samples
-from ..affinity import Offsets, embedding_affinities
+from ..affinity import Offsets, embedding_affinities, offsets_from_metadata
 from ..distill import DistillationObjective, DistillWeights, MemoryBank, NetOut, make_adapter, method_weights
 from ..inference import TRAIN_DIAMETER
 from ..io.checkpoint import atomic_save_tensors, load_checkpoint
@@ -290,6 +290,57 @@ def unlabelled_samples(decoded: list[list[Sample]], method: str) -> list[list[Sa
             for source in decoded]
 
 
+def teacher_digest(teacher_checkpoint: str | Path) -> str:
+    """First 16 hex digits of the teacher file's SHA-256: names its cached outputs and is recorded in the student."""
+    return hashlib.sha256(Path(teacher_checkpoint).read_bytes()).hexdigest()[:16]
+
+
+def student_provenance(teacher_checkpoint: str | Path, teacher_meta: dict[str, Any], student_architecture: str,
+                       distill: DistillSettings) -> dict[str, Any]:
+    """Metadata every distilled student records: its name, its teacher (path, digest, name) and the settings."""
+    return {
+        "name": f"{student_architecture} distilled ({distill.method})",
+        "teacher": {"path": str(teacher_checkpoint), "sha256_16": teacher_digest(teacher_checkpoint),
+                    "name": teacher_meta.get("name")},
+        "distillation": distill.to_dict(),
+    }
+
+
+def distill_volume_student(
+    teacher_checkpoint: str | Path,
+    train: list[Sample],
+    run_dir: str | Path,
+    student_architecture: str,
+    settings: TrainSettings,
+    distill: DistillSettings,
+    *,
+    crop: Crop = (16, 64, 64),
+    command: str = "",
+    validate: Callable[[EmbeddingUNet], dict[str, float]] | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    on_status: Callable[[str], None] = lambda message: None,
+    should_stop: Callable[[], bool] = lambda: False,
+    targets_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Distil a 3D ``student_architecture`` from a 3D teacher checkpoint on volume samples (Z,Y,X).
+
+    The student uses the teacher's offsets and records its voxel size; ``targets_dir`` as in :func:`distill_student`.
+    """
+    teacher, teacher_meta = load_checkpoint(teacher_checkpoint)
+    torch.manual_seed(settings.seed)
+    student = build_model(student_architecture)
+    metadata = {
+        **student_provenance(teacher_checkpoint, teacher_meta, student_architecture, distill),
+        "training_data": {"volumes": [s.name for s in train], "crop": list(crop)},
+        "command": command,
+        **({"voxel_size": teacher_meta["voxel_size"]} if "voxel_size" in teacher_meta else {}),
+    }
+    targets_file = None if targets_dir is None else Path(targets_dir) / f"teacher-{teacher_digest(teacher_checkpoint)}.safetensors"
+    return distill_samples(teacher, student, train, run_dir, settings, distill, metadata=metadata, validate=validate,
+                           on_progress=on_progress, on_status=on_status, should_stop=should_stop, targets_file=targets_file,
+                           offsets=offsets_from_metadata(teacher_meta), crop=crop)
+
+
 def distill_student(
     teacher_checkpoint: str | Path,
     data: str | Path | Sequence[Source],
@@ -331,7 +382,7 @@ def distill_student(
         training_data = sources_metadata(sources, labelled)
     if distill.method == PSEUDO and not unlabelled:
         raise ValueError(f"method {PSEUDO} trains on the teacher's labels of unlabelled images: give some")
-    digest = hashlib.sha256(Path(teacher_checkpoint).read_bytes()).hexdigest()[:16]
+    digest = teacher_digest(teacher_checkpoint)
     decoded = []
     if unlabelled:
         on_status(f"the teacher's instances on {len(unlabelled)} unlabelled source(s) (decoded once, cached with targets_dir)")
@@ -343,9 +394,7 @@ def distill_student(
     torch.manual_seed(settings.seed)
     student = build_model(student_architecture)
     metadata = {
-        "name": f"{student_architecture} distilled ({distill.method})",
-        "teacher": {"path": str(teacher_checkpoint), "sha256_16": digest, "name": teacher_meta.get("name")},
-        "distillation": distill.to_dict(),
+        **student_provenance(teacher_checkpoint, teacher_meta, student_architecture, distill),
         "training_data": training_data,
         "command": command,
         "train_diameter": train_diameter,
