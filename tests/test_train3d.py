@@ -12,7 +12,7 @@ from napari_graphkd.models import UNetConfig, build_model
 from napari_graphkd.train.distill import DistillSettings, compute_teacher_targets, distill_batches, distill_volume_student
 from napari_graphkd.train.loop import TrainSettings
 from napari_graphkd.train.segmentation import train_volumes
-from napari_graphkd.train.volumes import augment_volume, volume_offsets
+from napari_graphkd.train.volumes import augment_volume, volume_offsets, volume_sample
 
 NO_JITTER = AugmentConfig(noise_std=0, renormalize_prob=0, gamma_range=(1, 1), gain_range=(1, 1), offset_range=(0, 0),
                           blur_prob=0)
@@ -49,6 +49,15 @@ def test_volume_augmentation_turns_y_x_only():
         assert ((lab // 100) == img).all()  # every voxel stays in its slice
         seen_turns.add(tuple(np.sign(np.diff(lab[0, 0])).tolist()[:1] + np.sign(np.diff(lab[0, :, 0])).tolist()[:1]))
     assert len(seen_turns) > 2  # quarter turns and mirrors happen in y-x
+
+
+def test_stored_volumes_become_normalised_samples():
+    raw = (np.arange(4 * 8 * 8, dtype=np.uint16).reshape(4, 8, 8) * 10)
+    sample = volume_sample("v", raw, np.ones((4, 8, 8), dtype=np.uint16))
+    assert sample.image.dtype == np.float32 and sample.labels.dtype == np.int32
+    assert np.percentile(sample.image, 50) == pytest.approx(0.5, abs=0.05)  # percentiles map to 0..1
+    with pytest.raises(ValueError, match="Z,Y,X"):
+        volume_sample("v", raw[0], raw[0])
 
 
 def test_voxel_size_sets_the_z_offsets():

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..affinity import offsets_for
 from ..data import AugmentConfig, Sample, jitter_intensity
+from ..preprocess import normalize
 
 Crop = tuple[int, int, int]
 
@@ -22,6 +23,13 @@ def volume_offsets(voxel_size: Sequence[float] | None) -> tuple[tuple[int, int, 
     if len(voxel_size) != 3 or min(voxel_size) <= 0:
         raise ValueError(f"voxel_size must be three positive numbers (z, y, x), got {voxel_size}")
     return offsets_for(3, float(voxel_size[0]) / float(voxel_size[1]))
+
+
+def volume_sample(name: str, image: np.ndarray, labels: np.ndarray) -> Sample:
+    """A training sample of a (Z,Y,X) volume as stored: the whole volume normalised as images are (percentiles), int32 labels."""
+    if image.ndim != 3 or image.shape != labels.shape:
+        raise ValueError(f"{name}: expected same-shaped (Z,Y,X) image and labels, got {image.shape} and {labels.shape}")
+    return Sample(name, normalize(image.astype(np.float32)), labels.astype(np.int32))
 
 
 def random_volume_crop(image: np.ndarray, labels: np.ndarray, size: Crop, rng: np.random.Generator):
