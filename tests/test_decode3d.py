@@ -55,13 +55,13 @@ def touching_boxes(seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("anisotropy", [1.0, 3.0])
-@pytest.mark.parametrize("stride", [1, 2, 4])
-def test_synthetic_volume_round_trip(anisotropy, stride):
+@pytest.mark.parametrize("stride, randomized", [(1, False), (2, False), (4, False), (4, True)])
+def test_synthetic_volume_round_trip(anisotropy, stride, randomized):
     truth = connected_instances(touching_boxes())
     offsets = offsets_for(3, anisotropy)
     target, _ = label_affinities(truth, offsets)
-    decoded = decode(target, (truth > 0).astype(np.float32), DecodeSettings(min_size=1, merge_distance=0,
-                                                                             long_range_stride=stride), offsets)
+    settings = DecodeSettings(min_size=1, merge_distance=0, long_range_stride=stride, randomized_strides=randomized)
+    decoded = decode(target, (truth > 0).astype(np.float32), settings, offsets)
     assert decoded.shape == truth.shape and decoded.dtype == np.int32
     assert_same_instances(decoded, truth)
 
