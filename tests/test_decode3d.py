@@ -1,4 +1,6 @@
 """Decoding volumes: the 3D ground-truth round trip (real and synthetic), strided long-range edges, 3D clean-up rules."""
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import tifffile
@@ -39,6 +41,26 @@ def assert_same_instances(decoded: np.ndarray, truth: np.ndarray) -> None:
     holes = enclosed_background(truth)
     assert relabel_equal(np.where(holes, 0, decoded), truth)
     assert (decoded[holes] > 0).all()  # enclosed pockets are filled by a neighbouring object
+
+
+@dataclass
+class VolumeOutput:
+    """What the decoding policy reads of a network output (a stride-1 network at the volume's size)."""
+
+    embedding: np.ndarray
+    foreground: np.ndarray
+    image_shape: tuple[int, ...]
+    stride: int = 1
+
+    @property
+    def full_shape(self) -> tuple[int, ...]:
+        return self.image_shape
+
+    def full_embedding(self) -> np.ndarray:
+        return self.embedding
+
+    def full_foreground(self) -> np.ndarray:
+        return self.foreground
 
 
 def touching_boxes(seed: int = 0) -> np.ndarray:
@@ -123,3 +145,22 @@ def test_3d_neighbourhood_helpers_equal_scipy():
     hollow[1:4, 1:4, 1:4] = 7
     hollow[2, 2, 2] = 0
     assert (fill_holes(hollow)[1:4, 1:4, 1:4] == 7).all() and fill_holes(hollow)[0].max() == 0
+
+
+@pytest.mark.parametrize("resolution", ["full", "half"])
+def test_decoding_a_volume_network_output_on_the_full_and_a_coarser_grid(resolution):
+    """decode_output with a volume: one-hot embeddings of touching boxes come back (half grid: up to outline voxels)."""
+    from napari_graphkd.decode.policy import decode_output
+    from napari_graphkd.metrics import evaluate
+
+    truth = np.zeros((12, 24, 24), dtype=np.int64)
+    truth[1:11, 2:12, 2:22], truth[1:11, 12:22, 2:12], truth[1:11, 12:22, 12:22] = 1, 2, 3
+    embedding = np.eye(4, dtype=np.float32)[truth].transpose(3, 0, 1, 2)
+    output = VolumeOutput(embedding, (truth > 0).astype(np.float32), truth.shape)
+    settings = DecodeSettings(min_size=50, resolution=resolution)
+    labels, _ = decode_output(output, settings, offsets_for(3))
+    assert labels.shape == truth.shape
+    if resolution == "full":
+        assert relabel_equal(labels, truth)
+    else:
+        assert evaluate(truth, labels)["f1@0.5"] == 1.0

@@ -63,7 +63,7 @@ def decode_output(output: NetworkOutput, settings: DecodeSettings = DecodeSettin
     factor = COARSE_FACTORS[settings.resolution]
     if factor > 1:
         emb, fg = coarse_grid(output, factor)
-        coarse_settings = replace(settings, min_size=max(1, settings.min_size // factor**2),
+        coarse_settings = replace(settings, min_size=max(1, settings.min_size // factor ** (emb.ndim - 1)),  # px or voxels
                                   merge_distance=max(1, settings.merge_distance // factor))
         coarse = decode(decoding_affinities(emb, settings, offsets), fg, coarse_settings, offsets)
         labels = refine_upsampled(coarse, output.full_foreground(), output.full_shape, settings, factor)
