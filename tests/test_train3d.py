@@ -81,9 +81,13 @@ def test_a_tiny_3d_teacher_learns_on_a_synthetic_volume(tmp_path):
     assert offsets_from_metadata(meta) == offsets_for(3, 2.0)
 
 
-def test_volumes_need_a_3d_network(tmp_path):
+def test_volumes_need_a_3d_network_and_record_an_isotropic_voxel_size_by_default(tmp_path):
     with pytest.raises(ValueError, match="2D network"):
         train_volumes([blob_volume(0)], tmp_path / "run", "halfres-student", TrainSettings(steps=1))
+    train_volumes([blob_volume(0)], tmp_path / "iso", UNetConfig(widths=(2, 4), ndim=3), TrainSettings(steps=1, batch_size=1),
+                  crop=(4, 8, 8))
+    meta = read_metadata(tmp_path / "iso" / "last.safetensors")
+    assert meta["voxel_size"] == [1.0, 1.0, 1.0] and offsets_from_metadata(meta) == offsets_for(3)
 
 
 def test_cached_teacher_volume_crops_match_the_teacher_on_the_crop():

@@ -165,8 +165,8 @@ def train_volumes(
 ) -> dict[str, Any]:
     """Train a 3D network on normalised volume samples (Z,Y,X) with random ``crop`` (z, y, x) windows.
 
-    ``voxel_size`` (z, y, x) sets the z offsets (:func:`.volumes.volume_offsets`); the checkpoints record
-    both. Augmentation: y-x quarter turns and mirror, intensity jitter (``settings.augment``); no rescaling.
+    ``voxel_size`` (z, y, x; None = isotropic) sets the z offsets (:func:`.volumes.volume_offsets`); the
+    checkpoints record both. Augmentation: y-x quarter turns and mirror, intensity jitter (``settings.augment``); no rescaling.
     ``validate`` returns scores with a ``score`` key (best.safetensors follows it).
     """
     samples = list(train)
@@ -181,7 +181,7 @@ def train_volumes(
         "offsets": [list(o) for o in offsets],
         "command": command,
         "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,
-        **({"voxel_size": [float(v) for v in voxel_size]} if voxel_size is not None else {}),
+        "voxel_size": [float(v) for v in (voxel_size or (1.0, 1.0, 1.0))],  # isotropic unless told otherwise
         **(metadata or {}),
     }
 
