@@ -49,6 +49,8 @@ def test_volume_augmentation_turns_y_x_only():
         assert ((lab // 100) == img).all()  # every voxel stays in its slice
         seen_turns.add(tuple(np.sign(np.diff(lab[0, 0])).tolist()[:1] + np.sign(np.diff(lab[0, :, 0])).tolist()[:1]))
     assert len(seen_turns) > 2  # quarter turns and mirrors happen in y-x
+    img, lab = augment_volume(z_index, labels + 1, NO_JITTER, (8, 12, 12), np.random.default_rng(0))  # larger than the volume
+    assert img.shape == (8, 12, 12) and np.count_nonzero(lab) == 600 and (lab[6:] == 0).all()  # padding is background
 
 
 def test_stored_volumes_become_normalised_samples():
