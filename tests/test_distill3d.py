@@ -1,5 +1,4 @@
 """Distillation on volumes (B,C,D,H,W): hand-computed 3D values and the identity with 2D on one-slice volumes."""
-import numpy as np
 import pytest
 import torch
 
