@@ -43,7 +43,25 @@ def test_centroids_empty_and_bad_dims():
     ids, cents = instance_centroids(np.zeros((3, 3), int))
     assert ids.shape == (0,) and cents.shape == (0, 2)
     with pytest.raises(ValueError):
-        instance_centroids(np.zeros((2, 3, 3), int))
+        instance_centroids(np.zeros((2, 2, 3, 3), int))
+
+
+def test_volume_graphs_have_three_coordinates_by_hand():
+    volume = np.zeros((3, 4, 6), dtype=np.int64)
+    volume[0] = LABELS  # ids 2, 5, 7 in slice 0
+    volume[1:, 0, 0] = 2  # id 2 grows down in z: 4 voxels at z=0, 2 more at z=1, 2
+    volume[2, 3, 3] = 9
+    ids, cents = instance_centroids(volume)
+    assert ids.tolist() == [2, 5, 7, 9]
+    np.testing.assert_allclose(cents, [[0.5, 1 / 3, 1 / 3], [0, 1, 4], [0, 3, 5], [2, 3, 3]])
+    emb = np.zeros((2, 3, 4, 6), dtype=np.float32)
+    emb[0] = 1.0
+    emb[1][volume == 9] = 1.0  # node 9 at 45 degrees from the others
+    graph = instance_graph(emb, volume, k=1)
+    assert graph.centroids.shape == (4, 3) and graph.edges.shape[1] == 2
+    np.testing.assert_allclose(graph.similarity, [np.sqrt(0.5) if 3 in e else 1.0 for e in graph.edges.tolist()])
+    assert edge_vectors(graph.centroids, graph.edges).shape == (len(graph.edges), 2, 3)
+    assert at_size(emb, (6, 8, 12)).shape == (2, 6, 8, 12)
 
 
 def test_instance_embeddings_are_means():

@@ -49,6 +49,12 @@ def resolve_offsets(offsets: Offsets | None, ndim: int) -> tuple[Offset, ...]:
     return resolved
 
 
+def offsets_from_metadata(meta: dict) -> tuple[Offset, ...]:
+    """The offsets a checkpoint was trained with (its ``offsets``), else the defaults of its config's dimensionality."""
+    ndim = int(meta.get("config", {}).get("ndim", 2))
+    return resolve_offsets(meta.get("offsets"), ndim)
+
+
 def is_short(offset: Sequence[int]) -> bool:
     """Nearest-neighbour offset (longest component 1): attractive in the decoder, never strided."""
     return max(abs(o) for o in offset) == 1

@@ -2,7 +2,8 @@
 
 An instance graph has one node per object (its centroid and its mean pixel embedding) and edges
 between near neighbours, each carrying the cosine similarity of the two node embeddings. Nodes
-are always ordered by increasing label id, so arrays from different functions line up.
+are always ordered by increasing label id, so arrays from different functions line up. Label
+images (H,W) and label volumes (D,H,W) alike: centroids have 2 or 3 coordinates.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class InstanceGraph:
     """Nodes (ids, centroids, mean embeddings) and neighbour edges with their cosine similarity."""
 
     ids: np.ndarray  # (N,) label ids, increasing
-    centroids: np.ndarray  # (N,2) y, x
+    centroids: np.ndarray  # (N,2) y, x or (N,3) z, y, x
     embeddings: np.ndarray  # (N,C) mean embedding per instance
     edges: np.ndarray  # (E,2) node index pairs i < j
     similarity: np.ndarray  # (E,) cosine similarity of the two node embeddings
@@ -29,8 +30,8 @@ class InstanceGraph:
 def _instance_index(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Increasing nonzero ids and, per pixel (flattened), the node index of its label (-1 = background)."""
     labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"expected a 2D label image, got shape {labels.shape}")
+    if labels.ndim not in (2, 3):
+        raise ValueError(f"expected a 2D label image or a 3D label volume, got shape {labels.shape}")
     ids, inverse = np.unique(labels.ravel(), return_inverse=True)
     if len(ids) and ids[0] == 0:
         return ids[1:], inverse.ravel() - 1
@@ -38,18 +39,17 @@ def _instance_index(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def instance_centroids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Label ids (N,) and centroids (N,2) in (y, x) pixel coordinates."""
+    """Label ids (N,) and centroids (N,ndim) in pixel coordinates: (y, x), or (z, y, x) for volumes."""
     ids, index = _instance_index(labels)
     fg = index >= 0
     counts = np.bincount(index[fg], minlength=len(ids))
-    yy, xx = np.indices(labels.shape).reshape(2, -1)
-    cy = np.bincount(index[fg], weights=yy[fg], minlength=len(ids))
-    cx = np.bincount(index[fg], weights=xx[fg], minlength=len(ids))
-    return ids, np.stack([cy, cx], axis=1) / np.maximum(counts, 1)[:, None]
+    grids = np.indices(np.shape(labels)).reshape(np.ndim(labels), -1)
+    sums = [np.bincount(index[fg], weights=g[fg], minlength=len(ids)) for g in grids]
+    return ids, np.stack(sums, axis=1) / np.maximum(counts, 1)[:, None]
 
 
 def instance_embeddings(embedding: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Mean embedding (N,C) of each instance of ``labels`` (embedding (C,H,W) of the same size)."""
+    """Mean embedding (N,C) of each instance of ``labels`` (embedding (C,*spatial) of the same size)."""
     if embedding.shape[1:] != np.shape(labels):
         raise ValueError(f"embedding {embedding.shape} and labels {np.shape(labels)} differ in size")
     ids, index = _instance_index(labels)
@@ -80,10 +80,11 @@ def edge_cosines(vectors: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def neighbour_edges(centroids: np.ndarray, k: int = 4, max_distance: float | None = None) -> np.ndarray:
-    """Undirected edges (E,2), i < j, from each point to its ``k`` nearest others within ``max_distance``."""
+    """Undirected edges (E,2), i < j, from each point (2 or 3 coordinates) to its ``k`` nearest others within ``max_distance``."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    centroids = np.asarray(centroids, dtype=np.float64).reshape(-1, 2)
+    centroids = np.asarray(centroids, dtype=np.float64)
+    centroids = centroids.reshape(-1, centroids.shape[-1] if centroids.ndim == 2 else 2)
     n = len(centroids)
     if n < 2:
         return np.zeros((0, 2), dtype=np.int64)
@@ -97,7 +98,7 @@ def neighbour_edges(centroids: np.ndarray, k: int = 4, max_distance: float | Non
 
 
 def instance_graph(embedding: np.ndarray, labels: np.ndarray, k: int = 4, max_distance: float | None = None) -> InstanceGraph:
-    """Instance graph of ``labels`` with node embeddings averaged from ``embedding`` (C,H,W)."""
+    """Instance graph of ``labels`` with node embeddings averaged from ``embedding`` (C,*spatial)."""
     ids, centroids = instance_centroids(labels)
     embeddings = instance_embeddings(embedding, labels)
     edges = neighbour_edges(centroids, k, max_distance)
@@ -112,7 +113,7 @@ def graph_disagreement(graph_t: InstanceGraph, emb_s: np.ndarray) -> np.ndarray:
 
 
 def affinity_disagreement(aff_t: np.ndarray, aff_s: np.ndarray) -> np.ndarray:
-    """(H,W) largest |A_T - A_S| over the offsets of two (K,H,W) affinity maps."""
+    """(*spatial) largest |A_T - A_S| over the offsets of two (K,*spatial) affinity maps."""
     if aff_t.shape != aff_s.shape:
         raise ValueError(f"affinity maps differ in shape: {aff_t.shape} vs {aff_s.shape}")
     return np.abs(aff_t - aff_s).max(axis=0)
@@ -124,11 +125,11 @@ def edge_vectors(centroids: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.stack([start, centroids[edges[:, 1]] - start], axis=1)
 
 
-def at_size(maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(C,h,w) maps resampled bilinearly to (C,*shape); returned unchanged when already that size."""
+def at_size(maps: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """(C,*spatial) maps resampled (bi/tri)linearly to (C,*shape); returned unchanged when already that size."""
     if maps.shape[1:] == tuple(shape):
         return maps
-    zoom = (1.0, shape[0] / maps.shape[1], shape[1] / maps.shape[2])
+    zoom = (1.0, *(n / m for n, m in zip(shape, maps.shape[1:])))
     return ndi.zoom(maps, zoom, order=1, grid_mode=True, mode="nearest").astype(maps.dtype, copy=False)
 
 

@@ -10,6 +10,10 @@ subsampled on a stride grid: faster, and less split-prone on noisy embeddings.
 With a foreground head the greedy rule runs on a graph of fragments near the foreground
 (:func:`fragment_mutex_watershed`, via ``mwatershed.cluster``); without one, on the whole pixel grid
 (:func:`mutex_watershed`, via ``mwatershed.agglom``).
+
+Everything works on images (K,H,W) and volumes (K,D,H,W) alike; the offsets (default: those of
+:func:`affinity.offsets_for` for the array's dimensionality) say which is which. Neighbourhoods are
+the face neighbours (4 in 2D, 6 in 3D) and the 3x3 (3x3x3) boxes.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import mwatershed
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..affinity import OFFSETS, _slices
+from ..affinity import Offsets, _slices, is_short, resolve_offsets
 
 SUPPORT_THRESHOLD = 0.1  # foreground probability above which a pixel may belong to an object ...
 SUPPORT_MARGIN = 2  # ... and grid pixels around such pixels that still enter the graph (benchmarks/results/decoder_support.md)
@@ -44,41 +48,49 @@ class DecodeSettings:
         return asdict(self)
 
 
-def signed_weights(affinities: np.ndarray, offsets=OFFSETS, attractive_bias: float = 0.3) -> np.ndarray:
-    """Affinities (K,H,W) in [-1,1] to mutex-watershed edge weights (float64)."""
+def _along(axis: int, ndim: int, index) -> tuple:
+    """Index tuple selecting ``index`` on ``axis`` and everything on the other axes."""
+    return tuple(index if a == axis else slice(None) for a in range(ndim))
+
+
+def signed_weights(affinities: np.ndarray, offsets: Offsets | None = None, attractive_bias: float = 0.3) -> np.ndarray:
+    """Affinities (K,*spatial) in [-1,1] to mutex-watershed edge weights (float64)."""
+    offsets = resolve_offsets(offsets, affinities.ndim - 1)
     weights = np.empty(affinities.shape, dtype=np.float64)
     for k, off in enumerate(offsets):
-        short = max(abs(o) for o in off) == 1
-        weights[k] = affinities[k] - (attractive_bias if short else 1.0)
+        weights[k] = affinities[k] - (attractive_bias if is_short(off) else 1.0)
     return weights
 
 
-def agglomerate(weights: np.ndarray, offsets=OFFSETS, stride: int = 4, randomized: bool = False) -> np.ndarray:
-    """Mutex watershed (H,W) uint64 of signed edge weights, long-range edges strided.
+def agglomerate(weights: np.ndarray, offsets: Offsets | None = None, stride: int = 4, randomized: bool = False) -> np.ndarray:
+    """Mutex watershed (*spatial) uint64 of signed edge weights, long-range edges strided in every axis.
 
     Offsets longer than the image are skipped (mwatershed cannot take them); a 0 weight is no edge.
     """
+    nd = weights.ndim - 1
+    offsets = resolve_offsets(offsets, nd)
     fits = [k for k, off in enumerate(offsets) if all(abs(o) < n for o, n in zip(off, weights.shape[1:]))]
     offsets = [list(offsets[k]) for k in fits]
-    strides = [[1, 1] if max(abs(o) for o in off) == 1 else [stride, stride] for off in offsets]
+    strides = [[1] * nd if is_short(off) else [stride] * nd for off in offsets]
     return mwatershed.agglom(np.ascontiguousarray(weights[fits]), offsets, strides=strides, randomized_strides=randomized)
 
 
 def mutex_watershed(
-    affinities: np.ndarray, offsets=OFFSETS, attractive_bias: float = 0.3, stride: int = 4, randomized: bool = False
+    affinities: np.ndarray, offsets: Offsets | None = None, attractive_bias: float = 0.3, stride: int = 4,
+    randomized: bool = False
 ) -> np.ndarray:
-    """Over-complete segmentation (H,W) uint64 of the whole image from affinities."""
+    """Over-complete segmentation (*spatial) uint64 of the whole image (or volume) from affinities."""
     return agglomerate(signed_weights(affinities, offsets, attractive_bias), offsets, stride, randomized)
 
 
 def dilate_cross(mask: np.ndarray, iterations: int) -> np.ndarray:
-    """Binary dilation by the 4-neighbour cross, repeated: ``ndi.binary_dilation``'s default, ~15x faster by array shifts."""
+    """Binary dilation by the face-neighbour cross, repeated: ``ndi.binary_dilation``'s default, ~15x faster by array shifts."""
+    nd = mask.ndim
     for _ in range(iterations):
         grown = mask.copy()
-        grown[1:] |= mask[:-1]
-        grown[:-1] |= mask[1:]
-        grown[:, 1:] |= mask[:, :-1]
-        grown[:, :-1] |= mask[:, 1:]
+        for a in range(nd):
+            grown[_along(a, nd, slice(1, None))] |= mask[_along(a, nd, slice(None, -1))]
+            grown[_along(a, nd, slice(None, -1))] |= mask[_along(a, nd, slice(1, None))]
         mask = grown
     return mask
 
@@ -88,45 +100,59 @@ def support_mask(foreground: np.ndarray) -> np.ndarray:
     return dilate_cross(foreground >= SUPPORT_THRESHOLD, SUPPORT_MARGIN)
 
 
+def nearest_channels(offsets: Offsets, ndim: int) -> list[int]:
+    """Per axis, the channel of the offset to the previous pixel along it (-1 on that axis, 0 elsewhere)."""
+    offsets = [tuple(o) for o in offsets]
+    units = [tuple(-1 if a == axis else 0 for a in range(ndim)) for axis in range(ndim)]
+    missing = [u for u in units if u not in offsets]
+    if missing:
+        raise ValueError(f"fragment decoding needs the nearest-neighbour offset {list(missing[0])}")
+    return [offsets.index(u) for u in units]
+
+
 def fragments(affinities: np.ndarray, foreground: np.ndarray, support: np.ndarray, attractive_bias: float,
-              foreground_threshold: float, attraction: float = FRAGMENT_ATTRACTION) -> tuple[np.ndarray, int]:
-    """Fragment ids (H,W) 1..n, 0 outside ``support``: support pixels joined where the nearest-neighbour
+              foreground_threshold: float, attraction: float = FRAGMENT_ATTRACTION,
+              offsets: Offsets | None = None) -> tuple[np.ndarray, int]:
+    """Fragment ids (*spatial) 1..n, 0 outside ``support``: support pixels joined where the nearest-neighbour
     weight exceeds ``attraction`` or both pixels are background (foreground below the threshold).
 
     Strong attraction is what the mutex watershed would merge first anyway, and background pixels
     are discarded by the background rule; pre-merging them leaves ~10x fewer nodes than pixels.
     Connectivity is found by one labelling of a doubled grid (pixels on even cells, edges between).
     """
-    h, w = support.shape
+    nd = support.ndim
+    channels = nearest_channels(resolve_offsets(offsets, nd), nd)
     background = support & (foreground < foreground_threshold)
-    joined = np.zeros((2 * h - 1, 2 * w - 1), dtype=bool)
-    joined[::2, ::2] = support
-    strong = affinities[:2] - attractive_bias > attraction  # channels 0, 1: offsets (-1, 0), (0, -1)
-    joined[1::2, ::2] = (strong[0, 1:] & support[1:] & support[:-1]) | (background[1:] & background[:-1])
-    joined[::2, 1::2] = (strong[1, :, 1:] & support[:, 1:] & support[:, :-1]) | (background[:, 1:] & background[:, :-1])
+    joined = np.zeros(tuple(2 * n - 1 for n in support.shape), dtype=bool)
+    joined[(slice(None, None, 2),) * nd] = support
+    for axis, k in enumerate(channels):
+        hi, lo = _along(axis, nd, slice(1, None)), _along(axis, nd, slice(None, -1))
+        strong = affinities[k][hi] - attractive_bias > attraction
+        between = tuple(slice(1, None, 2) if a == axis else slice(None, None, 2) for a in range(nd))
+        joined[between] = (strong & support[hi] & support[lo]) | (background[hi] & background[lo])
     labels, n = ndi.label(joined)
-    return labels[::2, ::2], n
+    return labels[(slice(None, None, 2),) * nd], n
 
 
 def fragment_edges(affinities: np.ndarray, fragment_ids: np.ndarray, attractive_bias: float, stride: int,
-                   randomized: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   randomized: bool = False, offsets: Offsets | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """End fragments (u, v) and signed weights of every pixel edge joining two different fragments.
 
     Nearest-neighbour edges weigh ``aff - attractive_bias``; long-range edges ``aff - 1`` and are
-    taken on a ``stride`` x ``stride`` grid, or at random with probability 1/stride^2 (seeded), as
-    :func:`agglomerate` does.
+    taken on a grid of step ``stride`` in every axis, or at random with probability 1/stride^ndim
+    (seeded), as :func:`agglomerate` does.
     """
-    h, w = fragment_ids.shape
+    shape = fragment_ids.shape
     rng = np.random.default_rng(0)
     us, vs, weights = [], [], []
-    for k, offset in enumerate(OFFSETS):
-        short = max(abs(o) for o in offset) == 1
+    for k, offset in enumerate(resolve_offsets(offsets, fragment_ids.ndim)):
+        short = is_short(offset)
         step = 1 if short or randomized else stride
-        here, there = (tuple(slice(s.start, s.stop, step) for s in part) for part in _slices(offset, (h, w)))
+        here, there = (tuple(slice(s.start, s.stop, step) for s in part) for part in _slices(offset, shape))
         a, b = fragment_ids[here], fragment_ids[there]
         edge = (a != b) & (a > 0) & (b > 0)
         if randomized and not short:
-            edge &= rng.random(edge.shape) < 1.0 / stride**2
+            edge &= rng.random(edge.shape) < 1.0 / stride**fragment_ids.ndim
         us.append(a[edge])
         vs.append(b[edge])
         weights.append(affinities[k][here][edge] - (attractive_bias if short else 1.0))
@@ -157,8 +183,8 @@ def strongest_edges(u: np.ndarray, v: np.ndarray, weights: np.ndarray) -> list[t
 
 def fragment_mutex_watershed(affinities: np.ndarray, foreground: np.ndarray, attractive_bias: float = 0.3,
                              stride: int = 4, randomized: bool = False, foreground_threshold: float = 0.5,
-                             attraction: float = FRAGMENT_ATTRACTION) -> np.ndarray:
-    """Mutex watershed of the fragment graph near the foreground (H,W) int64; pixels outside it are 0.
+                             attraction: float = FRAGMENT_ATTRACTION, offsets: Offsets | None = None) -> np.ndarray:
+    """Mutex watershed of the fragment graph near the foreground (*spatial) int64; pixels outside it are 0.
 
     Only pixels near the foreground enter the graph (:func:`support_mask`), pre-merged into
     :func:`fragments`; each pair of fragments keeps its strongest pixel edge and mwatershed's
@@ -167,8 +193,8 @@ def fragment_mutex_watershed(affinities: np.ndarray, foreground: np.ndarray, att
     and no worse on the tune split (benchmarks/results/decoder_fragments.md).
     """
     fragment_ids, n = fragments(affinities, foreground, support_mask(foreground), attractive_bias,
-                                foreground_threshold, attraction)
-    edges = strongest_edges(*fragment_edges(affinities, fragment_ids, attractive_bias, stride, randomized))
+                                foreground_threshold, attraction, offsets)
+    edges = strongest_edges(*fragment_edges(affinities, fragment_ids, attractive_bias, stride, randomized, offsets))
     segment_of = np.arange(n + 1, dtype=np.int64)
     if edges:
         clustered = mwatershed.cluster(edges)  # (fragment, segment) pairs
@@ -200,8 +226,8 @@ def merge_fragments(labels: np.ndarray, min_size: int, distance: int) -> np.ndar
 
     Equals ``np.where(fragment, expand_labels(kept, distance), kept)`` (skimage) exactly, but looks
     only at fragment pixels: each takes the first kept pixel in the order the distance transform
-    behind ``expand_labels`` breaks ties in (squared distance, then column, then row), which
-    replaces a whole-image distance transform (~3 ms at 260x348).
+    behind ``expand_labels`` breaks ties in (squared distance, then the last axis, ..., then the
+    first: column then row in 2D), which replaces a whole-image distance transform (~3 ms at 260x348).
     """
     counts = np.bincount(labels.ravel())
     small = counts < min_size
@@ -210,35 +236,42 @@ def merge_fragments(labels: np.ndarray, min_size: int, distance: int) -> np.ndar
         return labels
     fragment = small[labels]
     kept = np.where(fragment, 0, labels)
-    rows, cols = np.nonzero(fragment)
+    coords = np.nonzero(fragment)
     reach = max(int(distance), 0)
-    dy, dx = (d.ravel() for d in np.mgrid[-reach : reach + 1, -reach : reach + 1])
-    squared = dy * dy + dx * dx
-    order = np.lexsort((dy, dx, squared))  # by squared distance, then column, then row
+    deltas = [d.ravel() for d in np.mgrid[(slice(-reach, reach + 1),) * labels.ndim]]
+    squared = sum(d * d for d in deltas)
+    order = np.lexsort((*deltas, squared))  # by squared distance, then the last axis, ..., then the first
     padded = np.pad(kept, reach)
-    owner = np.zeros(rows.size, dtype=kept.dtype)
+    owner = np.zeros(coords[0].size, dtype=kept.dtype)
     for k in order[(squared[order] > 0) & (np.sqrt(squared[order]) <= distance)]:
-        owner = np.where(owner > 0, owner, padded[rows + reach + dy[k], cols + reach + dx[k]])
-    kept[rows, cols] = owner
+        owner = np.where(owner > 0, owner, padded[tuple(c + reach + d[k] for c, d in zip(coords, deltas))])
+    kept[coords] = owner
     return kept
 
 
 def filter_3x3(labels: np.ndarray, op: np.ufunc) -> np.ndarray:
-    """``op`` (np.maximum/minimum) over each 3x3 neighbourhood, edges clipped: scipy's size-3 filter, ~3x faster."""
-    padded = np.pad(labels, 1, mode="edge")
-    rows = op(op(padded[:-2], padded[1:-1]), padded[2:])
-    return op(op(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:])
+    """``op`` (np.maximum/minimum) over each 3x3 (3x3x3) neighbourhood, edges clipped: scipy's size-3 filter, ~3x faster."""
+    out = np.pad(labels, 1, mode="edge")
+    for a in range(labels.ndim):
+        out = op(op(out[_along(a, out.ndim, slice(None, -2))], out[_along(a, out.ndim, slice(1, -1))]),
+                 out[_along(a, out.ndim, slice(2, None))])
+    return out
+
+
+def border_values(labels: np.ndarray) -> np.ndarray:
+    """Values on the image's (volume's) border: its first and last row/column (slice) along every axis."""
+    return np.concatenate([np.take(labels, i, axis=a).ravel() for a in range(labels.ndim) for i in (0, -1)])
 
 
 def fill_holes(labels: np.ndarray) -> np.ndarray:
     """Fill background holes enclosed by objects (nuclei have none): each hole takes a rim object's id.
 
-    A hole is a 4-connected background component that does not touch the image border (the
+    A hole is a face-connected background component that does not touch the image border (the
     definition ``ndi.binary_fill_holes`` uses), found with one labelling pass.
     """
     background, n = ndi.label(labels == 0)
     enclosed = np.ones(n + 1, dtype=bool)
-    enclosed[np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])] = False
+    enclosed[border_values(background)] = False
     hole_ids = np.where(enclosed[background], background, 0)
     if not hole_ids.any():
         return labels
@@ -264,25 +297,28 @@ def drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     return labels if keep[1:].all() else relabel(labels, keep)
 
 
-def decode(affinities: np.ndarray, foreground: np.ndarray | None, settings: DecodeSettings = DecodeSettings()) -> np.ndarray:
-    """Instance labels (H,W) int32, 0 = background, from affinities (K,H,W) and foreground probability.
+def decode(affinities: np.ndarray, foreground: np.ndarray | None, settings: DecodeSettings = DecodeSettings(),
+           offsets: Offsets | None = None) -> np.ndarray:
+    """Instance labels (*spatial) int32, 0 = background, from affinities (K,*spatial) and foreground probability.
 
     Background rule: a segment is background when its mean foreground probability is below the
     threshold (a learned head, so it holds beyond BBBC039). Without a foreground head, the segment
     covering most image border pixels is taken as background (one connected background).
+    Sizes in ``settings`` count pixels (voxels in 3D).
     """
     mws_args = (settings.attractive_bias, settings.long_range_stride, settings.randomized_strides)
     if foreground is not None:
-        segments = fragment_mutex_watershed(affinities, foreground, *mws_args, settings.foreground_threshold)
+        segments = fragment_mutex_watershed(affinities, foreground, *mws_args, settings.foreground_threshold,
+                                            offsets=offsets)
         labels = remove_background(segments, foreground, settings.foreground_threshold)
     else:
-        labels = remove_border_background(mutex_watershed(affinities, OFFSETS, *mws_args))
+        labels = remove_border_background(mutex_watershed(affinities, offsets, *mws_args))
     labels = merge_fragments(labels, settings.min_size, settings.merge_distance)
     labels = fill_holes(labels)
     return relabel(labels).astype(np.int32)
 
 
-def refine_upsampled(coarse: np.ndarray, foreground: np.ndarray | None, shape: tuple[int, int],
+def refine_upsampled(coarse: np.ndarray, foreground: np.ndarray | None, shape: tuple[int, ...],
                      settings: DecodeSettings, factor: int = 2) -> np.ndarray:
     """Labels decoded on a ``factor`` times coarser grid, brought to ``shape`` with full-resolution outlines.
 
@@ -293,7 +329,9 @@ def refine_upsampled(coarse: np.ndarray, foreground: np.ndarray | None, shape: t
     to the neighbouring object. Interiors keep their coarse label, so no holes appear.
     """
     def upsample(coarse_map: np.ndarray) -> np.ndarray:
-        return np.repeat(np.repeat(coarse_map, factor, axis=0), factor, axis=1)[: shape[0], : shape[1]]
+        for a in range(coarse_map.ndim):
+            coarse_map = np.repeat(coarse_map, factor, axis=a)
+        return coarse_map[tuple(slice(0, n) for n in shape)]
 
     coarse = coarse.astype(np.int32, copy=False)
     if foreground is None:
@@ -309,6 +347,5 @@ def refine_upsampled(coarse: np.ndarray, foreground: np.ndarray | None, shape: t
 def remove_border_background(segments: np.ndarray) -> np.ndarray:
     """Background = the segment owning most border pixels (for networks without a foreground head)."""
     seg = relabel(segments.astype(np.int64))
-    border = np.concatenate([seg[0], seg[-1], seg[:, 0], seg[:, -1]])
-    background = np.bincount(border).argmax()
+    background = np.bincount(border_values(seg)).argmax()
     return np.where(seg == background, 0, seg)

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (B,C,h,w) to ``size`` (no-op when equal)."""
-    if tuple(x.shape[-2:]) == tuple(size):
+def _resize_to(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Bilinear (trilinear) resize of (B,C,*spatial) to ``size`` (no-op when equal)."""
+    if tuple(x.shape[2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=size, mode="bilinear" if x.dim() == 4 else "trilinear", align_corners=False)
 
 
 def mimic_loss(emb_s: torch.Tensor, emb_t: torch.Tensor) -> torch.Tensor:
@@ -35,7 +35,7 @@ def attention_transfer_loss(feat_s: torch.Tensor, feat_t: torch.Tensor, p: float
     The student map is resized to the teacher's size if needed. Sum it over stages (their β/2 Σ_j).
     """
     a_t = attention_map(feat_t.detach(), p)
-    a_s = _resize_to(attention_map(feat_s, p), a_t.shape[-2:])
+    a_s = _resize_to(attention_map(feat_s, p), a_t.shape[2:])
     return (F.normalize(a_s.flatten(1), dim=1) - F.normalize(a_t.flatten(1), dim=1)).pow(2).mean()
 
 
@@ -52,8 +52,9 @@ def skd_pairwise_loss(feat_s: torch.Tensor, feat_t: torch.Tensor, pool: int = 16
     Both maps are max-pooled to a ``pool``×``pool`` grid of nodes (their code pools with patches of
     a fixed fraction of the map, i.e. a fixed grid too), so sizes and channel counts may differ.
     """
-    s = F.adaptive_max_pool2d(feat_s.float(), pool)
-    t = F.adaptive_max_pool2d(feat_t.detach().float(), pool)
+    max_pool = F.adaptive_max_pool2d if feat_s.dim() == 4 else F.adaptive_max_pool3d
+    s = max_pool(feat_s.float(), pool)
+    t = max_pool(feat_t.detach().float(), pool)
     return ((_pairwise_similarity(s) - _pairwise_similarity(t)) ** 2).mean()
 
 
@@ -64,7 +65,7 @@ def cwd_loss(feat_s: torch.Tensor, feat_t: torch.Tensor, tau: float = 4.0) -> to
     the student map is resized to the teacher's size if needed.
     """
     t = feat_t.detach().float()
-    s = _resize_to(feat_s.float(), t.shape[-2:])
+    s = _resize_to(feat_s.float(), t.shape[2:])
     if s.shape[1] != t.shape[1]:
         raise ValueError(f"cwd_loss needs equal channels (student {s.shape[1]}, teacher {t.shape[1]}): use an Adapter")
     log_p_t = F.log_softmax(t.flatten(2) / tau, dim=2)
@@ -80,9 +81,9 @@ class Adapter(nn.Module):
     iteration as the released code's random projections.
     """
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, ndim: int = 2):
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, out_channels, 1)
+        self.proj = {2: nn.Conv2d, 3: nn.Conv3d}[ndim](in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)

@@ -1,4 +1,4 @@
-"""Intra-image instance graph distillation (IGD, docs/method.md, "Distillation"; 2D).
+"""Intra-image instance graph distillation (IGD, docs/method.md, "Distillation"); images and volumes alike.
 
 Nodes are the mean *raw* embeddings of the ground-truth instances (background id 0 excluded);
 edges are cosine similarities between nodes. The teacher side is always detached.
@@ -10,27 +10,28 @@ import torch
 _EPS = 1e-8  # added to node norms, as the released code's ``L2``
 
 
-def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-resize integer label maps (..., H, W) to ``size``; ids are kept exactly (no float round trip).
+def resize_labels(labels: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Nearest-resize integer label maps (..., *spatial) to ``size`` (its last len(size) axes); ids kept exactly.
 
     Source index is floor(i * in / out), the rule of ``F.interpolate(mode="nearest")``, in integers.
     """
-    h, w = labels.shape[-2:]
-    if (h, w) == tuple(size):
+    n = len(size)
+    shape = labels.shape[-n:]
+    if tuple(shape) == tuple(size):
         return labels
-    rows = torch.arange(size[0], device=labels.device) * h // size[0]
-    cols = torch.arange(size[1], device=labels.device) * w // size[1]
-    return labels[..., rows[:, None], cols[None, :]]
+    index = [torch.arange(out, device=labels.device) * inp // out for inp, out in zip(shape, size)]
+    grids = [i.reshape([-1 if a == axis else 1 for a in range(n)]) for axis, i in enumerate(index)]
+    return labels[(..., *grids)]
 
 
 def instance_nodes(embedding: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean raw embedding (N,C) of each instance id > 0 of ``labels`` (H,W), in ascending id order.
+    """Mean raw embedding (N,C) of each instance id > 0 of ``labels`` (*spatial), in ascending id order.
 
     Vectorised with ``index_add`` (no loop over instances); ``labels`` are nearest-resized to the
-    embedding's (C,H,W) size when they differ. Returns a grad-connected (0,C) tensor if no instance.
+    embedding's (C,*spatial) size when they differ. Returns a grad-connected (0,C) tensor if no instance.
     """
-    c, h, w = embedding.shape
-    labels = resize_labels(labels, (h, w)).reshape(-1)
+    c, *spatial = embedding.shape
+    labels = resize_labels(labels, tuple(spatial)).reshape(-1)
     ids, inverse = torch.unique(labels, return_inverse=True)
     pixels = embedding.float().reshape(c, -1).t()
     sums = pixels.new_zeros((len(ids), c)).index_add(0, inverse, pixels)
@@ -39,7 +40,7 @@ def instance_nodes(embedding: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 def batch_nodes(embeddings: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-    """Instance nodes of every image of a (B,C,H,W) batch with (B,H,W) labels."""
+    """Instance nodes of every image (volume) of a (B,C,*spatial) batch with (B,*spatial) labels."""
     return [instance_nodes(e, lab) for e, lab in zip(embeddings, labels)]
 
 
@@ -84,5 +85,5 @@ def graph_losses(nodes_t: list[torch.Tensor], nodes_s: list[torch.Tensor]) -> tu
 
 
 def igd_loss(emb_t: torch.Tensor, emb_s: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Intra-image IGD (node, edge) of (B,C,H,W) teacher/student embeddings with (B,H,W) instance labels."""
+    """Intra-image IGD (node, edge) of (B,C,*spatial) teacher/student embeddings with (B,*spatial) instance labels."""
     return graph_losses(batch_nodes(emb_t.detach(), labels), batch_nodes(emb_s, labels))

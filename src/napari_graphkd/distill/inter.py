@@ -55,13 +55,18 @@ def inter_igd_loss(
 
 
 def _pooled_vectors(embeddings: torch.Tensor, pool: int) -> torch.Tensor:
-    """L2-normalise (B,C,H,W) along C, average-pool (kernel = stride = pool, ceil_mode): (B,P,C)."""
-    e = F.avg_pool2d(F.normalize(embeddings.float(), dim=1), pool, stride=pool, ceil_mode=True)
+    """L2-normalise (B,C,*spatial) along C, average-pool (kernel = stride = pool per axis, ceil_mode): (B,P,C).
+
+    An axis shorter than ``pool`` (a thin volume's z) is averaged whole.
+    """
+    avg_pool = F.avg_pool2d if embeddings.dim() == 4 else F.avg_pool3d
+    kernel = tuple(min(pool, n) for n in embeddings.shape[2:])
+    e = avg_pool(F.normalize(embeddings.float(), dim=1), kernel, stride=kernel, ceil_mode=True)
     return e.flatten(2).transpose(1, 2)
 
 
 def pooled_gram(embedding: torch.Tensor, pool: int = 7) -> torch.Tensor:
-    """(C,C) second-moment matrix P^T P / |P| of a (C,H,W) embedding's pooled normalised vectors P.
+    """(C,C) second-moment matrix P^T P / |P| of a (C,*spatial) embedding's pooled normalised vectors P.
 
     It is all inter-image AGD needs from a memory item (see :func:`inter_agd_loss`), so the memory
     bank computes it once at push time instead of re-pooling every item at every step.

@@ -15,8 +15,8 @@ from .inter import pooled_gram
 class MemoryItem:
     """One past training crop: teacher embedding, instance labels, teacher instance nodes, image id."""
 
-    embedding: torch.Tensor  # (C,H,W) float16, raw teacher embedding at the crop's resolution
-    labels: torch.Tensor  # (H,W) int32 instance labels, background 0
+    embedding: torch.Tensor  # (C,*spatial) float16, raw teacher embedding at the crop's resolution (2D or 3D)
+    labels: torch.Tensor  # (*spatial) int32 instance labels, background 0
     nodes: torch.Tensor  # (N,C) float32 teacher instance nodes, computed at push time
     gram: torch.Tensor  # (C,C) float32 pooled second moments for inter-image AGD, computed at push time
     image_id: Hashable
@@ -45,7 +45,7 @@ class MemoryBank:
         return list(self._items)
 
     def push(self, embeddings: torch.Tensor, labels: torch.Tensor, image_ids: Sequence[Hashable]) -> None:
-        """Store detached teacher embeddings (B,C,H,W) with labels (B,H,W); the oldest items leave first."""
+        """Store detached teacher embeddings (B,C,*spatial) with labels (B,*spatial); the oldest items leave first."""
         if not (len(embeddings) == len(labels) == len(image_ids)):
             raise ValueError("embeddings, labels and image_ids must have the same length")
         for emb, lab, image_id in zip(embeddings.detach(), labels, image_ids):

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 import torch
 
+from ..affinity import Offsets
 from .agd import agd_loss
 from .baselines import Adapter, attention_transfer_loss, cwd_loss, mimic_loss, skd_pairwise_loss
 from .igd import batch_nodes, graph_losses
@@ -82,15 +83,15 @@ def method_weights(method: str) -> DistillWeights:
 class NetOut:
     """A network's outputs for distillation: full-input-resolution embedding and native decoder features."""
 
-    embedding: torch.Tensor  # (B,C,H,W) at the resolution where embedding terms compare (input size)
+    embedding: torch.Tensor  # (B,C,*spatial) at the resolution where embedding terms compare (input size)
     features: list[torch.Tensor] = field(default_factory=list)  # decoder stages, coarse to fine
-    affinities: torch.Tensor | None = None  # (B,K,H,W) of ``embedding`` if already computed (reused by AGD)
+    affinities: torch.Tensor | None = None  # (B,K,*spatial) of ``embedding`` if already computed (reused by AGD)
 
 
 def match_stages(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(student, teacher) feature pairs of equal spatial size, in student order (coarse to fine)."""
-    by_size = {tuple(t.shape[-2:]): t for t in teacher_feats}
-    return [(s, by_size[tuple(s.shape[-2:])]) for s in student_feats if tuple(s.shape[-2:]) in by_size]
+    by_size = {tuple(t.shape[2:]): t for t in teacher_feats}
+    return [(s, by_size[tuple(s.shape[2:])]) for s in student_feats if tuple(s.shape[2:]) in by_size]
 
 
 def make_adapter(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> Adapter:
@@ -99,7 +100,7 @@ def make_adapter(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[
     if not pairs:
         raise ValueError("student and teacher share no decoder stage of equal spatial size")
     s, t = pairs[-1]
-    return Adapter(s.shape[1], t.shape[1])
+    return Adapter(s.shape[1], t.shape[1], s.dim() - 2)
 
 
 def distillation_resolutions() -> dict[str, str]:
@@ -129,6 +130,8 @@ def _as_labels(labels: torch.Tensor | np.ndarray, device: torch.device) -> torch
 class DistillationObjective:
     """Weighted sum of the active distillation terms; inter-image terms read (then feed) a memory bank.
 
+    Works on images (B,C,H,W) and volumes (B,C,D,H,W); ``offsets`` are the affinity offsets of
+    intra AGD (None: the defaults of the embedding's dimensionality; pass a 3D model's own).
     Terms with weight 0 are not computed. When an inter-image term is on and no ``memory_bank`` is
     given, a default :class:`MemoryBank` is created (its ``pool`` sets the inter-AGD pooling). The bank is sampled without the current
     batch's image ids, and pushed with the current teacher embeddings only after the inter terms
@@ -149,9 +152,11 @@ class DistillationObjective:
         cwd_tau: float = 4.0,
         generator: torch.Generator | None = None,
         share: Callable[[torch.Tensor, torch.Tensor, Sequence[Hashable]], tuple] | None = None,
+        offsets: Offsets | None = None,
     ):
         self.weights = weights
         self.share = share
+        self.offsets = offsets
         self.uses_memory = any(getattr(weights, k) > 0 for k in INTER_TERMS)
         if memory_bank is None and self.uses_memory:
             memory_bank = MemoryBank()
@@ -210,7 +215,7 @@ class DistillationObjective:
         labels = _as_labels(labels, emb_s.device)
         terms: dict[str, torch.Tensor] = {}
         if w.affinity > 0:
-            terms["affinity"] = agd_loss(emb_t, emb_s, affinities_s=student_out.affinities)
+            terms["affinity"] = agd_loss(emb_t, emb_s, self.offsets, affinities_s=student_out.affinities)
         if w.node > 0 or w.edge > 0 or w.inter_node > 0 or w.inter_edge > 0:
             nodes_t, nodes_s = batch_nodes(emb_t, labels), batch_nodes(emb_s, labels)
             if w.node > 0 or w.edge > 0:

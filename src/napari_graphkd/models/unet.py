@@ -16,7 +16,7 @@ INTERPOLATION = {2: "bilinear", 3: "trilinear"}
 MEMORY_FORMAT = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 
-def _jsonable(value):
+def _jsonable(value: object) -> object:
     """Tuples (nested too) as lists, for JSON."""
     return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
 

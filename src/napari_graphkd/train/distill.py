@@ -4,7 +4,8 @@ The teacher's embedding (and, for feature baselines, its decoder features) is co
 training image (docs/method.md, "Benchmark protocol"). Each step crops the same window from image, labels and cached
 teacher maps, applies the same flips/rotations to all of them, and jitters the intensities of
 the student's input only. Crop origins are multiples of 16 so cached coarse features stay
-aligned. There is no scale augmentation here (it would need the teacher re-run); every student
+aligned. Volumes (Z,Y,X) work the same with a (z, y, x) crop, turned in y-x only and aligned to
+the cached features' scales per axis. There is no scale augmentation here (it would need the teacher re-run); every student
 row of the benchmark (no-KD included) uses this same pipeline.
 
 Label maps follow the partial-annotation convention (< 0 = not annotated, ignored by the
@@ -30,7 +31,7 @@ import torch
 from safetensors import safe_open
 
 from ..data import Sample, Source, jitter_intensity, load_train_tune, parse_source, pick_samples
-from ..affinity import embedding_affinities
+from ..affinity import Offsets, embedding_affinities, offsets_from_metadata
 from ..distill import DistillationObjective, DistillWeights, MemoryBank, NetOut, make_adapter, method_weights
 from ..inference import TRAIN_DIAMETER
 from ..io.checkpoint import atomic_save_tensors, load_checkpoint
@@ -39,6 +40,7 @@ from ..segment import ModelSegmenter
 from . import distributed
 from .loop import TrainSettings, run_training, segmentation_loss
 from .pseudo import UnlabelledSource, decode_unlabelled
+from .volumes import Crop
 
 ALIGN = 16
 PSEUDO = "pseudo"  # the method whose unlabelled images train with the teacher's instances as labels, no KD terms
@@ -48,7 +50,7 @@ PSEUDO = "pseudo"  # the method whose unlabelled images train with the teacher's
 class TeacherTargets:
     """Cached teacher outputs for one training image (float16)."""
 
-    embedding: torch.Tensor  # (C,H,W)
+    embedding: torch.Tensor  # (C,*spatial)
     features: list[torch.Tensor]  # decoder stages at the padded image's scales, coarse to fine
 
 
@@ -56,9 +58,9 @@ class TeacherTargets:
 class DistillBatch:
     """One distillation step's inputs and targets."""
 
-    images: torch.Tensor  # (B,1,S,S) student input
-    labels: np.ndarray  # (B,S,S) instance labels, < 0 = not annotated
-    teacher: NetOut  # cached teacher embedding (B,C,S,S) and features
+    images: torch.Tensor  # (B,1,*crop) student input
+    labels: np.ndarray  # (B,*crop) instance labels, < 0 = not annotated
+    teacher: NetOut  # cached teacher embedding (B,C,*crop) and features
     image_ids: list[str]
 
 
@@ -127,34 +129,52 @@ def load_teacher_targets(path: Path, names: list[str], with_features: bool) -> l
                 for i in range(len(names))]
 
 
-def fit_crop(sample: Sample, size: int) -> Sample:
-    """``sample`` padded to at least ``size`` px per side (image reflected, labels -1 = not annotated)."""
-    h, w = sample.labels.shape
-    pad = ((0, max(0, size - h)), (0, max(0, size - w)))
-    if pad == ((0, 0), (0, 0)):
+def crop_shape(settings: TrainSettings, ndim: int, crop: Crop | None = None) -> tuple[int, ...]:
+    """The crop of each batch item: square ``settings.augment.crop`` for images, ``crop`` (z, y, x) for volumes."""
+    if ndim == 3 and crop is None:
+        raise ValueError("distilling on volumes needs a (z, y, x) crop size")
+    return tuple(crop) if ndim == 3 else (settings.augment.crop,) * 2
+
+
+def fit_crop(sample: Sample, size: int | tuple[int, ...]) -> Sample:
+    """``sample`` padded to at least ``size`` px per axis (image reflected, labels -1 = not annotated)."""
+    sizes = (size,) * sample.labels.ndim if isinstance(size, int) else tuple(size)
+    pad = tuple((0, max(0, s - n)) for s, n in zip(sizes, sample.labels.shape))
+    if not any(p for _, p in pad):
         return sample
     return Sample(sample.name, np.pad(sample.image, pad, mode="reflect"), np.pad(sample.labels, pad, constant_values=-1),
                   sample.scale)
 
 
-def _crop_and_turn(t: torch.Tensor, y: int, x: int, size: int, scale: int, k: int, flip: bool) -> torch.Tensor:
-    """Crop a (…,H,W) map at a 1/scale resolution, then rotate by k*90° and optionally flip."""
-    y0, x0, s = y // scale, x // scale, size // scale
-    out = torch.rot90(t[..., y0 : y0 + s, x0 : x0 + s], k, dims=(-2, -1))
+def _crop_and_turn(t: torch.Tensor, origin: tuple[int, ...], size: tuple[int, ...], scale: tuple[int, ...], k: int,
+                   flip: bool) -> torch.Tensor:
+    """Crop a (…,*spatial) map at a 1/scale resolution per axis, then rotate by k*90° in y-x and optionally flip x."""
+    window = tuple(slice(o // f, o // f + n // f) for o, n, f in zip(origin, size, scale))
+    out = torch.rot90(t[(..., *window)], k, dims=(-2, -1))
     return torch.flip(out, dims=(-1,)) if flip else out
 
 
+def _feature_scales(t: TeacherTargets, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Per cached feature level, its downsampling factor per axis (the finest level is at the padded input size)."""
+    padded = t.features[-1].shape[1:] if t.features else shape
+    return [tuple(p // n for p, n in zip(padded, f.shape[1:])) for f in t.features]
+
+
 def distill_batches(samples: list[Sample] | list[list[Sample]], targets: list[TeacherTargets], settings: TrainSettings,
-                    weights: list[float] | None = None):
+                    weights: list[float] | None = None, crop: Crop | None = None):
     """Batch factory of aligned (image, labels, teacher maps) crops with shared geometric augmentation.
 
     ``samples`` is one list, or one list per source (``targets`` in the same order, flattened), drawn as
-    :func:`napari_graphkd.data.pick_samples` draws them (by ``weights``, default equal).
+    :func:`napari_graphkd.data.pick_samples` draws them (by ``weights``, default equal). Images use square
+    ``settings.augment.crop`` crops at multiples of ALIGN; volumes need ``crop`` (z, y, x), at multiples of the
+    coarsest cached feature scale per axis (1 without features).
     """
-    size = settings.augment.crop
-    if size % ALIGN:
-        raise ValueError(f"distillation crop size must be a multiple of {ALIGN}")
     sources = samples if samples and isinstance(samples[0], list) else [samples]
+    volumes = sources[0][0].image.ndim == 3
+    size = crop_shape(settings, 3 if volumes else 2, crop)
+    align = tuple(max([1, *(f[a] for f in _feature_scales(targets[0], size))]) for a in range(3)) if volumes else (ALIGN, ALIGN)
+    if any(n % a for n, a in zip(size, align)):
+        raise ValueError(f"distillation crop size {size} must be a multiple of {align}")
     pairs, flat = [], iter(targets)
     for source in sources:
         pairs.append([(s, next(flat)) for s in source])
@@ -162,21 +182,22 @@ def distill_batches(samples: list[Sample] | list[list[Sample]], targets: list[Te
     def make(rng: np.random.Generator) -> DistillBatch:
         images, labels, embs, feats, ids = [], [], [], [], []
         for s, t in pick_samples(pairs, weights, settings.batch_size, rng):
-            h, w = s.image.shape
-            if h < size or w < size:
-                raise ValueError(f"image {s.name} ({h}x{w}) is smaller than the crop size {size}")
-            y = int(rng.integers(0, (h - size) // ALIGN + 1)) * ALIGN
-            x = int(rng.integers(0, (w - size) // ALIGN + 1)) * ALIGN
+            if any(n < c for n, c in zip(s.image.shape, size)):
+                raise ValueError(f"image {s.name} ({'x'.join(map(str, s.image.shape))}) is smaller than the crop size "
+                                 f"{'x'.join(map(str, size))}")
+            origin = tuple(int(rng.integers(0, (n - c) // a + 1)) * a for n, c, a in zip(s.image.shape, size, align))
             k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
-            img = _crop_and_turn(torch.from_numpy(s.image), y, x, size, 1, k, flip).numpy()
+            if size[-2] != size[-1]:
+                k = 2 * (k % 2)  # only half turns keep a non-square y-x crop's shape
+            ones = (1,) * len(size)
+            img = _crop_and_turn(torch.from_numpy(s.image), origin, size, ones, k, flip).numpy()
             images.append(jitter_intensity(img, settings.augment, rng))
-            labels.append(_crop_and_turn(torch.from_numpy(s.labels), y, x, size, 1, k, flip).numpy())
-            embs.append(_crop_and_turn(t.embedding, y, x, size, 1, k, flip))
-            padded_h = t.features[-1].shape[-2] if t.features else h
-            feats.append([_crop_and_turn(f, y, x, size, padded_h // f.shape[-2], k, flip) for f in t.features])
+            labels.append(_crop_and_turn(torch.from_numpy(s.labels), origin, size, ones, k, flip).numpy())
+            embs.append(_crop_and_turn(t.embedding, origin, size, ones, k, flip))
+            feats.append([_crop_and_turn(f, origin, size, scale, k, flip) for f, scale in zip(t.features, _feature_scales(t, size))])
             ids.append(s.name)
         teacher = NetOut(torch.stack(embs).float(), [torch.stack(level).float() for level in zip(*feats)])
-        x_in = torch.from_numpy(np.stack(images)[:, None])
+        x_in = torch.from_numpy(np.ascontiguousarray(np.stack(images)[:, None]))
         return DistillBatch(x_in, np.stack(labels), teacher, ids)
 
     return make
@@ -197,13 +218,25 @@ def distill_samples(
     on_status: Callable[[str], None] = lambda message: None,
     should_stop: Callable[[], bool] = lambda: False,
     targets_file: Path | None = None,
+    offsets: Offsets | None = None,
+    crop: Crop | None = None,
 ) -> dict[str, Any]:
     """Distil ``student`` from a frozen ``teacher`` on in-memory samples (labels: see :func:`graph_labels`).
 
     ``train`` is one list of samples or one list per source, sampled by ``weights`` (default equal).
     ``targets_file`` caches the teacher's outputs on disk so that runs on the same teacher and images
     (a benchmark's rows) compute them once; the caller keeps one file per teacher and data folder.
+    Volumes (Z,Y,X) need 3D networks and a (z, y, x) ``crop``; ``offsets`` (the teacher's, see
+    ``affinity.offsets_from_metadata``) drive the segmentation loss and AGD and are recorded in the checkpoints.
     """
+    sources = [list(source) for source in (train if train and isinstance(train[0], list) else [train])]
+    ndim = sources[0][0].image.ndim
+    if teacher.config.ndim != ndim or student.config.ndim != ndim:
+        raise ValueError(f"teacher ({teacher.config.ndim}D) and student ({student.config.ndim}D) must both be {ndim}D "
+                         f"for {'volumes' if ndim == 3 else 'images'}")
+    size = crop_shape(settings, ndim, crop)
+    if offsets is not None:
+        metadata = dict(metadata, offsets=[list(o) for o in offsets])
     for p in teacher.parameters():
         p.requires_grad_(False)
     distributed.setup()
@@ -213,9 +246,9 @@ def distill_samples(
         MemoryBank(distill.memory_size, distill.memory_samples),
         generator=torch.Generator().manual_seed(settings.seed),
         share=distributed.gather_items if distributed.active() else None,
+        offsets=offsets,
     )
-    sources = [[fit_crop(s, settings.augment.crop) for s in source]
-               for source in (train if train and isinstance(train[0], list) else [train])]
+    sources = [[fit_crop(s, size) for s in source] for source in sources]
     flat = [s for source in sources for s in source]
     names = [s.name if s.scale == 1.0 else f"{s.name}@{s.scale:.6g}" for s in flat]  # a rescaled image has other outputs
     targets = load_teacher_targets(targets_file, names, objective.needs_features) if targets_file else None
@@ -227,7 +260,7 @@ def distill_samples(
     extra_modules = []
     if distill.weights.cwd > 0:
         with torch.no_grad():
-            probe = torch.zeros(1, 1, settings.augment.crop, settings.augment.crop)
+            probe = torch.zeros(1, 1, *size)
             _, _, student_feats = student.forward_padded(probe)
             _, _, teacher_feats = teacher.forward_padded(probe)
         objective.adapter = make_adapter(student_feats, teacher_feats)
@@ -235,14 +268,14 @@ def distill_samples(
 
     def step_loss(net: EmbeddingUNet, batch: DistillBatch):
         emb, fg, feats = net.forward_padded(batch.images)
-        affinities = embedding_affinities(emb)
-        loss, parts = segmentation_loss(emb, fg, batch.labels, settings.foreground_weight, affinities)
+        affinities = embedding_affinities(emb, offsets)
+        loss, parts = segmentation_loss(emb, fg, batch.labels, settings.foreground_weight, affinities, offsets)
         loss = distill.segmentation_weight * loss
         kd, kd_parts = objective(NetOut(emb, feats, affinities), batch.teacher, graph_labels(batch.labels), batch.image_ids)
         return loss + kd, {**parts, **{f"kd_{k}": v for k, v in kd_parts.items()}}
 
     return run_training(
-        student, distill_batches(sources, targets, settings, weights), Path(run_dir), settings,
+        student, distill_batches(sources, targets, settings, weights, crop), Path(run_dir), settings,
         step_loss=step_loss, metadata=metadata, extra_modules=extra_modules, validate=validate,
         on_progress=on_progress, should_stop=should_stop, stateful=[objective],
     )
@@ -255,6 +288,57 @@ def unlabelled_samples(decoded: list[list[Sample]], method: str) -> list[list[Sa
         return decoded
     return [[Sample(s.name, s.image, with_pseudo_labels(np.full_like(s.labels, -1), s.labels), s.scale) for s in source]
             for source in decoded]
+
+
+def teacher_digest(teacher_checkpoint: str | Path) -> str:
+    """First 16 hex digits of the teacher file's SHA-256: names its cached outputs and is recorded in the student."""
+    return hashlib.sha256(Path(teacher_checkpoint).read_bytes()).hexdigest()[:16]
+
+
+def student_provenance(teacher_checkpoint: str | Path, teacher_meta: dict[str, Any], student_architecture: str,
+                       distill: DistillSettings) -> dict[str, Any]:
+    """Metadata every distilled student records: its name, its teacher (path, digest, name) and the settings."""
+    return {
+        "name": f"{student_architecture} distilled ({distill.method})",
+        "teacher": {"path": str(teacher_checkpoint), "sha256_16": teacher_digest(teacher_checkpoint),
+                    "name": teacher_meta.get("name")},
+        "distillation": distill.to_dict(),
+    }
+
+
+def distill_volume_student(
+    teacher_checkpoint: str | Path,
+    train: list[Sample],
+    run_dir: str | Path,
+    student_architecture: str,
+    settings: TrainSettings,
+    distill: DistillSettings,
+    *,
+    crop: Crop = (16, 64, 64),
+    command: str = "",
+    validate: Callable[[EmbeddingUNet], dict[str, float]] | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    on_status: Callable[[str], None] = lambda message: None,
+    should_stop: Callable[[], bool] = lambda: False,
+    targets_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Distil a 3D ``student_architecture`` from a 3D teacher checkpoint on volume samples (Z,Y,X).
+
+    The student uses the teacher's offsets and records its voxel size; ``targets_dir`` as in :func:`distill_student`.
+    """
+    teacher, teacher_meta = load_checkpoint(teacher_checkpoint)
+    torch.manual_seed(settings.seed)
+    student = build_model(student_architecture)
+    metadata = {
+        **student_provenance(teacher_checkpoint, teacher_meta, student_architecture, distill),
+        "training_data": {"volumes": [s.name for s in train], "crop": list(crop)},
+        "command": command,
+        **({"voxel_size": teacher_meta["voxel_size"]} if "voxel_size" in teacher_meta else {}),
+    }
+    targets_file = None if targets_dir is None else Path(targets_dir) / f"teacher-{teacher_digest(teacher_checkpoint)}.safetensors"
+    return distill_samples(teacher, student, train, run_dir, settings, distill, metadata=metadata, validate=validate,
+                           on_progress=on_progress, on_status=on_status, should_stop=should_stop, targets_file=targets_file,
+                           offsets=offsets_from_metadata(teacher_meta), crop=crop)
 
 
 def distill_student(
@@ -298,7 +382,7 @@ def distill_student(
         training_data = sources_metadata(sources, labelled)
     if distill.method == PSEUDO and not unlabelled:
         raise ValueError(f"method {PSEUDO} trains on the teacher's labels of unlabelled images: give some")
-    digest = hashlib.sha256(Path(teacher_checkpoint).read_bytes()).hexdigest()[:16]
+    digest = teacher_digest(teacher_checkpoint)
     decoded = []
     if unlabelled:
         on_status(f"the teacher's instances on {len(unlabelled)} unlabelled source(s) (decoded once, cached with targets_dir)")
@@ -310,9 +394,7 @@ def distill_student(
     torch.manual_seed(settings.seed)
     student = build_model(student_architecture)
     metadata = {
-        "name": f"{student_architecture} distilled ({distill.method})",
-        "teacher": {"path": str(teacher_checkpoint), "sha256_16": digest, "name": teacher_meta.get("name")},
-        "distillation": distill.to_dict(),
+        **student_provenance(teacher_checkpoint, teacher_meta, student_architecture, distill),
         "training_data": training_data,
         "command": command,
         "train_diameter": train_diameter,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..affinity import OFFSETS, affinity_loss, embedding_affinities, label_affinities
+from ..affinity import Offsets, affinity_loss, embedding_affinities, label_affinities
 from ..data import AugmentConfig, Sample, make_batch
 from ..io.checkpoint import CheckpointError, atomic_write_text, read_metadata, save_checkpoint
 from ..models import EmbeddingUNet
@@ -57,13 +57,14 @@ def learning_rate(step: int, s: TrainSettings) -> float:
     return s.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def batch_targets(labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Affinity targets, validity mask, foreground target and its mask for a (B,H,W) label batch.
+def batch_targets(labels: np.ndarray, offsets: Offsets | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Affinity targets, validity mask, foreground target and its mask for a (B,H,W) or (B,D,H,W) label batch.
 
     Labels < 0 mark unannotated pixels (partial annotation): every pair and pixel touching them
-    is left out of the loss instead of being taught as background.
+    is left out of the loss instead of being taught as background. ``offsets`` None = the defaults
+    of the labels' dimensionality.
     """
-    pairs = [label_affinities(lab, OFFSETS) for lab in labels]
+    pairs = [label_affinities(lab, offsets) for lab in labels]
     target = torch.from_numpy(np.stack([p[0] for p in pairs]))
     valid = torch.from_numpy(np.stack([p[1] for p in pairs]))
     foreground = torch.from_numpy((labels > 0).astype(np.float32))[:, None]
@@ -73,14 +74,15 @@ def batch_targets(labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch
 
 def segmentation_loss(
     embedding: torch.Tensor, fg_logit: torch.Tensor | None, labels: np.ndarray, foreground_weight: float,
-    affinities: torch.Tensor | None = None,
+    affinities: torch.Tensor | None = None, offsets: Offsets | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Affinity loss (docs/method.md, "Segmentation loss") plus BCE of the foreground head, on annotated pixels only.
 
-    ``affinities`` of ``embedding`` may be passed when already computed (distillation reuses them).
+    Images or volumes alike. ``affinities`` of ``embedding`` may be passed when already computed
+    (distillation reuses them); ``offsets`` None = the defaults of the embedding's dimensionality.
     """
-    target, valid, foreground, known = batch_targets(labels)
-    affinities = embedding_affinities(embedding) if affinities is None else affinities
+    target, valid, foreground, known = batch_targets(labels, offsets)
+    affinities = embedding_affinities(embedding, offsets) if affinities is None else affinities
     loss_aff = affinity_loss(affinities, target, valid)
     parts = {"affinity": float(loss_aff.detach())}
     loss = loss_aff

@@ -1,4 +1,4 @@
-"""Supervised training of a teacher (or of a student without distillation) on one or more annotated sources."""
+"""Supervised training of a teacher (or of a student without distillation) on one or more annotated sources, or on volumes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +9,9 @@ import torch
 
 from ..data import TRAIN_DIAMETER, Sample, Source, load_source, make_batch, parse_source
 from ..io.checkpoint import load_checkpoint
-from ..models import EmbeddingUNet, build_model
+from ..models import EmbeddingUNet, UNetConfig, build_model
 from .loop import TrainSettings, run_training, segmentation_loss
+from .volumes import Crop, make_volume_batch, volume_offsets
 
 TuneSets = dict[str, list[Sample]]
 
@@ -133,6 +134,69 @@ def train_segmentation(
         settings,
         step_loss=step_loss,
         metadata=metadata,
+        validate=validate,
+        on_progress=on_progress,
+        should_stop=should_stop,
+    )
+
+
+def volume_model(architecture: str | UNetConfig, init_checkpoint: str | Path | None = None) -> EmbeddingUNet:
+    """A 3D network to train: from a checkpoint, else built from a (named) config; 2D ones are refused in one line."""
+    model = load_checkpoint(init_checkpoint)[0] if init_checkpoint is not None else build_model(architecture)
+    if model.config.ndim != 3:
+        raise ValueError(f"{init_checkpoint or architecture} is a 2D network; volumes need a 3D one (e.g. unet3d-teacher)")
+    return model
+
+
+def train_volumes(
+    train: Sequence[Sample],
+    run_dir: str | Path,
+    architecture: str | UNetConfig,
+    settings: TrainSettings,
+    *,
+    crop: Crop = (16, 64, 64),
+    voxel_size: tuple[float, float, float] | None = None,
+    init_checkpoint: str | Path | None = None,
+    command: str = "",
+    metadata: dict[str, Any] | None = None,
+    validate: Callable[[EmbeddingUNet], dict[str, float]] | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict[str, Any]:
+    """Train a 3D network on normalised volume samples (Z,Y,X) with random ``crop`` (z, y, x) windows.
+
+    ``voxel_size`` (z, y, x; None = isotropic) sets the z offsets (:func:`.volumes.volume_offsets`); the
+    checkpoints record both. Augmentation: y-x quarter turns and mirror, intensity jitter (``settings.augment``); no rescaling.
+    ``validate`` returns scores with a ``score`` key (best.safetensors follows it).
+    """
+    samples = list(train)
+    if not samples or any(s.image.ndim != 3 or s.labels.shape != s.image.shape for s in samples):
+        raise ValueError("volume training needs (Z,Y,X) images with labels of the same shape")
+    torch.manual_seed(settings.seed)
+    model = volume_model(architecture, init_checkpoint)
+    offsets = volume_offsets(voxel_size)
+    meta = {
+        "name": architecture if isinstance(architecture, str) else "custom 3D network",
+        "training_data": {"volumes": [s.name for s in samples], "crop": list(crop)},
+        "offsets": [list(o) for o in offsets],
+        "command": command,
+        "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,
+        "voxel_size": [float(v) for v in (voxel_size or (1.0, 1.0, 1.0))],  # isotropic unless told otherwise
+        **(metadata or {}),
+    }
+
+    def step_loss(net: EmbeddingUNet, batch):
+        images, labels = batch
+        emb, fg = net(torch.from_numpy(images))
+        return segmentation_loss(emb, fg, labels, settings.foreground_weight, offsets=offsets)
+
+    return run_training(
+        model,
+        lambda rng: make_volume_batch(samples, settings.batch_size, settings.augment, tuple(crop), rng),
+        Path(run_dir),
+        settings,
+        step_loss=step_loss,
+        metadata=meta,
         validate=validate,
         on_progress=on_progress,
         should_stop=should_stop,
