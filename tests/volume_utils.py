@@ -19,6 +19,10 @@ class FakeConfig:
     in_channels: int = 1
     embedding_dim: int = 16
 
+    def stem_strides(self) -> tuple[int, ...]:
+        """Stride of the stem per axis."""
+        return (self.stem_stride,) * self.ndim
+
 
 class FakeNet3d(nn.Module):
     """A 3x3x3 mean filter: foreground = bright voxels, embedding = (intensity, 1 - intensity, 0, ...).
@@ -30,7 +34,8 @@ class FakeNet3d(nn.Module):
     def __init__(self):
         super().__init__()
         self.config = FakeConfig()
-        self.size_multiple = (2, 4, 4)
+        self.size_multiples = (2, 4, 4)
+        self.size_multiple = 4
         self.calls = 0
         self.conv = nn.Conv3d(1, 1, 3, padding=1, bias=False)
         with torch.no_grad():
@@ -38,7 +43,7 @@ class FakeNet3d(nn.Module):
 
     def forward_features(self, x: torch.Tensor):
         """Embedding (B,16,D,H,W), foreground logit (B,1,D,H,W), no decoder features."""
-        assert all(n % m == 0 for n, m in zip(x.shape[2:], self.size_multiple))
+        assert all(n % m == 0 for n, m in zip(x.shape[2:], self.size_multiples))
         self.calls += 1
         smooth = self.conv(x)
         emb = torch.cat([smooth, 1 - smooth, torch.zeros_like(smooth).repeat(1, 14, 1, 1, 1)], dim=1)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from .affinity import OFFSETS, embedding_affinities
+from .affinity import embedding_affinities, resolve_offsets
 from .models import EmbeddingUNet
 from .preprocess import MAX_WORKING_PIXELS, InputError, check_finite, grayscale, normalize
 
@@ -42,7 +42,7 @@ class NetworkOutput:
     seconds: float  # input preparation + network
     stride: int | tuple[int, ...] = 1
     working_shape: tuple[int, ...] | None = None  # size the network saw; default: image_shape
-    offsets: tuple[tuple[int, ...], ...] | None = None  # affinity offsets; None: the 2D OFFSETS
+    offsets: tuple[tuple[int, ...], ...] | None = None  # the model's affinity offsets; None: the defaults of its ndim
 
     @property
     def ndim(self) -> int:
@@ -52,7 +52,7 @@ class NetworkOutput:
     @property
     def affinity_offsets(self) -> tuple[tuple[int, ...], ...]:
         """The offsets its affinities (and decoding) use."""
-        return OFFSETS if self.offsets is None else tuple(tuple(int(o) for o in off) for off in self.offsets)
+        return resolve_offsets(self.offsets, self.ndim)
 
     @property
     def full_shape(self) -> tuple[int, ...]:
@@ -72,7 +72,7 @@ class NetworkOutput:
     def affinities(self, native: bool = False) -> np.ndarray:
         """Cosine affinities (K,*spatial) at its offsets, at input size or on the native grid."""
         emb = self.embedding if native else self.full_embedding()
-        return embedding_affinities(torch.from_numpy(emb)[None], self.affinity_offsets)[0].numpy()
+        return embedding_affinities(torch.from_numpy(emb)[None], self.offsets)[0].numpy()
 
 
 def per_axis(value: int | float | tuple, ndim: int) -> tuple:
@@ -185,8 +185,15 @@ def _pad_to(x: np.ndarray | torch.Tensor, multiple: tuple[int, ...]):
 
 
 def network_geometry(model: EmbeddingUNet, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(stride, size multiple) of a network per axis (2D networks use one number for every axis)."""
-    return per_axis(model.config.stem_stride, ndim), per_axis(model.size_multiple, ndim)
+    """(stem stride, size multiple) of a network per axis (anisotropic 3D networks differ in z)."""
+    multiples = getattr(model, "size_multiples", None) or per_axis(model.size_multiple, ndim)
+    return tuple(model.config.stem_strides()), tuple(multiples)
+
+
+def _stride_of(model: EmbeddingUNet, ndim: int) -> int | tuple[int, ...]:
+    """The output grid's stride: one number when every axis shares it (2D networks, isotropic 3D ones), else per axis."""
+    strides = network_geometry(model, ndim)[0]
+    return strides[0] if len(set(strides)) == 1 else strides
 
 
 @torch.inference_mode()
@@ -266,4 +273,4 @@ def network_output(model: EmbeddingUNet, working: np.ndarray, image_shape: tuple
         overlap = TILE_OVERLAP
     emb, fg = tiled_network(model, working, tile=tile, overlap=overlap, on_tile=on_tile)
     return NetworkOutput(emb, fg, tuple(image_shape or working.shape), scale, time.perf_counter() - start,
-                         stride=model.config.stem_stride, working_shape=working.shape, offsets=offsets)
+                         stride=_stride_of(model, working.ndim), working_shape=working.shape, offsets=offsets)

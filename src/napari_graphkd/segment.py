@@ -21,6 +21,7 @@ from typing import Any, Callable, Hashable, Protocol, Sequence
 
 import numpy as np
 
+from .affinity import offsets_for
 from .decode.classical import ClassicalSettings, segment_classical
 from .decode.mws import DecodeSettings
 from .decode.policy import decode_output
@@ -349,10 +350,8 @@ class ModelSegmenter:
         offsets = self.metadata.get("offsets") if self.ndim == 3 else None
         self.offsets = None if offsets is None else tuple(tuple(int(o) for o in off) for off in offsets)
         if self.ndim == 3 and self.offsets is None:
-            from .affinity import offsets_for
-
             voxel = self.voxel_size or (1.0, 1.0, 1.0)
-            self.offsets = tuple(offsets_for(3, voxel[0] / voxel[2]))
+            self.offsets = offsets_for(3, voxel[0] / voxel[2])
 
     @property
     def parameters(self) -> int:
@@ -391,7 +390,11 @@ class ModelSegmenter:
                                     tile=tile, on_tile=on_tile, voxel_size=inputs.voxel_size)
 
         output, cached = fetch(compute) if fetch is not None else (compute(), False)
-        labels, seconds = decode_output(output, decode or self.decode_settings)
+        settings = decode or self.decode_settings
+        if output.offsets is None:
+            labels, seconds = decode_output(output, settings)
+        else:  # a 3D model decodes with the offsets it was trained with
+            labels, seconds = decode_output(output, settings, output.offsets)
         return SegmentResult(labels, output.seconds, seconds, output, inputs, cached, volume=self.ndim == 3)
 
 
