@@ -62,3 +62,24 @@ def blob_volume(shape=(12, 40, 48), seed: int = 0) -> tuple[np.ndarray, np.ndarr
         labels[r2 <= 1] = i
         volume += np.where(r2 <= 1, 100 + 120 * (1 - r2), 0)  # brightest at the centre, like stained nuclei
     return np.clip(volume, 0, 255).astype(np.uint8), labels
+
+
+def volume_checkpoint(path, voxel_size=(2.0, 1.0, 1.0)):
+    """A small random 3D U-Net (anisotropic pooling) saved as a checkpoint trained, it says, at ``voxel_size``."""
+    from napari_graphkd.affinity import offsets_for
+    from napari_graphkd.io.checkpoint import save_checkpoint
+    from napari_graphkd.models import UNetConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(UNetConfig(widths=(4, 8), ndim=3, pool=((1, 2, 2),)))
+    offsets = [list(o) for o in offsets_for(3, voxel_size[0] / voxel_size[2])]
+    return save_checkpoint(path, model, {"name": "tiny3d", "voxel_size": list(voxel_size), "offsets": offsets})
+
+
+def decoder_is_3d() -> bool:
+    """Whether this checkout's decoder takes a 3D model's offsets (the 3D decoding is in the library)."""
+    import inspect
+
+    from napari_graphkd.decode.policy import decode_output
+
+    return "offsets" in inspect.signature(decode_output).parameters

@@ -51,6 +51,27 @@ def diameter_arg(text: str) -> float | str:
     return value
 
 
+def voxel_size_arg(text: str) -> tuple[float, float, float]:
+    """``--voxel-size Z,Y,X``: three positive, finite numbers (any one unit: only their ratios count)."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three numbers Z,Y,X (e.g. 4,1,1)") from None
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected three positive numbers Z,Y,X (e.g. 4,1,1), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def check_volume_options(segmenter, volume: bool, voxel_size) -> None:
+    """CLIError when --3d or --voxel-size is given for a model that segments planes (2D networks, classical)."""
+    if segmenter.ndim == 3 or not (volume or voxel_size):
+        return
+    option = "--3d" if volume else "--voxel-size"
+    raise CLIError(f"{option} needs a 3D model; {segmenter.name} is 2D and segments a stack plane by plane "
+                   f"(drop {option}, or give --model a 3D checkpoint)")
+
+
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """TIFF files named directly or found (non-recursively) in the named folders."""
     files: list[Path] = []
@@ -118,6 +139,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .large.command import segment_chunked, wants_chunked
 
     if wants_chunked(args):  # Zarr inputs and large TIFFs: chunk by chunk into Zarr
+        if args.volume or args.voxel_size:
+            raise CLIError("--3d and --voxel-size segment whole volumes; the chunked path (Zarr, large TIFF) runs 2D "
+                           "models plane by plane")
         if args.runtime != "torch":
             raise CLIError("--runtime onnx runs whole images only; chunked (Zarr, large TIFF) segmentation uses torch")
         return segment_chunked(args)
@@ -139,10 +163,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     todo = [(f, t) for f, t in zip(files, targets) if args.overwrite or not t.exists()]
     tile = {} if args.tile is None else {"tile": args.tile}
     segmenter = load_segmenter(args.model)
+    check_volume_options(segmenter, args.volume, args.voxel_size)
     if args.runtime == "onnx":
+        if segmenter.ndim == 3:
+            raise CLIError("--runtime onnx runs 2D models; a 3D model runs with torch")
         use_onnx_runtime(segmenter, args.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"model {segmenter.name}: {segmenter.parameters:,} parameters")
+    print(f"model {segmenter.name}: {segmenter.parameters:,} parameters"
+          + (", 3D: (Z,Y,X) images are segmented as volumes" if segmenter.ndim == 3 else ""))
     description = segmenter.describe()
     print(f"{'image':<40} {'objects':>7} {'network ms':>10} {'decode ms':>9}  input rules (auto: chosen per image)")
     net_total = dec_total = 0.0
@@ -152,7 +180,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         try:
             image = read_tiff(path)
             result = segment_any(segmenter, image, diameter=args.diameter, invert=args.invert,
-                                 channel=args.channel, **tile,
+                                 channel=args.channel, **tile, volume=args.volume or None, voxel_size=args.voxel_size,
                                  on_progress=lambda fraction, i=i: bar.update(i + fraction - bar.n))
             write_labels(target, result.labels)
         except (InputError, ValueError, OSError, MemoryError) as exc:
@@ -233,11 +261,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=1))
     else:
-        for key in ("name", "architecture", "parameters", "path", "config", "decode", "train_diameter",
-                    "training_data", "command", "step", "metrics", "package_version"):
+        for key in ("name", "architecture", "parameters", "ndim", "voxel_size", "path", "config", "decode",
+                    "train_diameter", "training_data", "command", "step", "metrics", "package_version"):
             if key in info:
-                print(f"{key:>15}: {info[key]}")
+                print(f"{key:>15}: {describe_value(key, info[key])}")
     return 0
+
+
+def describe_value(key: str, value) -> str:
+    """How ``graphkd info`` prints a metadata value (dimensionality and voxel size in words)."""
+    if key == "ndim":
+        return "3D: segments (Z,Y,X) volumes as a whole" if value == 3 else "2D: segments images, stacks plane by plane"
+    if key == "voxel_size" and value is not None:
+        return ":".join(f"{v:g}" for v in value) + " (z:y:x of its training volumes; --voxel-size rescales to it)"
+    return str(value)
 
 
 class TrainingBar:
@@ -609,7 +646,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dark nuclei on a bright background (default auto: detected per image; --invert alone: yes)")
     p.add_argument("--channel", choices=["auto", "luminance", "hematoxylin"], default="auto",
                    help="input channel of RGB images (default auto: hematoxylin for stained histology, else luminance)")
-    p.add_argument("--tile", type=int, default=None, help="tile size for large images (px; default 1024)")
+    p.add_argument("--tile", type=int, default=None, help="tile size for large images (px; default 1024; volumes run in "
+                   "cubes with as many voxels: 1024 -> 102 per side)")
+    p.add_argument("--3d", dest="volume", action="store_true",
+                   help="segment (Z,Y,X) images as volumes (needs a 3D model; automatic for 3D checkpoints)")
+    p.add_argument("--voxel-size", type=voxel_size_arg, default=None, metavar="Z,Y,X",
+                   help="voxel size of the volumes, e.g. 4,1,1 for z steps 4x the pixel size (any unit; default: as the "
+                        "3D model was trained); volumes are rescaled to the model's voxel proportions")
     p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads for the network (0 = one per idle CPU this process may use)")
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
                    help="run the network with torch or onnxruntime (needs the export extra)")

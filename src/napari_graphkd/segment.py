@@ -359,8 +359,9 @@ class ModelSegmenter:
         return count_parameters(self.model)
 
     def describe(self) -> dict[str, Any]:
-        """Metadata plus parameter count, for ``graphkd info`` and the widgets."""
-        return dict(self.metadata, parameters=self.parameters, path=None if self.path is None else str(self.path))
+        """Metadata plus parameter count and dimensionality, for ``graphkd info`` and the widgets."""
+        return dict(self.metadata, parameters=self.parameters, ndim=self.ndim,
+                    path=None if self.path is None else str(self.path))
 
     def run_network(self, image: np.ndarray, *, diameter: float | None = None, invert: bool | None = None,
                     channel: str = "luminance", tile: int = DEFAULT_TILE, on_tile: OnTile | None = None,

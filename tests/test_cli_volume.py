@@ -1,0 +1,74 @@
+"""graphkd segment / info on volumes: --3d, --voxel-size, 3D checkpoints, one-line errors."""
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_graphkd.cli import main
+
+from volume_utils import blob_volume, decoder_is_3d, volume_checkpoint
+
+
+@pytest.fixture()
+def checkpoint3d(tmp_path):
+    return volume_checkpoint(tmp_path / "tiny3d.safetensors")
+
+
+@pytest.fixture()
+def volume_file(tmp_path):
+    folder = tmp_path / "volumes"
+    folder.mkdir()
+    tifffile.imwrite(folder / "v.tif", blob_volume((8, 40, 48))[0])
+    return folder / "v.tif"
+
+
+@pytest.mark.skipif(not decoder_is_3d(), reason="the 3D decoder is not in this checkout")
+def test_a_3d_checkpoint_segments_volumes_as_volumes(checkpoint3d, volume_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["segment", "--model", str(checkpoint3d), "--voxel-size", "4,1,1", "--tile", "200", "--threads", "1",
+                 "--out", str(out), str(volume_file)]) == 0
+    labels = tifffile.imread(out / "v.tif")
+    assert labels.shape == (8, 40, 48) and labels.dtype in (np.uint16, np.uint32)
+    printed = capsys.readouterr().out
+    assert "3D: (Z,Y,X) images are segmented as volumes" in printed
+    assert "voxel 4:1:1 (z:y:x)" in printed and "1 segmented, 0 failed" in printed
+
+
+def test_volume_options_need_a_3d_model(volume_file, tmp_path, capsys):
+    assert main(["segment", "--model", "classical", "--3d", "--out", str(tmp_path / "o"), str(volume_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("graphkd segment: error: --3d needs a 3D model; classical is 2D and segments a stack plane by plane "
+                   "(drop --3d, or give --model a 3D checkpoint)")
+    assert main(["segment", "--model", "classical", "--voxel-size", "3,1,1", "--out", str(tmp_path / "o"),
+                 str(volume_file)]) == 2
+    assert "--voxel-size needs a 3D model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["1,2", "0,1,1", "a,b,c", "1,1,nan"])
+def test_bad_voxel_sizes_are_one_line(text, volume_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", "--voxel-size", text, "--out", str(tmp_path / "o"), str(volume_file)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--voxel-size" in err and "Z,Y,X" in err
+
+
+def test_a_3d_model_refuses_2d_images_by_name(checkpoint3d, tmp_path, crop, capsys):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    tifffile.imwrite(folder / "plane.tif", crop[0])
+    assert main(["segment", "--model", str(checkpoint3d), "--out", str(tmp_path / "o"), str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "plane.tif: a 3D model segments (Z,Y,X) volumes; the image has shape (160, 200)" in err
+    assert not (tmp_path / "o" / "plane.tif").exists()
+
+
+def test_info_shows_dimensionality_and_voxel_size(checkpoint3d, tiny_checkpoint, capsys):
+    assert main(["info", str(checkpoint3d)]) == 0
+    text = capsys.readouterr().out
+    assert "ndim: 3D: segments (Z,Y,X) volumes as a whole" in text
+    assert "voxel_size: 2:1:1 (z:y:x of its training volumes" in text
+    assert main(["info", str(tiny_checkpoint), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ndim"] == 2 and "voxel_size" not in info
