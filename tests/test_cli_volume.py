@@ -72,3 +72,52 @@ def test_info_shows_dimensionality_and_voxel_size(checkpoint3d, tiny_checkpoint,
     assert main(["info", str(tiny_checkpoint), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["ndim"] == 2 and "voxel_size" not in info
+
+
+@pytest.fixture()
+def volume_folder(tmp_path):
+    """images/ + labels/ holding two small annotated (Z,Y,X) volumes."""
+    root = tmp_path / "vols"
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True)
+    for i in range(2):
+        volume, labels = blob_volume((8, 40, 48), seed=i)
+        tifffile.imwrite(root / "images" / f"v{i}.tif", volume)
+        tifffile.imwrite(root / "labels" / f"v{i}.tif", labels.astype(np.uint16))
+    return root
+
+
+def test_volume_folders_load_as_normalised_volumes(volume_folder, tmp_path, crop):
+    from napari_graphkd.data import folder_ndim, load_folder
+
+    samples = load_folder(volume_folder)
+    assert folder_ndim(volume_folder) == 3 and [s.name for s in samples] == ["v0", "v1"]
+    assert samples[0].image.shape == samples[0].labels.shape == (8, 40, 48) and samples[0].image.dtype == np.float32
+    assert samples[0].image.max() > 0.9 and np.percentile(samples[0].image, 1) < 0.05  # stretched as a whole
+    tifffile.imwrite(volume_folder / "images" / "w.tif", crop[0])
+    tifffile.imwrite(volume_folder / "labels" / "w.tif", crop[1])
+    with pytest.raises(ValueError, match="mixes 2D images and"):
+        load_folder(volume_folder)
+
+
+def test_train_and_distill_check_the_data_against_the_architecture(volume_folder, tmp_path, crop, tiny_checkpoint,
+                                                                   checkpoint3d, capsys):
+    flat = tmp_path / "flat"
+    for sub in ("images", "labels"):
+        (flat / sub).mkdir(parents=True)
+    tifffile.imwrite(flat / "images" / "a.tif", crop[0])
+    tifffile.imwrite(flat / "labels" / "a.tif", crop[1])
+    common = ["--out", str(tmp_path / "run"), "--steps", "1", "--n-tune", "1"]
+    assert main(["train", "--data", str(flat), "--arch", "unet3d-teacher", *common]) == 2
+    assert "--arch unet3d-teacher is 3D: " in capsys.readouterr().err
+    assert main(["train", "--data", str(volume_folder), "--arch", "resunet-cpu-teacher", *common]) == 2
+    err = capsys.readouterr().err
+    assert "holds (Z,Y,X) volumes: --arch resunet-cpu-teacher is 2D; choose a 3D one (" in err and "unet3d-teacher" in err
+    assert main(["distill", "--teacher", str(checkpoint3d), "--data", str(volume_folder), *common]) == 2
+    assert "the teacher is 3D and --student halfres-student is 2D; choose a 3D student (" in capsys.readouterr().err
+    assert main(["distill", "--teacher", str(tiny_checkpoint), "--student", "unet3d-student", "--data", str(flat),
+                 *common]) == 2
+    assert "the teacher is 2D and --student unet3d-student is 3D" in capsys.readouterr().err
+    assert main(["train", "--data", str(flat), "--arch", "nope", *common]) == 2
+    assert "unknown architecture 'nope'; known: " in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -58,6 +58,7 @@ def test_a_3d_model_segments_the_layer_as_one_volume(volume_setup, qtbot, networ
     assert "voxel 2:1:1 (z:y:x)" in teacher.metadata[KEY]["inputs"]
     assert fractions and fractions == sorted(fractions) and len(fractions) >= 4  # per tile of each model
     assert "student vs teacher" in widget.report.value
+    assert "3D (segments volumes as a whole, trained at voxel 2:1:1 z:y:x)" in widget.pickers["teacher"].info.value
 
 
 def test_mixing_2d_and_3d_models_or_2d_layers_notifies(volume_setup, qtbot, checkpoints, crop, notes):

@@ -277,6 +277,36 @@ def describe_value(key: str, value) -> str:
     return str(value)
 
 
+def arch_ndim(arch: str) -> int:
+    """2 or 3: what a named architecture segments; CLIError naming the known ones otherwise."""
+    from .models import NAMED_CONFIGS
+
+    if arch not in NAMED_CONFIGS:
+        raise CLIError(f"unknown architecture {arch!r}; known: {', '.join(NAMED_CONFIGS)}")
+    return NAMED_CONFIGS[arch].ndim
+
+
+def check_data_ndim(option: str, name: str, ndim: int, folders: list[Path]) -> None:
+    """CLIError when a training folder holds images for a 3D network or volumes for a 2D one."""
+    from .data import folder_ndim
+
+    volumes3d = ", ".join(n for n, c in _named_by_ndim().items() if c == 3)
+    for folder in folders:
+        found = folder_ndim(folder)
+        if found == ndim:
+            continue
+        if ndim == 3:
+            raise CLIError(f"{option} {name} is 3D: {folder}/images must hold (Z,Y,X) volumes, it holds 2D images")
+        raise CLIError(f"{folder}/images holds (Z,Y,X) volumes: {option} {name} is 2D; choose a 3D one ({volumes3d})")
+
+
+def _named_by_ndim() -> dict[str, int]:
+    """Named architectures and their dimensionality."""
+    from .models import NAMED_CONFIGS
+
+    return {name: config.ndim for name, config in NAMED_CONFIGS.items()}
+
+
 class TrainingBar:
     """tqdm bar fed by training progress records (opened at the first record, so resumes start right)."""
 
@@ -340,6 +370,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     distributed.setup()  # one process of several under torchrun: rank 0 alone reports
     distributed.check_batch_size(args.batch_size)
     sources = parse_sources(args.data, args.source_weights, args.n_tune)
+    check_data_ndim("--arch", args.arch, arch_ndim(args.arch), [s.folder for s in sources])
     settings = TrainSettings(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         validate_every=args.validate_every, snapshot_every=args.validate_every,
@@ -416,6 +447,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
     for u in unlabelled if distributed.is_main() else ():
         print(f"unlabelled {u.name}: {u.folder} ({'all' if u.stems is None else len(u.stems)} images, weight {u.weight:g})",
               file=sys.stderr)
+    student_ndim = arch_ndim(args.student)
+    if student_ndim != teacher.ndim:
+        raise CLIError(f"the teacher is {teacher.ndim}D and --student {args.student} is {student_ndim}D; "
+                       f"choose a {teacher.ndim}D student ({', '.join(n for n, d in _named_by_ndim().items() if d == teacher.ndim)})")
+    check_data_ndim("--student", args.student, student_ndim, [s.folder for s in sources])
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              validate_every=args.validate_every, snapshot_every=args.validate_every,
                              augment=AugmentConfig(crop=args.crop, acquisition_prob=args.acquisition_aug))
@@ -679,7 +715,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("train", help="train a network on folders with images/ and labels/")
+    p = sub.add_parser("train", help="train a network on folders with images/ and labels/ (2D images, or (Z,Y,X) "
+                       "volumes for a 3D --arch)")
     p.add_argument("--data", required=True, action="append", metavar="DIR[@SPLIT]",
                    help="folder with images/*.tif and labels/*.tif; repeat for several sources (batches draw from each "
                         "equally). @SPLIT trains on SPLIT_train.txt and tunes on SPLIT_tune.txt: a bundled split "
@@ -688,7 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-weights", type=float, nargs="+", default=None, metavar="W",
                    help="sampling weight of each --data source, in order (default: equal)")
     p.add_argument("--out", required=True, help="run folder (resumes if it holds a run)")
-    p.add_argument("--arch", default="resunet-cpu-teacher", help="named architecture")
+    p.add_argument("--arch", default="resunet-cpu-teacher", help="named architecture (3D: unet3d-teacher, unet3d-student, "
+                   "mala3d; their --data folders hold (Z,Y,X) volumes)")
     p.add_argument("--init", default=None, help="start from this checkpoint")
     p.add_argument("--steps", type=int, default=12000)
     p.add_argument("--batch-size", type=int, default=4)
@@ -718,7 +756,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-weights", type=float, nargs="+", default=None, metavar="W",
                    help="sampling weight of each --data, then each --unlabelled source, in order (default: equal)")
     p.add_argument("--out", required=True, help="run folder (resumes if it holds a run)")
-    p.add_argument("--student", default="halfres-student", help="named student architecture")
+    p.add_argument("--student", default="halfres-student", help="named student architecture (a 3D teacher needs a 3D "
+                   "student, e.g. unet3d-student, and --data of (Z,Y,X) volumes)")
     p.add_argument("--method", default="grd", help="grd, grd-intra, none, pseudo (the teacher's labels of the "
                    "--unlabelled images as targets, no distillation terms), mimic, at, skd or cwd")
     p.add_argument("--weight", action="append", metavar="TERM=VALUE",
