@@ -89,6 +89,7 @@ def main() -> int:
     os.close(fd)
     try:
         viewer.screenshot(partial, canvas_only=True, flash=False)
+        os.chmod(partial, 0o644)  # mkstemp makes it private; a picture for the docs is readable by all
         os.replace(partial, out)
     finally:
         Path(partial).unlink(missing_ok=True)
