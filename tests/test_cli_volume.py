@@ -121,3 +121,31 @@ def test_train_and_distill_check_the_data_against_the_architecture(volume_folder
     assert main(["train", "--data", str(flat), "--arch", "nope", *common]) == 2
     assert "unknown architecture 'nope'; known: " in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def volume_training_available() -> bool:
+    """Whether this checkout trains 3D networks (train_volumes and the 3D decoder are in the library)."""
+    try:
+        from napari_graphkd.train.segmentation import train_volumes  # noqa: F401
+    except ImportError:
+        return False
+    return decoder_is_3d()
+
+
+@pytest.mark.skipif(not volume_training_available(), reason="3D training is not in this checkout")
+def test_train_distill_segment_on_a_volume_folder(volume_folder, tmp_path, capsys):
+    """The README's 3D commands on two tiny volumes: train a 3D teacher, distil a 3D student, segment with both."""
+    teacher_run, student_run, out = tmp_path / "t3d", tmp_path / "s3d", tmp_path / "out"
+    common = ["--steps", "2", "--batch-size", "1", "--validate-every", "2", "--volume-crop", "8,32,32", "--n-tune", "1"]
+    assert main(["train", "--data", str(volume_folder), "--arch", "unet3d-student", "--voxel-size", "2,1,1",
+                 "--out", str(teacher_run), "--threads", "1", *common]) == 0
+    assert "1 volume(s) to train, 1 to tune" in capsys.readouterr().err
+    checkpoint = teacher_run / "last.safetensors"
+    assert main(["info", str(checkpoint), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ndim"] == 3 and info["voxel_size"] == [2.0, 1.0, 1.0] and info["offsets"][0] == [-1, 0, 0]
+    assert main(["distill", "--teacher", str(checkpoint), "--student", "unet3d-student", "--data", str(volume_folder),
+                 "--out", str(student_run), "--method", "grd", *common]) == 0
+    assert main(["segment", "--model", str(student_run / "last.safetensors"), "--voxel-size", "2,1,1", "--out", str(out),
+                 str(volume_folder / "images")]) == 0
+    assert tifffile.imread(out / "v0.tif").shape == (8, 40, 48)

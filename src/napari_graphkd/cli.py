@@ -371,6 +371,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     distributed.check_batch_size(args.batch_size)
     sources = parse_sources(args.data, args.source_weights, args.n_tune)
     check_data_ndim("--arch", args.arch, arch_ndim(args.arch), [s.folder for s in sources])
+    if arch_ndim(args.arch) == 3:
+        return train_volume_command(args, sources)
     settings = TrainSettings(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         validate_every=args.validate_every, snapshot_every=args.validate_every,
@@ -387,6 +389,96 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"finished at step {progress_record['step']}; best on tune split: {progress_record['best']}")
         print(f"checkpoints in {args.out} (best.safetensors, last.safetensors)")
     distributed.shutdown()
+    return 0
+
+
+def volume_sets(sources) -> tuple[list, list]:
+    """(train, tune) volume samples of the sources (normalised as a whole, not rescaled: 3D runs use voxel sizes)."""
+    from .data import load_source
+
+    train, tune = [], []
+    for source in sources:
+        part_train, part_tune = load_source(source, diameter=None)
+        train, tune = train + part_train, tune + part_tune
+    if not train:
+        raise CLIError("no volume is left to train on once the tune volumes are held out; lower --n-tune")
+    return train, tune
+
+
+def volume_validator(tune: list, offsets):
+    """Validation on held-out volumes: 3D F1@0.5 and AJI of the model's segmentation (default decoder, ``offsets``)."""
+    from .decode.mws import DecodeSettings
+    from .decode.policy import decode_output
+    from .evaluation import selection_score
+    from .inference import network_output
+    from .metrics import evaluate, mean_metrics
+
+    def validate(model) -> dict:
+        was_training = model.training
+        model.eval()
+        outputs = [network_output(model, s.image, offsets=offsets) for s in tune]
+        model.train(was_training)
+        per_volume = [evaluate(s.labels, decode_output(o, DecodeSettings(), offsets)[0]) for o, s in zip(outputs, tune)]
+        scores = dict(mean_metrics(per_volume), score=selection_score(per_volume))
+        print(f"\nvalidation on {len(tune)} volume(s): f1@0.5 {scores['f1@0.5']:.3f} aji {scores['aji']:.3f}",
+              file=sys.stderr, flush=True)
+        return scores
+
+    return validate if tune else None
+
+
+def check_single_process(command: str) -> None:
+    """CLIError for a 3D run launched as several processes (distributed runs train 2D networks)."""
+    from .train import distributed
+
+    if distributed.launched():
+        raise CLIError(f"{command} of 3D networks runs as one process; start it without torchrun")
+
+
+def train_volume_command(args: argparse.Namespace, sources) -> int:
+    """``graphkd train`` of a 3D architecture on volume folders (random 3D crops, y-x turns, intensity jitter)."""
+    from .data import AugmentConfig
+    from .train.loop import TrainSettings
+    from .train.segmentation import train_volumes
+    from .train.volumes import volume_offsets
+
+    check_single_process("training")
+    if args.source_weights:
+        raise CLIError("--source-weights applies to 2D training; 3D training draws from every volume alike")
+    train, tune = volume_sets(sources)
+    print(f"{len(train)} volume(s) to train, {len(tune)} to tune; crops {args.volume_crop} (z, y, x); voxel size "
+          + (":".join(f"{v:g}" for v in args.voxel_size) if args.voxel_size else "isotropic"), file=sys.stderr)
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             validate_every=args.validate_every, snapshot_every=args.validate_every,
+                             augment=AugmentConfig())
+    bar = TrainingBar("train")
+    record = train_volumes(train, args.out, args.arch, settings, crop=args.volume_crop, voxel_size=args.voxel_size,
+                           init_checkpoint=args.init, command="graphkd " + shlex.join(args.argv),
+                           validate=volume_validator(tune, volume_offsets(args.voxel_size)), on_progress=bar.update)
+    bar.close()
+    print(f"finished at step {record['step']}; best on tune volumes: {record.get('best')}")
+    print(f"checkpoints in {args.out} (best.safetensors, last.safetensors)")
+    return 0
+
+
+def distill_volume_command(args: argparse.Namespace, teacher, sources, settings, distill) -> int:
+    """``graphkd distill`` of a 3D student from a 3D teacher on volume folders (the teacher's offsets and voxel size)."""
+    from .train.distill import distill_volume_student
+
+    check_single_process("distillation")
+    if args.unlabelled or args.source_weights:
+        raise CLIError("--unlabelled and --source-weights apply to 2D distillation; 3D distillation uses the --data volumes")
+    train, tune = volume_sets(sources)
+    print(f"distilling {args.student} from {teacher.path} with {args.method} on {len(train)} volume(s) "
+          f"({len(tune)} to tune): {distill.weights.active() or 'no KD terms'}", file=sys.stderr)
+    bar = TrainingBar("distill")
+    record = distill_volume_student(teacher.path, train, args.out, args.student,
+                                    settings, distill,
+                                    crop=args.volume_crop, command="graphkd " + shlex.join(args.argv),
+                                    validate=volume_validator(tune, teacher.offsets), on_progress=bar.update,
+                                    on_status=lambda m: print(m, file=sys.stderr, flush=True))
+    bar.close()
+    print(f"finished at step {record['step']}; best on tune volumes: {record.get('best')}")
     return 0
 
 
@@ -457,6 +549,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
                              augment=AugmentConfig(crop=args.crop, acquisition_prob=args.acquisition_aug))
     distill = DistillSettings(method=args.method, weights=weights, memory_size=args.memory_size,
                               memory_samples=args.memory_samples)
+    if student_ndim == 3:
+        return distill_volume_command(args, teacher, sources, settings, distill)
     if distributed.is_main():
         print(f"distilling {args.student} from {teacher.path} with {args.method}: {weights.active() or 'no KD terms'}",
               file=sys.stderr)
@@ -666,6 +760,28 @@ def invert_arg(text: str) -> bool | str:
     return choices[text.strip().lower()]
 
 
+def crop_arg(text: str) -> tuple[int, int, int]:
+    """``--volume-crop Z,Y,X``: three whole numbers >= 4."""
+    try:
+        values = tuple(int(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three whole numbers Z,Y,X (e.g. 16,64,64)") from None
+    if len(values) != 3 or min(values) < 4:
+        raise argparse.ArgumentTypeError(f"expected three whole numbers Z,Y,X of at least 4 (e.g. 16,64,64), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def add_volume_training_arguments(parser: argparse.ArgumentParser, voxel: bool) -> None:
+    """Options of train/distill that apply to 3D architectures (volume folders)."""
+    group = parser.add_argument_group("3D architectures (folders of (Z,Y,X) volumes)")
+    group.add_argument("--volume-crop", type=crop_arg, default=(16, 64, 64), metavar="Z,Y,X",
+                       help="random training crop of the volumes (default 16,64,64)")
+    if voxel:
+        group.add_argument("--voxel-size", type=voxel_size_arg, default=None, metavar="Z,Y,X",
+                           help="voxel size of the training volumes (any unit; default isotropic): sets the z offsets "
+                                "and is stored in the checkpoint, so graphkd segment --voxel-size rescales other volumes to it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``graphkd``."""
     parser = Parser(prog="graphkd", description=__doc__)
@@ -741,6 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-tune", type=int, default=10, help="images held out to validate on (a source without @SPLIT and without a tune/ folder beside DIR=.../train)")
     p.add_argument("--validate-every", type=int, default=1000)
     p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads (0 = one per idle CPU this process may use)")
+    add_volume_training_arguments(p, voxel=True)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("distill", help="distil a student from a teacher checkpoint")
@@ -776,6 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "and without a tune/ folder beside DIR=.../train)")
     p.add_argument("--validate-every", type=int, default=500)
     p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads (0 = one per idle CPU this process may use)")
+    add_volume_training_arguments(p, voxel=False)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("export", help="tune the decoder and write a compact checkpoint; or write bioimage.io / ONNX")
