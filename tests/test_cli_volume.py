@@ -54,6 +54,12 @@ def test_bad_voxel_sizes_are_one_line(text, volume_file, tmp_path, capsys):
     assert err.count("\n") == 1 and "--voxel-size" in err and "Z,Y,X" in err
 
 
+def test_the_chunked_path_refuses_3d_models(checkpoint3d, volume_file, tmp_path, capsys):
+    assert main(["segment", "--model", str(checkpoint3d), "--chunked", "--out", str(tmp_path / "o.zarr"),
+                 str(volume_file)]) == 2
+    assert "3D models segment whole volumes in memory; the chunked path" in capsys.readouterr().err
+
+
 def test_a_3d_model_refuses_2d_images_by_name(checkpoint3d, tmp_path, crop, capsys):
     folder = tmp_path / "flat"
     folder.mkdir()

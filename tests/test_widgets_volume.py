@@ -59,6 +59,12 @@ def test_a_3d_model_segments_the_layer_as_one_volume(volume_setup, qtbot, networ
     assert fractions and fractions == sorted(fractions) and len(fractions) >= 4  # per tile of each model
     assert "student vs teacher" in widget.report.value
     assert "3D (segments volumes as a whole, trained at voxel 2:1:1 z:y:x)" in widget.pickers["teacher"].info.value
+    calls = len(network_calls)
+    widget.own_settings.value = False  # decoder controls: re-decode the cached 3D outputs, no network
+    widget.min_size.value = 5
+    wait(qtbot, widget)
+    assert len(network_calls) == calls and errors(notes) == []
+    assert viewer.layers[-1] is student and student.metadata[KEY]["decode"]["min_size"] == 5
 
 
 def test_mixing_2d_and_3d_models_or_2d_layers_notifies(volume_setup, qtbot, checkpoints, crop, notes):

@@ -139,8 +139,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .large.command import segment_chunked, wants_chunked
 
     if wants_chunked(args):  # Zarr inputs and large TIFFs: chunk by chunk into Zarr
-        if args.volume or args.voxel_size:
-            raise CLIError("--3d and --voxel-size segment whole volumes; the chunked path (Zarr, large TIFF) runs 2D "
+        from .segment import load_segmenter
+
+        if args.volume or args.voxel_size or load_segmenter(args.model).ndim == 3:
+            raise CLIError("3D models segment whole volumes in memory; the chunked path (Zarr, large TIFF) runs 2D "
                            "models plane by plane")
         if args.runtime != "torch":
             raise CLIError("--runtime onnx runs whole images only; chunked (Zarr, large TIFF) segmentation uses torch")
