@@ -391,11 +391,7 @@ class ModelSegmenter:
                                     tile=tile, on_tile=on_tile, voxel_size=inputs.voxel_size)
 
         output, cached = fetch(compute) if fetch is not None else (compute(), False)
-        settings = decode or self.decode_settings
-        if output.offsets is None:
-            labels, seconds = decode_output(output, settings)
-        else:  # a 3D model decodes with the offsets it was trained with
-            labels, seconds = decode_output(output, settings, output.offsets)
+        labels, seconds = decode_output(output, decode or self.decode_settings, output.offsets)  # a 3D model's own offsets
         return SegmentResult(labels, output.seconds, seconds, output, inputs, cached, volume=self.ndim == 3)
 
 
