@@ -7,7 +7,7 @@ import tifffile
 
 from napari_graphkd.cli import main
 
-from volume_utils import blob_volume, decoder_is_3d, volume_checkpoint
+from volume_utils import blob_volume, volume_checkpoint
 
 
 @pytest.fixture()
@@ -23,7 +23,6 @@ def volume_file(tmp_path):
     return folder / "v.tif"
 
 
-@pytest.mark.skipif(not decoder_is_3d(), reason="the 3D decoder is not in this checkout")
 def test_a_3d_checkpoint_segments_volumes_as_volumes(checkpoint3d, volume_file, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["segment", "--model", str(checkpoint3d), "--voxel-size", "4,1,1", "--tile", "200", "--threads", "1",
@@ -129,16 +128,6 @@ def test_train_and_distill_check_the_data_against_the_architecture(volume_folder
     assert not (tmp_path / "run").exists()
 
 
-def volume_training_available() -> bool:
-    """Whether this checkout trains 3D networks (train_volumes and the 3D decoder are in the library)."""
-    try:
-        from napari_graphkd.train.segmentation import train_volumes  # noqa: F401
-    except ImportError:
-        return False
-    return decoder_is_3d()
-
-
-@pytest.mark.skipif(not volume_training_available(), reason="3D training is not in this checkout")
 def test_train_distill_segment_on_a_volume_folder(volume_folder, tmp_path, capsys):
     """The README's 3D commands on two tiny volumes: train a 3D teacher, distil a 3D student, segment with both."""
     teacher_run, student_run, out = tmp_path / "t3d", tmp_path / "s3d", tmp_path / "out"

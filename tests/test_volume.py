@@ -1,14 +1,14 @@
-"""The volume path of the one pipeline: 3D tiling, voxel-size rescaling, progress, cancel and clear errors.
+"""The volume path of the one pipeline: 3D tiling, voxel-size rescaling, 3D decoding, progress, cancel and clear errors.
 
-A fake 3D network (tests/volume_utils.py) stands in for a trained one; decoding is a connected
-component rule here, so these tests cover what the pipeline adds around the network and decoder.
+A fake 3D network (tests/volume_utils.py: bright voxels are foreground, embeddings follow the
+intensity) stands in for a trained one, so the labels it must give are known.
 """
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage as ndi
 
 from napari_graphkd import segment
+from napari_graphkd.affinity import offsets_for
 from napari_graphkd.inference import NetworkOutput, _network, tiled_network, volume_tile, working_volume
 from napari_graphkd.models import UNetConfig, build_model
 from napari_graphkd.preprocess import InputError
@@ -18,18 +18,10 @@ from napari_graphkd.segment import (ModelSegmenter, Stopped, check_voxel_size, p
 from volume_utils import OFFSETS_3D, FakeNet3d, blob_volume
 
 
-def components(output, settings, offsets=None):
-    """Stand-in decoder: connected foreground components, brought back to the image's size."""
-    labels = ndi.label(output.full_foreground() > 0.5)[0]
-    zoom = [o / s for o, s in zip(output.image_shape, labels.shape)]
-    return ndi.zoom(labels, zoom, order=0, grid_mode=True, mode="nearest").astype(np.int32), 0.0
-
-
 @pytest.fixture()
-def fake3d(monkeypatch):
-    monkeypatch.setattr(segment, "decode_output", components)
+def fake3d():
     return ModelSegmenter(model=FakeNet3d(), metadata={"name": "fake3d", "voxel_size": [1.0, 1.0, 1.0],
-                                                        "offsets": [list(o) for o in OFFSETS_3D]})
+                                                        "offsets": [list(o) for o in offsets_for(3)]})
 
 
 def test_3d_tiles_give_the_whole_volume_output_and_cover_every_voxel():

@@ -5,26 +5,14 @@ import numpy as np
 import pytest
 from widget_utils import checkpoints, errors, fresh_cache, network_calls, notes, use_files, wait  # noqa: F401 - fixtures
 
-from napari_graphkd import segment as segment_module
 from napari_graphkd._widgets import FinetuneWidget, OverlaysWidget, SegmentWidget
 from napari_graphkd._widgets._layers import KEY
-from volume_utils import blob_volume, decoder_is_3d, volume_checkpoint
-
-
-def components(output, settings, offsets=None):
-    """Stand-in 3D decoder while the library's 3D decoding is not in this checkout: connected foreground components."""
-    from scipy import ndimage as ndi
-
-    labels = ndi.label(output.full_foreground() > 0.5)[0]
-    zoom = [o / s for o, s in zip(output.image_shape, labels.shape)]
-    return ndi.zoom(labels, zoom, order=0, grid_mode=True, mode="nearest").astype(np.int32), 0.0
+from volume_utils import blob_volume, volume_checkpoint
 
 
 @pytest.fixture()
-def volume_setup(make_napari_viewer, tmp_path, monkeypatch):
+def volume_setup(make_napari_viewer, tmp_path):
     """A viewer with a small anisotropic volume (scale 2,1,1) and a Segment widget using two tiny 3D checkpoints."""
-    if not decoder_is_3d():
-        monkeypatch.setattr(segment_module, "decode_output", components)
     teacher = volume_checkpoint(tmp_path / "t3d.safetensors")
     student = volume_checkpoint(tmp_path / "s3d.safetensors", voxel_size=(1.0, 1.0, 1.0))
     viewer = make_napari_viewer()

@@ -75,11 +75,3 @@ def volume_checkpoint(path, voxel_size=(2.0, 1.0, 1.0)):
     offsets = [list(o) for o in offsets_for(3, voxel_size[0] / voxel_size[2])]
     return save_checkpoint(path, model, {"name": "tiny3d", "voxel_size": list(voxel_size), "offsets": offsets})
 
-
-def decoder_is_3d() -> bool:
-    """Whether this checkout's decoder takes a 3D model's offsets (the 3D decoding is in the library)."""
-    import inspect
-
-    from napari_graphkd.decode.policy import decode_output
-
-    return "offsets" in inspect.signature(decode_output).parameters
