@@ -131,10 +131,10 @@ def test_train_and_distill_check_the_data_against_the_architecture(volume_folder
 def test_train_distill_segment_on_a_volume_folder(volume_folder, tmp_path, capsys):
     """The README's 3D commands on two tiny volumes: train a 3D teacher, distil a 3D student, segment with both."""
     teacher_run, student_run, out = tmp_path / "t3d", tmp_path / "s3d", tmp_path / "out"
-    common = ["--steps", "2", "--batch-size", "1", "--validate-every", "2", "--volume-crop", "8,32,32", "--n-tune", "1"]
+    common = ["--steps", "2", "--batch-size", "1", "--validate-every", "2", "--volume-crop", "8,32,32"]  # --n-tune 10
     assert main(["train", "--data", str(volume_folder), "--arch", "unet3d-student", "--voxel-size", "2,1,1",
                  "--out", str(teacher_run), "--threads", "1", *common]) == 0
-    assert "1 volume(s) to train, 1 to tune" in capsys.readouterr().err
+    assert "1 volume(s) to train, 1 to tune" in capsys.readouterr().err  # of two, one is kept to train on
     checkpoint = teacher_run / "last.safetensors"
     assert main(["info", str(checkpoint), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

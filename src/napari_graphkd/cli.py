@@ -395,15 +395,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def volume_sets(sources) -> tuple[list, list]:
-    """(train, tune) volume samples of the sources (normalised as a whole, not rescaled: 3D runs use voxel sizes)."""
-    from .data import load_source
+    """(train, tune) volume samples of the sources (normalised as a whole, not rescaled: 3D runs use voxel sizes).
+
+    A folder split by ``--n-tune`` keeps at least one volume to train on (a single volume: no tune volume).
+    """
+    from dataclasses import replace
+
+    from .data import load_source, split_tune
 
     train, tune = [], []
     for source in sources:
+        if source.train is None and source.tune_folder is None:  # held out by --n-tune
+            names = sorted(p.stem for p in (source.folder / "images").iterdir() if p.suffix in (".tif", ".tiff"))
+            if len(source.tune) >= len(names):
+                source = replace(source, tune=tuple(split_tune(names, len(names) - 1, seed=0)[1]))
         part_train, part_tune = load_source(source, diameter=None)
         train, tune = train + part_train, tune + part_tune
     if not train:
-        raise CLIError("no volume is left to train on once the tune volumes are held out; lower --n-tune")
+        raise CLIError("no volume to train on: every volume of --data is a tune volume")
     return train, tune
 
 
