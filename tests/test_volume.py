@@ -79,6 +79,20 @@ def test_volume_labels_span_planes_and_follow_the_voxel_size(fake3d):
     assert "voxel 2:1:1" in coarse_z.inputs.describe()
 
 
+def test_a_series_of_volumes_runs_volume_by_volume(fake3d):
+    volume, _ = blob_volume()
+    series = np.stack([volume, volume[:, ::-1]])  # (T,Z,Y,X)
+    fractions = []
+    result = segment_any(fake3d, series, tile=200, on_progress=fractions.append)
+    assert result.volume and result.labels.shape == series.shape and result.objects == 6  # three per time point
+    assert len(np.unique(result.labels[0])) == 4 and fractions == sorted(fractions) and fractions[-1] == 1.0
+    broken = np.stack([volume, np.full(volume.shape, np.nan)]).astype(np.float32)
+    with pytest.raises(InputError, match="volume 1 of the image of shape .*NaN"):
+        segment_any(fake3d, broken, tile=200)
+    with pytest.raises(InputError, match=r"a 3D model segments \(Z,Y,X\) volumes"):
+        segment_any(fake3d, np.zeros((12, 40, 48, 3), np.uint8))  # channels last: not a gray volume
+
+
 def test_volume_progress_and_cancel(fake3d):
     volume, _ = blob_volume()
     fractions = []

@@ -142,10 +142,9 @@ class Segmenter(Protocol):
 
 
 def count_objects(labels: np.ndarray, volume: bool = False) -> int:
-    """Objects in a label image or volume; for a stack, the sum over its planes (ids may repeat across planes)."""
-    if volume:
-        return int(np.count_nonzero(np.unique(labels)))
-    planes = np.asarray(labels).reshape(-1, *np.shape(labels)[-2:])
+    """Objects in a label image or volume; for a stack (a series of volumes), the sum over its planes (volumes):
+    ids may repeat across them."""
+    planes = np.asarray(labels).reshape(-1, *np.shape(labels)[-3 if volume else -2:])
     return int(sum(np.count_nonzero(np.unique(plane)) for plane in planes))
 
 
@@ -222,7 +221,10 @@ def volume_mode(segmenter: Segmenter, shape: tuple[int, ...], volume: bool | Non
     if ndim == 3:
         if volume is False:
             raise InputError(f"{segmenter.name} is a 3D model: it segments (Z,Y,X) volumes as a whole, not plane by plane")
-        check_volume(shape)
+        if len(shape) == 4 and len(plane_layout(shape)[0]) == 2:  # (T,Z,Y,X): a series of volumes, one at a time
+            check_volume(shape[1:])
+        else:
+            check_volume(shape)
         return True
     if volume:
         raise InputError(f"{segmenter.name} is a 2D model: it segments a stack plane by plane (drop --3d / volume), "
@@ -272,7 +274,7 @@ def _decide(segmenter: Segmenter, image: Any, diameter: Diameter, invert: Invert
     A volume given to a 3D model is decided as a whole (:func:`_decide_volume`)."""
     value, invert, channel = check_diameter(diameter), check_invert(invert), check_channel(channel)
     if getattr(segmenter, "ndim", 2) == 3:
-        return _decide_volume(segmenter, image, value, invert, channel, voxel_size), None
+        return _decide_volume(segmenter, image[index] if index else image, value, invert, channel, voxel_size), None
     if voxel_size is not None:
         raise InputError(f"a voxel size applies to volumes segmented by a 3D model; {segmenter.name} segments 2D planes")
     h, w = plane_layout(np.shape(image))[1][:2]
@@ -327,6 +329,8 @@ def decide_inputs(segmenter: Segmenter, image: Any, diameter: Diameter = AUTO, i
     """
     stack, _ = plane_layout(np.shape(image))
     index = (plane,) if plane is not None else (0,) * len(stack)
+    if getattr(segmenter, "ndim", 2) == 3:  # a volume is decided whole; a (T,Z,Y,X) series on one of its volumes
+        index = () if np.ndim(image) == 3 else (plane or 0,)
     return _decide(segmenter, image, diameter, invert, channel, index, tile, None, cache, None, voxel_size)[0]
 
 
@@ -495,7 +499,7 @@ def segment_any(segmenter: Segmenter, image: Any, *, diameter: Diameter = AUTO, 
                 should_stop: Callable[[], bool] | None = None, volume: bool | None = None,
                 voxel_size: Any = None) -> SegmentResult:
     """Labels of a 2D image, or of a stack/time series plane by plane (labels get the stack's shape), or of a
-    (Z,Y,X) volume as one 3D segmentation when the model is 3D.
+    (Z,Y,X) volume as one 3D segmentation when the model is 3D (a (T,Z,Y,X) series: volume by volume).
 
     ``volume`` (None: decided by the model) asks for one or the other and is refused when the
     model cannot do it (:func:`volume_mode`); ``voxel_size`` (z, y, x) is the volume's anisotropy
@@ -515,7 +519,10 @@ def segment_any(segmenter: Segmenter, image: Any, *, diameter: Diameter = AUTO, 
     as_volume = volume_mode(segmenter, shape, volume)
     if as_volume and planes is not None:
         raise InputError(f"{segmenter.name} is a 3D model: it segments the whole volume, not chosen planes")
-    indices = [()] if as_volume else _plane_indices(stack, planes, shape)
+    if as_volume:
+        indices = [()] if len(shape) == 3 else [(t,) for t in range(shape[0])]
+    else:
+        indices = _plane_indices(stack, planes, shape)
     results: list[SegmentResult] = []
     stop_check = _stopper(should_stop)
 
@@ -544,13 +551,14 @@ def segment_any(segmenter: Segmenter, image: Any, *, diameter: Diameter = AUTO, 
         except InputError as exc:
             if not index:
                 raise
-            raise InputError(f"plane {', '.join(map(str, index))} of the image of shape {shape}: {exc}") from None
+            unit = "volume" if as_volume else "plane"
+            raise InputError(f"{unit} {', '.join(map(str, index))} of the image of shape {shape}: {exc}") from None
         results.append(result)
         if on_progress is not None:
             on_progress((i + 1) / len(indices))
-    if not stack or as_volume:
+    if not stack or indices == [()]:
         return results[0]
-    out_shape = (len(indices),) if planes is not None else stack
+    out_shape = (len(indices),) if planes is not None or as_volume else stack
     labels = np.stack([r.labels for r in results]).reshape(out_shape + results[0].labels.shape)
     return SegmentResult(labels, sum(r.network_seconds for r in results), sum(r.decode_seconds for r in results),
-                         None, inputs, all(r.cached for r in results))
+                         None, inputs, all(r.cached for r in results), volume=as_volume)
