@@ -125,3 +125,27 @@ def test_finetune_refuses_3d_models_with_a_clear_notification(volume_setup, qtbo
     finetune.rows[0].painted.value = painted
     assert finetune.start() is None
     assert "3D model" in errors(notes)[-1] and "graphkd train" in errors(notes)[-1]
+
+
+def test_a_series_of_volumes_and_its_overlays(volume_setup, qtbot, notes):
+    viewer, widget = volume_setup
+    volume, truth = blob_volume((8, 40, 48))
+    viewer.add_image(np.stack([volume, volume[:, ::-1]]), name="series", scale=(1.0, 2.0, 1.0, 1.0))
+    widget.image.value = viewer.layers["series"]
+    widget.run(("teacher",))
+    wait(qtbot, widget)
+    assert errors(notes) == []
+    result = viewer.layers[-1]
+    assert result.data.shape == (2, 8, 40, 48) and result.metadata[KEY]["volume"]
+    assert result.metadata[KEY]["run"]["voxel_size"] == (2.0, 1.0, 1.0)  # the last three axes of the layer's scale
+    result.data = np.stack([truth, truth[:, ::-1]])
+    overlays = OverlaysWidget(viewer)
+    viewer.window.add_dock_widget(overlays)
+    overlays.result.value = result
+    viewer.dims.set_point(0, 1)
+    overlays.instance_graph()
+    wait(qtbot, overlays)
+    assert errors(notes) == []
+    nodes, edges = viewer.layers[-2:]
+    assert nodes.data.shape == (3, 4) and (nodes.data[:, 0] == 0).all() and tuple(nodes.translate)[0] == 1.0
+    assert edges.data.shape[1:] == (2, 4)

@@ -477,7 +477,7 @@ def plane_output(segmenter: ModelSegmenter, image: Any, plane: int | None, *, di
                  should_stop: Callable[[], bool] | None = None, voxel_size: Any = None) -> tuple[NetworkOutput, bool]:
     """(network output, was cached) of one plane (None: a 2D image, or the volume of a 3D model) under the same rules
     and cache keys as :func:`segment_any`."""
-    if segmenter.ndim == 3 and plane is not None:
+    if segmenter.ndim == 3 and plane is not None and np.ndim(image) == 3:
         raise InputError(f"{segmenter.name} is a 3D model: its output covers the whole volume, not plane {plane}")
     inputs = decide_inputs(segmenter, image, diameter, invert, channel, plane=plane, tile=tile, cache=cache,
                            voxel_size=voxel_size)

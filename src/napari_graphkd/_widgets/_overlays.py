@@ -152,8 +152,9 @@ class OverlaysWidget(JobWidget):
         image = find_layer(self.viewer, prov["image_layer_id"])
         if image is None:
             raise InputError(f"the image {prov['image_layer']!r} that {layer.name!r} was made from is no longer open")
-        local = None if layer.ndim == 2 or prov.get("volume") else current_plane(self.viewer, layer)
-        image_plane = prov["planes"][local or 0]
+        volume = bool(prov.get("volume"))
+        local = None if layer.ndim == 2 or (volume and layer.ndim == 3) else current_plane(self.viewer, layer)
+        image_plane = local if volume else prov["planes"][local or 0]  # a series of volumes: the time point shown
         source = Source(layer.name, plane_data(layer.data, local), prov["image_layer_id"], image.data, image_plane,
                         prov["model_spec"], prov["model"], RunSettings(**prov["run"]))
         return source, local
@@ -170,7 +171,7 @@ class OverlaysWidget(JobWidget):
             other, _ = self._source(self.other.value)
             if (other.image_id, other.image_plane, other.labels.shape) != (source.image_id, source.image_plane, source.labels.shape):
                 raise InputError("the two results must come from the same image (and plane)")
-        stacked = layer.ndim == 3 and not provenance(layer).get("volume")
+        stacked = layer.ndim == (4 if provenance(layer).get("volume") else 3)
         return OverlayRequest(kind, source, other, placement(layer, [local]), stacked, int(self.k.value),
                               self.max_distance.value or None, int(self.offset.value))
 

@@ -207,9 +207,9 @@ class SegmentWidget(JobWidget):
         if len(ndims) > 1:
             raise InputError("a 3D model segments the whole volume and a 2D model (or the classical pipeline) segments "
                              "planes: run them one at a time")
-        if image.ndim != 3 or image.rgb or image.multiscale:
+        if image.ndim not in (3, 4) or image.rgb or image.multiscale:
             raise InputError(f"{image.name!r} is not a (Z,Y,X) volume: the 3D model segments single-scale gray volumes "
-                             "(choose a 2D model for images)")
+                             "(or (T,Z,Y,X) series of them; choose a 2D model for images)")
         return True
 
     @staticmethod
@@ -272,13 +272,15 @@ class SegmentWidget(JobWidget):
 
     def _request(self, roles: tuple[str, ...]) -> SegmentRequest:
         image = self.image.value
-        check_image_layer(image)
+        if image is None:
+            raise InputError("choose an Image layer first")
         models = self._models(roles)
         run = self.run_settings()
         if self._volume_run(image, models):
             planes: tuple[int | None, ...] = (None,)
             run = replace(run, voxel_size=layer_voxel_size(image))
         else:
+            check_image_layer(image)
             planes = tuple(planes_to_run(self.viewer, image, self.all_planes.value))
         gt = self.ground_truth.value
         return SegmentRequest(str(image.unique_id), image.name, image.data, planes, tuple(models), run,
@@ -432,7 +434,7 @@ class SegmentWidget(JobWidget):
 
 
 def layer_voxel_size(image: Image) -> tuple[float, float, float] | None:
-    """A volume layer's voxel size (z, y, x) from its scale; None when the scale is the default (1, 1, 1): as trained."""
+    """A volume layer's voxel size (z, y, x) from its scale (the last three axes); None when it is (1, 1, 1): as trained."""
     scale = tuple(float(s) for s in image.scale[-3:])
     return None if scale == (1.0, 1.0, 1.0) else scale
 
