@@ -64,6 +64,18 @@ def test_volume_graphs_have_three_coordinates_by_hand():
     assert at_size(emb, (6, 8, 12)).shape == (2, 6, 8, 12)
 
 
+def test_agreement_of_volumes_counts_3d_objects():
+    a = np.zeros((2, 4, 4), int)
+    a[:, 1:3, 1:3] = 1  # one object through both planes
+    b = a.copy()
+    b[1] *= 2  # split across z: another id in the second plane
+    planes = agreement(a, b)
+    assert planes["f1"] == 1.0 and planes["n_b"] == 1.0  # plane by plane both match
+    volume = agreement(a, b, volume=True)
+    assert volume["n_a"] == 1.0 and volume["n_b"] == 2.0  # as volumes: split in two halves (IoU 0.5 each)
+    assert volume["f1"] == pytest.approx(2 / 3) and volume["aji"] == pytest.approx(4 / 12)  # one match of 1 + 2 objects
+
+
 def test_instance_embeddings_are_means():
     emb = np.zeros((2, 4, 6), dtype=np.float32)
     emb[0] = np.arange(24).reshape(4, 6)  # value = 6*y + x

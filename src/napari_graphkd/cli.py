@@ -51,6 +51,27 @@ def diameter_arg(text: str) -> float | str:
     return value
 
 
+def voxel_size_arg(text: str) -> tuple[float, float, float]:
+    """``--voxel-size Z,Y,X``: three positive, finite numbers (any one unit: only their ratios count)."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three numbers Z,Y,X (e.g. 4,1,1)") from None
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected three positive numbers Z,Y,X (e.g. 4,1,1), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def check_volume_options(segmenter, volume: bool, voxel_size) -> None:
+    """CLIError when --3d or --voxel-size is given for a model that segments planes (2D networks, classical)."""
+    if segmenter.ndim == 3 or not (volume or voxel_size):
+        return
+    option = "--3d" if volume else "--voxel-size"
+    raise CLIError(f"{option} needs a 3D model; {segmenter.name} is 2D and segments a stack plane by plane "
+                   f"(drop {option}, or give --model a 3D checkpoint)")
+
+
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """TIFF files named directly or found (non-recursively) in the named folders."""
     files: list[Path] = []
@@ -118,6 +139,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .large.command import segment_chunked, wants_chunked
 
     if wants_chunked(args):  # Zarr inputs and large TIFFs: chunk by chunk into Zarr
+        from .segment import load_segmenter
+
+        if args.volume or args.voxel_size or load_segmenter(args.model).ndim == 3:
+            raise CLIError("3D models segment whole volumes in memory; the chunked path (Zarr, large TIFF) runs 2D "
+                           "models plane by plane")
         if args.runtime != "torch":
             raise CLIError("--runtime onnx runs whole images only; chunked (Zarr, large TIFF) segmentation uses torch")
         return segment_chunked(args)
@@ -139,10 +165,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     todo = [(f, t) for f, t in zip(files, targets) if args.overwrite or not t.exists()]
     tile = {} if args.tile is None else {"tile": args.tile}
     segmenter = load_segmenter(args.model)
+    check_volume_options(segmenter, args.volume, args.voxel_size)
     if args.runtime == "onnx":
+        if segmenter.ndim == 3:
+            raise CLIError("--runtime onnx runs 2D models; a 3D model runs with torch")
         use_onnx_runtime(segmenter, args.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"model {segmenter.name}: {segmenter.parameters:,} parameters")
+    print(f"model {segmenter.name}: {segmenter.parameters:,} parameters"
+          + (", 3D: (Z,Y,X) images are segmented as volumes" if segmenter.ndim == 3 else ""))
     description = segmenter.describe()
     print(f"{'image':<40} {'objects':>7} {'network ms':>10} {'decode ms':>9}  input rules (auto: chosen per image)")
     net_total = dec_total = 0.0
@@ -152,7 +182,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         try:
             image = read_tiff(path)
             result = segment_any(segmenter, image, diameter=args.diameter, invert=args.invert,
-                                 channel=args.channel, **tile,
+                                 channel=args.channel, **tile, volume=args.volume or None, voxel_size=args.voxel_size,
                                  on_progress=lambda fraction, i=i: bar.update(i + fraction - bar.n))
             write_labels(target, result.labels)
         except (InputError, ValueError, OSError, MemoryError) as exc:
@@ -233,11 +263,50 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=1))
     else:
-        for key in ("name", "architecture", "parameters", "path", "config", "decode", "train_diameter",
-                    "training_data", "command", "step", "metrics", "package_version"):
+        for key in ("name", "architecture", "parameters", "ndim", "voxel_size", "path", "config", "decode",
+                    "train_diameter", "training_data", "command", "step", "metrics", "package_version"):
             if key in info:
-                print(f"{key:>15}: {info[key]}")
+                print(f"{key:>15}: {describe_value(key, info[key])}")
     return 0
+
+
+def describe_value(key: str, value) -> str:
+    """How ``graphkd info`` prints a metadata value (dimensionality and voxel size in words)."""
+    if key == "ndim":
+        return "3D: segments (Z,Y,X) volumes as a whole" if value == 3 else "2D: segments images, stacks plane by plane"
+    if key == "voxel_size" and value is not None:
+        return ":".join(f"{v:g}" for v in value) + " (z:y:x of its training volumes; --voxel-size rescales to it)"
+    return str(value)
+
+
+def arch_ndim(arch: str) -> int:
+    """2 or 3: what a named architecture segments; CLIError naming the known ones otherwise."""
+    from .models import NAMED_CONFIGS
+
+    if arch not in NAMED_CONFIGS:
+        raise CLIError(f"unknown architecture {arch!r}; known: {', '.join(NAMED_CONFIGS)}")
+    return NAMED_CONFIGS[arch].ndim
+
+
+def check_data_ndim(option: str, name: str, ndim: int, folders: list[Path]) -> None:
+    """CLIError when a training folder holds images for a 3D network or volumes for a 2D one."""
+    from .data import folder_ndim
+
+    volumes3d = ", ".join(n for n, c in _named_by_ndim().items() if c == 3)
+    for folder in folders:
+        found = folder_ndim(folder)
+        if found == ndim:
+            continue
+        if ndim == 3:
+            raise CLIError(f"{option} {name} is 3D: {folder}/images must hold (Z,Y,X) volumes, it holds 2D images")
+        raise CLIError(f"{folder}/images holds (Z,Y,X) volumes: {option} {name} is 2D; choose a 3D one ({volumes3d})")
+
+
+def _named_by_ndim() -> dict[str, int]:
+    """Named architectures and their dimensionality."""
+    from .models import NAMED_CONFIGS
+
+    return {name: config.ndim for name, config in NAMED_CONFIGS.items()}
 
 
 class TrainingBar:
@@ -303,6 +372,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     distributed.setup()  # one process of several under torchrun: rank 0 alone reports
     distributed.check_batch_size(args.batch_size)
     sources = parse_sources(args.data, args.source_weights, args.n_tune)
+    check_data_ndim("--arch", args.arch, arch_ndim(args.arch), [s.folder for s in sources])
+    if arch_ndim(args.arch) == 3:
+        return train_volume_command(args, sources)
     settings = TrainSettings(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         validate_every=args.validate_every, snapshot_every=args.validate_every,
@@ -319,6 +391,105 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"finished at step {progress_record['step']}; best on tune split: {progress_record['best']}")
         print(f"checkpoints in {args.out} (best.safetensors, last.safetensors)")
     distributed.shutdown()
+    return 0
+
+
+def volume_sets(sources) -> tuple[list, list]:
+    """(train, tune) volume samples of the sources (normalised as a whole, not rescaled: 3D runs use voxel sizes).
+
+    A folder split by ``--n-tune`` keeps at least one volume to train on (a single volume: no tune volume).
+    """
+    from dataclasses import replace
+
+    from .data import load_source, split_tune
+
+    train, tune = [], []
+    for source in sources:
+        if source.train is None and source.tune_folder is None:  # held out by --n-tune
+            names = sorted(p.stem for p in (source.folder / "images").iterdir() if p.suffix in (".tif", ".tiff"))
+            if len(source.tune) >= len(names):
+                source = replace(source, tune=tuple(split_tune(names, len(names) - 1, seed=0)[1]))
+        part_train, part_tune = load_source(source, diameter=None)
+        train, tune = train + part_train, tune + part_tune
+    if not train:
+        raise CLIError("no volume to train on: every volume of --data is a tune volume")
+    return train, tune
+
+
+def volume_validator(tune: list, offsets):
+    """Validation on held-out volumes: 3D F1@0.5 and AJI of the model's segmentation (default decoder, ``offsets``)."""
+    from .decode.mws import DecodeSettings
+    from .decode.policy import decode_output
+    from .evaluation import selection_score
+    from .inference import network_output
+    from .metrics import evaluate, mean_metrics
+
+    def validate(model) -> dict:
+        was_training = model.training
+        model.eval()
+        outputs = [network_output(model, s.image, offsets=offsets) for s in tune]
+        model.train(was_training)
+        per_volume = [evaluate(s.labels, decode_output(o, DecodeSettings(), offsets)[0]) for o, s in zip(outputs, tune)]
+        scores = dict(mean_metrics(per_volume), score=selection_score(per_volume))
+        print(f"\nvalidation on {len(tune)} volume(s): f1@0.5 {scores['f1@0.5']:.3f} aji {scores['aji']:.3f}",
+              file=sys.stderr, flush=True)
+        return scores
+
+    return validate if tune else None
+
+
+def check_single_process(command: str) -> None:
+    """CLIError for a 3D run launched as several processes (distributed runs train 2D networks)."""
+    from .train import distributed
+
+    if distributed.launched():
+        raise CLIError(f"{command} of 3D networks runs as one process; start it without torchrun")
+
+
+def train_volume_command(args: argparse.Namespace, sources) -> int:
+    """``graphkd train`` of a 3D architecture on volume folders (random 3D crops, y-x turns, intensity jitter)."""
+    from .data import AugmentConfig
+    from .train.loop import TrainSettings
+    from .train.segmentation import train_volumes
+    from .train.volumes import volume_offsets
+
+    check_single_process("training")
+    if args.source_weights:
+        raise CLIError("--source-weights applies to 2D training; 3D training draws from every volume alike")
+    train, tune = volume_sets(sources)
+    print(f"{len(train)} volume(s) to train, {len(tune)} to tune; crops {args.volume_crop} (z, y, x); voxel size "
+          + (":".join(f"{v:g}" for v in args.voxel_size) if args.voxel_size else "isotropic"), file=sys.stderr)
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             validate_every=args.validate_every, snapshot_every=args.validate_every,
+                             augment=AugmentConfig())
+    bar = TrainingBar("train")
+    record = train_volumes(train, args.out, args.arch, settings, crop=args.volume_crop, voxel_size=args.voxel_size,
+                           init_checkpoint=args.init, command="graphkd " + shlex.join(args.argv),
+                           validate=volume_validator(tune, volume_offsets(args.voxel_size)), on_progress=bar.update)
+    bar.close()
+    print(f"finished at step {record['step']}; best on tune volumes: {record.get('best')}")
+    print(f"checkpoints in {args.out} (best.safetensors, last.safetensors)")
+    return 0
+
+
+def distill_volume_command(args: argparse.Namespace, teacher, sources, settings, distill) -> int:
+    """``graphkd distill`` of a 3D student from a 3D teacher on volume folders (the teacher's offsets and voxel size)."""
+    from .train.distill import distill_volume_student
+
+    check_single_process("distillation")
+    if args.unlabelled or args.source_weights:
+        raise CLIError("--unlabelled and --source-weights apply to 2D distillation; 3D distillation uses the --data volumes")
+    train, tune = volume_sets(sources)
+    print(f"distilling {args.student} from {teacher.path} with {args.method} on {len(train)} volume(s) "
+          f"({len(tune)} to tune): {distill.weights.active() or 'no KD terms'}", file=sys.stderr)
+    bar = TrainingBar("distill")
+    record = distill_volume_student(teacher.path, train, args.out, args.student,
+                                    settings, distill,
+                                    crop=args.volume_crop, command="graphkd " + shlex.join(args.argv),
+                                    validate=volume_validator(tune, teacher.offsets), on_progress=bar.update,
+                                    on_status=lambda m: print(m, file=sys.stderr, flush=True))
+    bar.close()
+    print(f"finished at step {record['step']}; best on tune volumes: {record.get('best')}")
     return 0
 
 
@@ -379,11 +550,18 @@ def cmd_distill(args: argparse.Namespace) -> int:
     for u in unlabelled if distributed.is_main() else ():
         print(f"unlabelled {u.name}: {u.folder} ({'all' if u.stems is None else len(u.stems)} images, weight {u.weight:g})",
               file=sys.stderr)
+    student_ndim = arch_ndim(args.student)
+    if student_ndim != teacher.ndim:
+        raise CLIError(f"the teacher is {teacher.ndim}D and --student {args.student} is {student_ndim}D; "
+                       f"choose a {teacher.ndim}D student ({', '.join(n for n, d in _named_by_ndim().items() if d == teacher.ndim)})")
+    check_data_ndim("--student", args.student, student_ndim, [s.folder for s in sources])
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              validate_every=args.validate_every, snapshot_every=args.validate_every,
                              augment=AugmentConfig(crop=args.crop, acquisition_prob=args.acquisition_aug))
     distill = DistillSettings(method=args.method, weights=weights, memory_size=args.memory_size,
                               memory_samples=args.memory_samples)
+    if student_ndim == 3:
+        return distill_volume_command(args, teacher, sources, settings, distill)
     if distributed.is_main():
         print(f"distilling {args.student} from {teacher.path} with {args.method}: {weights.active() or 'no KD terms'}",
               file=sys.stderr)
@@ -593,6 +771,28 @@ def invert_arg(text: str) -> bool | str:
     return choices[text.strip().lower()]
 
 
+def crop_arg(text: str) -> tuple[int, int, int]:
+    """``--volume-crop Z,Y,X``: three whole numbers >= 4."""
+    try:
+        values = tuple(int(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three whole numbers Z,Y,X (e.g. 16,64,64)") from None
+    if len(values) != 3 or min(values) < 4:
+        raise argparse.ArgumentTypeError(f"expected three whole numbers Z,Y,X of at least 4 (e.g. 16,64,64), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def add_volume_training_arguments(parser: argparse.ArgumentParser, voxel: bool) -> None:
+    """Options of train/distill that apply to 3D architectures (volume folders)."""
+    group = parser.add_argument_group("3D architectures (folders of (Z,Y,X) volumes)")
+    group.add_argument("--volume-crop", type=crop_arg, default=(16, 64, 64), metavar="Z,Y,X",
+                       help="random training crop of the volumes (default 16,64,64)")
+    if voxel:
+        group.add_argument("--voxel-size", type=voxel_size_arg, default=None, metavar="Z,Y,X",
+                           help="voxel size of the training volumes (any unit; default isotropic): sets the z offsets "
+                                "and is stored in the checkpoint, so graphkd segment --voxel-size rescales other volumes to it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``graphkd``."""
     parser = Parser(prog="graphkd", description=__doc__)
@@ -609,7 +809,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dark nuclei on a bright background (default auto: detected per image; --invert alone: yes)")
     p.add_argument("--channel", choices=["auto", "luminance", "hematoxylin"], default="auto",
                    help="input channel of RGB images (default auto: hematoxylin for stained histology, else luminance)")
-    p.add_argument("--tile", type=int, default=None, help="tile size for large images (px; default 1024)")
+    p.add_argument("--tile", type=int, default=None, help="tile size for large images (px; default 1024; volumes run in "
+                   "cubes with as many voxels: 1024 -> 102 per side)")
+    p.add_argument("--3d", dest="volume", action="store_true",
+                   help="segment (Z,Y,X) images as volumes (needs a 3D model; automatic for 3D checkpoints)")
+    p.add_argument("--voxel-size", type=voxel_size_arg, default=None, metavar="Z,Y,X",
+                   help="voxel size of the volumes, e.g. 4,1,1 for z steps 4x the pixel size (any unit; default: as the "
+                        "3D model was trained); volumes are rescaled to the model's voxel proportions")
     p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads for the network (0 = one per idle CPU this process may use)")
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
                    help="run the network with torch or onnxruntime (needs the export extra)")
@@ -636,7 +842,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("train", help="train a network on folders with images/ and labels/")
+    p = sub.add_parser("train", help="train a network on folders with images/ and labels/ (2D images, or (Z,Y,X) "
+                       "volumes for a 3D --arch)")
     p.add_argument("--data", required=True, action="append", metavar="DIR[@SPLIT]",
                    help="folder with images/*.tif and labels/*.tif; repeat for several sources (batches draw from each "
                         "equally). @SPLIT trains on SPLIT_train.txt and tunes on SPLIT_tune.txt: a bundled split "
@@ -645,7 +852,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-weights", type=float, nargs="+", default=None, metavar="W",
                    help="sampling weight of each --data source, in order (default: equal)")
     p.add_argument("--out", required=True, help="run folder (resumes if it holds a run)")
-    p.add_argument("--arch", default="resunet-cpu-teacher", help="named architecture")
+    p.add_argument("--arch", default="resunet-cpu-teacher", help="named architecture (3D: unet3d-teacher, unet3d-student, "
+                   "mala3d; their --data folders hold (Z,Y,X) volumes)")
     p.add_argument("--init", default=None, help="start from this checkpoint")
     p.add_argument("--steps", type=int, default=12000)
     p.add_argument("--batch-size", type=int, default=4)
@@ -660,6 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-tune", type=int, default=10, help="images held out to validate on (a source without @SPLIT and without a tune/ folder beside DIR=.../train)")
     p.add_argument("--validate-every", type=int, default=1000)
     p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads (0 = one per idle CPU this process may use)")
+    add_volume_training_arguments(p, voxel=True)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("distill", help="distil a student from a teacher checkpoint")
@@ -675,7 +884,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-weights", type=float, nargs="+", default=None, metavar="W",
                    help="sampling weight of each --data, then each --unlabelled source, in order (default: equal)")
     p.add_argument("--out", required=True, help="run folder (resumes if it holds a run)")
-    p.add_argument("--student", default="halfres-student", help="named student architecture")
+    p.add_argument("--student", default="halfres-student", help="named student architecture (a 3D teacher needs a 3D "
+                   "student, e.g. unet3d-student, and --data of (Z,Y,X) volumes)")
     p.add_argument("--method", default="grd", help="grd, grd-intra, none, pseudo (the teacher's labels of the "
                    "--unlabelled images as targets, no distillation terms), mimic, at, skd or cwd")
     p.add_argument("--weight", action="append", metavar="TERM=VALUE",
@@ -694,6 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "and without a tune/ folder beside DIR=.../train)")
     p.add_argument("--validate-every", type=int, default=500)
     p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads (0 = one per idle CPU this process may use)")
+    add_volume_training_arguments(p, voxel=False)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("export", help="tune the decoder and write a compact checkpoint; or write bioimage.io / ONNX")

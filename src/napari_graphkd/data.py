@@ -1,4 +1,5 @@
-"""Annotated image folders (``images/*.tif`` + ``labels/*.tif``), training sources, augmentation and random crops."""
+"""Annotated image folders (``images/*.tif`` + ``labels/*.tif``: 2D images, or (Z,Y,X) volumes for 3D models),
+training sources, augmentation and random crops."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +9,8 @@ import numpy as np
 import tifffile
 from scipy import ndimage as ndi
 
-from .inference import TRAIN_DIAMETER, working_image
+from .inference import TRAIN_DIAMETER, working_image, working_volume
+from .planes import plane_layout
 from .preprocess import normalize
 
 SPLIT_DIR = Path(__file__).parent / "splits"  # bundled split lists: <name>_{train,tune,val}.txt
@@ -17,7 +19,7 @@ MAX_RESCALE = 4.0  # training images are rescaled by at most this factor (or its
 
 @dataclass(frozen=True)
 class Sample:
-    """One annotated image: normalised float32 image, integer labels, its file stem and the rescale applied."""
+    """One annotated image (or (Z,Y,X) volume): normalised float32 image, integer labels, its file stem and the rescale applied."""
 
     name: str
     image: np.ndarray
@@ -33,8 +35,30 @@ def read_tiff(path: str | Path) -> np.ndarray:
         raise ValueError(f"cannot read {path} as TIFF: {exc}") from None
 
 
+def is_volume_shape(shape: tuple[int, ...]) -> bool:
+    """A (Z,Y,X) gray volume by the one stack rule (a short last axis would be channels)."""
+    return len(shape) == 3 and len(plane_layout(shape)[0]) == 1
+
+
+def folder_ndim(root: str | Path) -> int:
+    """3 when ``root/images`` holds (Z,Y,X) volumes, 2 for images (read from the first file's header only)."""
+    paths = sorted(Path(root, "images").glob("*.tif")) + sorted(Path(root, "images").glob("*.tiff"))
+    if not paths:
+        raise ValueError(f"no .tif images found in {Path(root, 'images')}")
+    try:
+        with tifffile.TiffFile(paths[0]) as tif:
+            shape = tuple(tif.series[0].shape)
+    except Exception as exc:  # tifffile raises many types for bad files
+        raise ValueError(f"cannot read {paths[0]} as TIFF: {exc}") from None
+    return 3 if is_volume_shape(shape) else 2
+
+
 def load_folder(root: str | Path, names: list[str] | None = None, invert: bool = False) -> list[Sample]:
-    """Load ``root/images/*.tif`` with the same-named ``root/labels/*.tif``; ``names`` selects stems."""
+    """Load ``root/images/*.tif`` with the same-named ``root/labels/*.tif``; ``names`` selects stems.
+
+    (Z,Y,X) volumes are normalised as a whole (:func:`~napari_graphkd.inference.working_volume`);
+    a folder holds images or volumes, not both.
+    """
     root = Path(root)
     image_dir, label_dir = root / "images", root / "labels"
     if not image_dir.is_dir() or not label_dir.is_dir():
@@ -50,10 +74,14 @@ def load_folder(root: str | Path, names: list[str] | None = None, invert: bool =
         label_path = label_dir / path.name
         if not label_path.exists():
             raise ValueError(f"missing label file {label_path} for image {path.name}")
-        image = working_image(read_tiff(path), invert=invert)
+        raw = read_tiff(path)
+        image = working_volume(raw, invert=invert) if is_volume_shape(raw.shape) else working_image(raw, invert=invert)
         labels = read_tiff(label_path).astype(np.int32)
         if labels.shape != image.shape:
             raise ValueError(f"{path.name}: image shape {image.shape} != label shape {labels.shape}")
+        if samples and samples[0].image.ndim != image.ndim:
+            raise ValueError(f"{root} mixes 2D images and (Z,Y,X) volumes ({samples[0].name} and {path.name}); "
+                             "keep volumes in a folder of their own")
         samples.append(Sample(path.stem, image, labels))
     return samples
 

@@ -133,11 +133,12 @@ def at_size(maps: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return ndi.zoom(maps, zoom, order=1, grid_mode=True, mode="nearest").astype(maps.dtype, copy=False)
 
 
-def agreement(labels_a: np.ndarray, labels_b: np.ndarray) -> dict[str, float]:
-    """F1@0.5, AJI and object counts of ``labels_b`` against reference ``labels_a`` (stacks: mean over planes)."""
+def agreement(labels_a: np.ndarray, labels_b: np.ndarray, volume: bool = False) -> dict[str, float]:
+    """F1@0.5, AJI and object counts of ``labels_b`` against reference ``labels_a`` (stacks: mean over planes;
+    a ``volume``: its 3D objects)."""
     a, b = np.asarray(labels_a), np.asarray(labels_b)
     if a.shape != b.shape:
         raise ValueError(f"label images differ in shape: {a.shape} vs {b.shape}")
-    planes = [evaluate(a, b)] if a.ndim == 2 else [evaluate(pa, pb) for pa, pb in zip(a, b)]
+    planes = [evaluate(a, b)] if a.ndim == 2 or volume else [evaluate(pa, pb) for pa, pb in zip(a, b)]
     scores = mean_metrics(planes)
     return {"f1": scores["f1@0.5"], "aji": scores["aji"], "n_a": scores["n_gt"], "n_b": scores["n_pred"]}

@@ -72,8 +72,8 @@ def assess(result: Any, description: dict[str, Any], image: np.ndarray | None = 
     ``result`` is a :class:`~napari_graphkd.segment.SegmentResult`; ``description`` the model's
     ``describe()``; ``image`` the 2D image (or one plane of a stack) it segmented, for the modality check.
     """
-    if description.get("architecture") == "otsu+watershed":
-        return []
+    if description.get("architecture") == "otsu+watershed" or getattr(result, "volume", False):
+        return []  # the rules below are about 2D nucleus images
     inputs = result.inputs
     invert = bool(getattr(inputs, "invert", False))
     train_diameter = float(description.get("train_diameter", TRAIN_DIAMETER))

@@ -1,7 +1,8 @@
-"""Running a network on an image: preparation at the model's scale, seamless tiling, the network output.
+"""Running a network on an image or volume: preparation at the model's scale, seamless tiling, the network output.
 
 :func:`working_image` is the one preparation (input rules, normalisation, object-size rescaling)
-every caller uses; :func:`network_output` runs a network on it. The output is kept
+every caller uses (:func:`working_volume` for a (Z,Y,X) volume given to a 3D network);
+:func:`network_output` runs a 2D or 3D network on it, in overlapping tiles. The output is kept
 (:class:`NetworkOutput`) so that decoder settings can be changed without re-running the network;
 :mod:`napari_graphkd.decode.policy` turns it into labels.
 """
@@ -15,30 +16,46 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from .affinity import OFFSETS, embedding_affinities
+from .affinity import embedding_affinities, resolve_offsets
 from .models import EmbeddingUNet
-from .preprocess import MAX_WORKING_PIXELS, InputError, grayscale, normalize
+from .preprocess import MAX_WORKING_PIXELS, InputError, check_finite, grayscale, normalize
 
 TRAIN_DIAMETER = 28.0  # nucleus diameter (px) the bundled models were trained at (BBBC039: mean area ~600 px)
 MIN_SIDE = 16
+MIN_PLANES = 4  # a volume needs at least this many z planes (fewer: segment plane by plane)
 DEFAULT_TILE = 1024
 TILE_OVERLAP = 64
+TILE_OVERLAP_3D = 16  # voxels shared by neighbouring 3D tiles (half of it is cut from each inner tile face)
+MAX_WORKING_VOXELS = 2**26  # largest volume (after rescaling) a 3D network is run on: its embedding takes 4 GB
+
+Scale = float | tuple[float, ...]  # one factor for every axis, or one per axis (volumes: z, y, x)
 
 
 @dataclass
 class NetworkOutput:
-    """Network output for one 2D image at the network's native resolution (cache it to re-decode)."""
+    """Network output for one 2D image or one (Z,Y,X) volume at the network's native resolution (cache it to re-decode)."""
 
-    embedding: np.ndarray  # (C,h,w) float32 at 1/stride of the working size
-    foreground: np.ndarray | None  # (h,w) probability, same grid
-    image_shape: tuple[int, int]  # original (H,W) of the input
-    scale: float  # working size / original size (object-size rescaling)
+    embedding: np.ndarray  # (C,h,w) or (C,d,h,w) float32 at 1/stride of the working size
+    foreground: np.ndarray | None  # (h,w) / (d,h,w) probability, same grid
+    image_shape: tuple[int, ...]  # original (H,W) or (Z,Y,X) of the input
+    scale: Scale  # working size / original size (object-size rescaling; volumes: per axis)
     seconds: float  # input preparation + network
-    stride: int = 1
-    working_shape: tuple[int, int] | None = None  # size the network saw; default: image_shape
+    stride: int | tuple[int, ...] = 1
+    working_shape: tuple[int, ...] | None = None  # size the network saw; default: image_shape
+    offsets: tuple[tuple[int, ...], ...] | None = None  # the model's affinity offsets; None: the defaults of its ndim
 
     @property
-    def full_shape(self) -> tuple[int, int]:
+    def ndim(self) -> int:
+        """2 for an image, 3 for a volume."""
+        return self.embedding.ndim - 1
+
+    @property
+    def affinity_offsets(self) -> tuple[tuple[int, ...], ...]:
+        """The offsets its affinities (and decoding) use."""
+        return resolve_offsets(self.offsets, self.ndim)
+
+    @property
+    def full_shape(self) -> tuple[int, ...]:
         """Size of the network's input (after rescaling), where full-resolution decoding happens."""
         return tuple(self.working_shape or self.image_shape)
 
@@ -53,19 +70,31 @@ class NetworkOutput:
         return _upsample(self.foreground[None], self.stride, self.full_shape)[0]
 
     def affinities(self, native: bool = False) -> np.ndarray:
-        """Cosine affinities (K,h,w) at the standard offsets, at input size or on the native grid."""
+        """Cosine affinities (K,*spatial) at its offsets, at input size or on the native grid."""
         emb = self.embedding if native else self.full_embedding()
-        return embedding_affinities(torch.from_numpy(emb)[None], OFFSETS)[0].numpy()
+        return embedding_affinities(torch.from_numpy(emb)[None], self.offsets)[0].numpy()
 
 
-def _upsample(maps: np.ndarray, stride: int, shape: tuple[int, int]) -> np.ndarray:
-    """(C,h,w) maps on a 1/stride grid, bilinearly upsampled and cropped to ``shape``."""
-    if stride == 1 and maps.shape[-2:] == tuple(shape):
+def per_axis(value: int | float | tuple, ndim: int) -> tuple:
+    """``value`` for each of ``ndim`` axes: a tuple as given, a number repeated."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != ndim:
+            raise ValueError(f"expected {ndim} values (one per axis), got {tuple(value)}")
+        return tuple(value)
+    return (value,) * ndim
+
+
+def _upsample(maps: np.ndarray, stride: int | tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """(C,*spatial) maps on a 1/stride grid, (bi/tri)linearly upsampled and cropped to ``shape``."""
+    ndim = maps.ndim - 1
+    strides = per_axis(stride, ndim)
+    if set(strides) == {1} and maps.shape[1:] == tuple(shape):
         return maps
     t = torch.from_numpy(np.ascontiguousarray(maps))[None]
-    size = (maps.shape[-2] * stride, maps.shape[-1] * stride)
-    up = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)[0]
-    return up[:, : shape[0], : shape[1]].numpy()
+    size = tuple(n * s for n, s in zip(maps.shape[1:], strides))
+    mode = "bilinear" if ndim == 2 else "trilinear"
+    up = torch.nn.functional.interpolate(t, size=size, mode=mode, align_corners=False)[0]
+    return up[(slice(None), *(slice(0, n) for n in shape))].numpy()
 
 
 def prepare_image(image: np.ndarray, invert: bool = False) -> np.ndarray:
@@ -81,9 +110,9 @@ def rescale_factor(diameter: float | None, train_diameter: float) -> float:
     return 1.0 if diameter is None else float(train_diameter) / float(diameter)
 
 
-def working_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
-    """(H,W) of an image of ``shape`` rescaled by ``scale`` (what ``ndi.zoom`` returns)."""
-    return tuple(int(round(n * scale)) for n in shape)
+def working_shape(shape: tuple[int, ...], scale: Scale) -> tuple[int, ...]:
+    """Shape of an image or volume of ``shape`` rescaled by ``scale`` (what ``ndi.zoom`` returns)."""
+    return tuple(int(round(n * f)) for n, f in zip(shape, per_axis(scale, len(shape))))
 
 
 def working_image(image: np.ndarray, invert: bool = False, scale: float = 1.0) -> np.ndarray:
@@ -96,9 +125,41 @@ def working_image(image: np.ndarray, invert: bool = False, scale: float = 1.0) -
     return working
 
 
-def rescaled(prepared: np.ndarray, scale: float) -> np.ndarray:
-    """A prepared image rescaled by ``scale`` (linear interpolation; itself when 1)."""
-    return prepared if scale == 1.0 else ndi.zoom(prepared, scale, order=1)
+def rescaled(prepared: np.ndarray, scale: Scale) -> np.ndarray:
+    """A prepared image or volume rescaled by ``scale`` (linear interpolation; itself when 1)."""
+    return prepared if set(per_axis(scale, prepared.ndim)) == {1.0} else ndi.zoom(prepared, scale, order=1)
+
+
+def volume_tile(tile: int) -> int:
+    """Side of a 3D tile (voxels) for a tile setting of ``tile`` px: the same number of voxels as a tile x tile
+    image (1024 -> 102), at least twice the 3D overlap."""
+    return max(2 * TILE_OVERLAP_3D, int(round(tile ** (2 / 3))))
+
+
+def check_volume(shape: tuple[int, ...]) -> None:
+    """InputError unless ``shape`` is a gray (Z,Y,X) volume a 3D network can run on."""
+    if len(shape) != 3:
+        raise InputError(f"a 3D model segments (Z,Y,X) volumes; the image has shape {tuple(shape)}")
+    if shape[0] < MIN_PLANES or min(shape[1:]) < MIN_SIDE:
+        raise InputError(f"the volume {'x'.join(map(str, shape))} is too small to segment as a volume; need at least "
+                         f"{MIN_PLANES} planes of {MIN_SIDE}x{MIN_SIDE} px (segment thinner stacks plane by plane)")
+
+
+def working_volume(volume: np.ndarray, invert: bool = False, scale: Scale = 1.0) -> np.ndarray:
+    """A (Z,Y,X) volume as a 3D network sees it: float32, inverted if asked, normalised as a whole, rescaled per axis."""
+    volume = np.asarray(volume)
+    check_volume(volume.shape)
+    check_finite(volume)
+    big = working_shape(volume.shape, scale)
+    if int(np.prod(big)) > MAX_WORKING_VOXELS:
+        raise InputError(f"the volume {'x'.join(map(str, volume.shape))} would be {'x'.join(map(str, big))} voxels once "
+                         f"rescaled (more than {MAX_WORKING_VOXELS:,}); segment a crop of it")
+    gray = volume.astype(np.float32)
+    if invert:
+        gray = gray.max() - gray
+    working = rescaled(normalize(gray), scale)
+    check_volume(working.shape)
+    return working
 
 
 def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
@@ -110,22 +171,42 @@ def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
     return sorted(set(starts))
 
 
+def _pad_to(x: np.ndarray | torch.Tensor, multiple: tuple[int, ...]):
+    """Pad the last len(multiple) axes at their far end to multiples of ``multiple`` (reflect, or edge when too short)."""
+    shape = tuple(x.shape[-len(multiple):])
+    pads = [(-n) % m for n, m in zip(shape, multiple)]
+    if not any(pads):
+        return x
+    reflect = all(n > p for n, p in zip(shape, pads))
+    if isinstance(x, np.ndarray):
+        return np.pad(x, [(0, p) for p in pads], mode="reflect" if reflect else "edge")
+    flat = [v for p in reversed(pads) for v in (0, p)]
+    return torch.nn.functional.pad(x, flat, mode="reflect" if reflect else "replicate")
+
+
+def network_geometry(model: EmbeddingUNet, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(stem stride, size multiple) of a network per axis (anisotropic 3D networks differ in z)."""
+    multiples = getattr(model, "size_multiples", None) or per_axis(model.size_multiple, ndim)
+    return tuple(model.config.stem_strides()), tuple(multiples)
+
+
+def _stride_of(model: EmbeddingUNet, ndim: int) -> int | tuple[int, ...]:
+    """The output grid's stride: one number when every axis shares it (2D networks, isotropic 3D ones), else per axis."""
+    strides = network_geometry(model, ndim)[0]
+    return strides[0] if len(set(strides)) == 1 else strides
+
+
 @torch.inference_mode()
 def _network(model: EmbeddingUNet, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Native-resolution (1/stride) embedding and foreground probability of one normalised 2D image."""
-    stride = model.config.stem_stride
-    h, w = image.shape
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-    m = model.size_multiple
-    ph, pw = (-h) % m, (-w) % m
-    if ph or pw:
-        x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="reflect" if h > ph and w > pw else "replicate")
+    """Native-resolution (1/stride) embedding and foreground probability of one normalised 2D image or 3D volume."""
+    stride, multiple = network_geometry(model, image.ndim)
+    x = _pad_to(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None], multiple)
     if model.config.in_channels != 1:
-        x = x.repeat(1, model.config.in_channels, 1, 1)
+        x = x.repeat(1, model.config.in_channels, *(1,) * image.ndim)
     emb, fg, _ = model.forward_features(x)
-    nh, nw = -(-h // stride), -(-w // stride)
-    fg_np = torch.sigmoid(fg[0, 0, :nh, :nw]).numpy() if fg is not None else None
-    return emb[0, :, :nh, :nw].numpy(), fg_np
+    native = tuple(slice(0, -(-n // s)) for n, s in zip(image.shape, stride))
+    fg_np = torch.sigmoid(fg[(0, 0, *native)]).numpy() if fg is not None else None
+    return emb[(0, slice(None), *native)].numpy(), fg_np
 
 
 def tiled_network(
@@ -135,54 +216,61 @@ def tiled_network(
     overlap: int = TILE_OVERLAP,
     on_tile: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Native-resolution network output of a large image from overlapping tiles, each keeping its centre.
+    """Native-resolution network output of a large image or volume from overlapping tiles, each keeping its centre.
 
-    Every output pixel comes from a tile in which it lies at least ``overlap/2`` px from an inner
-    tile edge, so the stitched embedding has no seams; decoding then runs on the whole image, so
-    no nucleus is split at a tile border. The image is padded to the network's size multiple and
-    tiles start on multiples of its stride, so the result equals one whole-image pass.
+    Tiles are ``tile`` px (voxels) per side. Every output pixel comes from a tile in which it lies
+    at least ``overlap/2`` px from an inner tile face, so the stitched embedding has no seams;
+    decoding then runs on the whole image, so no object is split at a tile border. The image is
+    padded to the network's size multiple and tiles start on multiples of its stride, so the result
+    equals one whole-image pass.
     """
-    s = model.config.stem_stride
-    h, w = image.shape
     if tile < 2 * overlap:
         raise InputError(f"tile size {tile} must be at least twice the overlap ({overlap})")
-    m = model.size_multiple  # pad like the whole-image pass does, so tiles see the same borders
-    tile, overlap = max(m, tile - tile % m), overlap - overlap % s
-    ph, pw = (-h) % m, (-w) % m
-    if ph or pw:
-        image = np.pad(image, ((0, ph), (0, pw)), mode="reflect" if h > ph and w > pw else "edge")
-    H, W = image.shape
-    ys, xs = _tile_starts(H, tile, overlap), _tile_starts(W, tile, overlap)
+    n = len(image.shape)
+    strides, multiple = network_geometry(model, n)
+    size = image.shape
+    image = _pad_to(image, multiple)  # pad like the whole-image pass does, so tiles see the same borders
+    tiles = tuple(max(m, tile - tile % m) for m in multiple)
+    laps = tuple(overlap - overlap % s for s in strides)
+    starts = [_tile_starts(N, t, o) for N, t, o in zip(image.shape, tiles, laps)]
     emb = fg = None
-    n_tiles, done = len(ys) * len(xs), 0
-    for iy, y in enumerate(ys):
-        for ix, x in enumerate(xs):
-            e, f = _network(model, image[y : y + tile, x : x + tile])
-            if emb is None:
-                emb = np.empty((e.shape[0], H // s, W // s), dtype=np.float32)
-                fg = np.empty((H // s, W // s), dtype=np.float32) if f is not None else None
-            th, tw = e.shape[1:]
-            # keep the centre: cut half the overlap (in native px) on every side that borders another tile
-            y0 = 0 if iy == 0 else (ys[iy - 1] + tile - y) // (2 * s)
-            x0 = 0 if ix == 0 else (xs[ix - 1] + tile - x) // (2 * s)
-            y1 = th if iy == len(ys) - 1 else th - (y + tile - ys[iy + 1]) // (2 * s)
-            x1 = tw if ix == len(xs) - 1 else tw - (x + tile - xs[ix + 1]) // (2 * s)
-            oy, ox = y // s, x // s
-            emb[:, oy + y0 : oy + y1, ox + x0 : ox + x1] = e[:, y0:y1, x0:x1]
-            if fg is not None:
-                fg[oy + y0 : oy + y1, ox + x0 : ox + x1] = f[y0:y1, x0:x1]
-            done += 1
-            if on_tile is not None:
-                on_tile(done, n_tiles)
-    nh, nw = -(-h // s), -(-w // s)
-    return emb[:, :nh, :nw], (fg[:nh, :nw] if fg is not None else None)
+    n_tiles, done = int(np.prod([len(st) for st in starts])), 0
+    for position in np.ndindex(*(len(st) for st in starts)):
+        window = tuple(slice(st[i], st[i] + t) for st, i, t in zip(starts, position, tiles))
+        e, f = _network(model, image[window])
+        if emb is None:
+            native_full = tuple(N // s for N, s in zip(image.shape, strides))
+            emb = np.empty((e.shape[0], *native_full), dtype=np.float32)
+            fg = np.empty(native_full, dtype=np.float32) if f is not None else None
+        keep, place = [], []
+        for axis, (st, i, t, s) in enumerate(zip(starts, position, tiles, strides)):
+            # keep the centre: cut half the overlap (in native px) on every face that borders another tile
+            lo = 0 if i == 0 else (st[i - 1] + t - st[i]) // (2 * s)
+            hi = e.shape[1 + axis] if i == len(st) - 1 else e.shape[1 + axis] - (st[i] + t - st[i + 1]) // (2 * s)
+            keep.append(slice(lo, hi))
+            place.append(slice(st[i] // s + lo, st[i] // s + hi))
+        emb[(slice(None), *place)] = e[(slice(None), *keep)]
+        if fg is not None:
+            fg[tuple(place)] = f[tuple(keep)]
+        done += 1
+        if on_tile is not None:
+            on_tile(done, n_tiles)
+    native = tuple(slice(0, -(-N // s)) for N, s in zip(size, strides))
+    return emb[(slice(None), *native)], (fg[native] if fg is not None else None)
 
 
-def network_output(model: EmbeddingUNet, working: np.ndarray, image_shape: tuple[int, int] | None = None,
-                   scale: float = 1.0, tile: int = DEFAULT_TILE,
-                   on_tile: Callable[[int, int], None] | None = None) -> NetworkOutput:
-    """Network output of a :func:`working_image` that came from an image of ``image_shape`` (default: its own)."""
+def network_output(model: EmbeddingUNet, working: np.ndarray, image_shape: tuple[int, ...] | None = None,
+                   scale: Scale = 1.0, tile: int = DEFAULT_TILE,
+                   on_tile: Callable[[int, int], None] | None = None,
+                   offsets: tuple[tuple[int, ...], ...] | None = None) -> NetworkOutput:
+    """Network output of a :func:`working_image` (or :func:`working_volume`) that came from an image of
+    ``image_shape`` (default: its own); ``offsets`` are the affinity offsets of a 3D network. A volume runs in
+    cubes of :func:`volume_tile` voxels per side."""
     start = time.perf_counter()
-    emb, fg = tiled_network(model, working, tile=tile, on_tile=on_tile)
+    if working.ndim == 3:
+        tile, overlap = volume_tile(tile), TILE_OVERLAP_3D
+    else:
+        overlap = TILE_OVERLAP
+    emb, fg = tiled_network(model, working, tile=tile, overlap=overlap, on_tile=on_tile)
     return NetworkOutput(emb, fg, tuple(image_shape or working.shape), scale, time.perf_counter() - start,
-                         stride=model.config.stem_stride, working_shape=working.shape)
+                         stride=_stride_of(model, working.ndim), working_shape=working.shape, offsets=offsets)

@@ -301,8 +301,13 @@ class FinetuneWidget(JobWidget):
         folder = Path(self.folder.value).expanduser()
         if folder.exists() and not folder.is_dir():
             raise InputError(f"{folder} is a file, not a folder: choose where to save the new models")
+        models = [self.pickers[role].load() for role in ("teacher", "student")]
+        flat = [m for m in models if m.ndim == 3]
+        if flat:
+            raise InputError(f"{flat[0].name} is a 3D model: fine-tuning on painted volumes is not available here; "
+                             "train 3D models on a folder of volumes with graphkd train (images/*.tif + labels/*.tif)")
         images = [annotated_image(row) for row in rows]
-        teacher, student = (self.pickers[role].load().path for role in ("teacher", "student"))
+        teacher, student = (m.path for m in models)
         return FinetuneRequest(plan_finetune(images, self.settings(), teacher, student), folder)
 
     def start(self):

@@ -15,7 +15,6 @@ from typing import Any, Callable, Generator, Hashable, TypeVar
 
 import numpy as np
 
-from ..affinity import OFFSETS
 from ..graph import affinity_disagreement, agreement, at_size, edge_cosines, edge_vectors, graph_disagreement
 from ..graph import instance_embeddings, instance_graph
 from ..guidance import assess
@@ -26,7 +25,6 @@ from ._layers import KEY, Placement, plane_data, stack_planes, with_plane_axis
 from ._state import CACHE, MODELS
 
 log = logging.getLogger(__name__)
-OFFSET_LIST = [list(o) for o in OFFSETS]
 T = TypeVar("T")
 POLL_SECONDS = 0.05  # how often a waiting job looks at its cancel event
 CANCEL_GRACE = 0.6  # seconds a cancelled run gets to stop by itself before it is abandoned
@@ -69,6 +67,7 @@ class ModelResult:
     objects: int = 0
     advice: list[str] = field(default_factory=list)  # guidance.assess: how to fix an out-of-range result
     ground_truth: dict | None = None
+    volume: bool = False  # one 3D segmentation of a (Z,Y,X) layer (a 3D model), not planes
 
 
 @dataclass
@@ -185,13 +184,15 @@ def _segment(request: SegmentRequest, cancel: threading.Event):
         if request.ground_truth is not None:
             gt = stack_planes([plane_data(request.ground_truth, p) for p in request.planes], list(request.planes))
             if gt.shape == labels.shape:
-                model.ground_truth = agreement(gt, labels)
+                model.ground_truth = agreement(gt, labels, volume=seg.volume)
             else:
                 result.warnings.append(f"ground truth {gt.shape} does not match the result {labels.shape}; not scored")
+        model.volume = seg.volume
         result.models.append(model)
     by_role = {m.role: m for m in result.models}
     if "teacher" in by_role and "student" in by_role:
-        result.agreement = agreement(by_role["teacher"].labels, by_role["student"].labels)
+        volume = by_role["teacher"].volume and by_role["student"].volume
+        result.agreement = agreement(by_role["teacher"].labels, by_role["student"].labels, volume=volume)
     return result
 
 
@@ -210,10 +211,10 @@ class Source:
     """A segmentation result to draw overlays for: its labels plane and how its network was run."""
 
     name: str
-    labels: np.ndarray  # (H,W) plane
+    labels: np.ndarray  # (H,W) plane, or the (Z,Y,X) volume of a 3D model
     image_id: str
     image_data: Any
-    image_plane: int | None
+    image_plane: int | None  # None: a 2D image, or the whole volume
     spec: str
     model: str
     run: RunSettings
@@ -230,7 +231,7 @@ class OverlayRequest:
     stacked: bool  # the result layers are stacks: overlays get a plane axis
     k: int = 4
     max_distance: float | None = None
-    offset: int = 0  # affinity map: index into OFFSETS of the one channel shown
+    offset: int = 0  # affinity map: index into the model's offsets of the one channel shown
 
 
 def overlay_job(request: OverlayRequest, cancel: threading.Event):
@@ -238,28 +239,31 @@ def overlay_job(request: OverlayRequest, cancel: threading.Event):
     return (yield from _guard(_overlay(request, cancel), request))
 
 
-def _maps(source: Source, cancel: threading.Event) -> tuple[np.ndarray, np.ndarray]:
-    """Embedding (C,H,W) and affinities (K,H,W) of a source at the size of its labels."""
+def _maps(source: Source, cancel: threading.Event) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+    """Embedding (C,*spatial), affinities (K,*spatial) of a source at the size of its labels, and their offsets."""
     key, segmenter = MODELS.get(source.spec)
     output, _ = plane_output(segmenter, source.image_data, source.image_plane, **source.run.kwargs(),
                              cache=layer_cache(source.image_id, key, source.image_data), should_stop=cancel.is_set)
     shape = source.labels.shape
-    return at_size(output.full_embedding(), shape), at_size(output.affinities(), shape)
+    offsets = [list(o) for o in output.affinity_offsets]
+    return at_size(output.full_embedding(), shape), at_size(output.affinities(), shape), offsets
 
 
 def _overlay(request: OverlayRequest, cancel: threading.Event):
     src, other = request.source, request.other
     pl, stacked = request.placement, request.stacked
-    meta = {"source_labels": src.name, "model": src.model, "model_spec": src.spec, "offsets": OFFSET_LIST}
     result = JobResult(request)
-    embedding, affinities = yield from relay(lambda report: _maps(src, cancel), cancel)
+    embedding, affinities, offsets = yield from relay(lambda report: _maps(src, cancel), cancel)
+    meta = {"source_labels": src.name, "model": src.model, "model_spec": src.spec, "offsets": offsets}
     yield 0.5
     if request.kind == "affinity":
+        if not 0 <= request.offset < len(offsets):
+            raise InputError(f"{src.model} has {len(offsets)} affinity offsets; choose one of them")
         channel = affinities[request.offset]
         result.layers.append((channel[None] if stacked else channel,
-                              {"name": f"{src.name} affinity {offset_name(request.offset)}", "colormap": "magma",
+                              {"name": f"{src.name} affinity {offset_name(offsets[request.offset])}", "colormap": "magma",
                                "contrast_limits": (0.0, 1.0), "blending": "additive", "opacity": 0.6,
-                               "metadata": {KEY: dict(meta, kind="affinity", offset=OFFSET_LIST[request.offset])},
+                               "metadata": {KEY: dict(meta, kind="affinity", offset=offsets[request.offset])},
                                **pl.kwargs()}, "image"))
     elif request.kind == "graph":
         graph = instance_graph(embedding, src.labels, request.k, request.max_distance)
@@ -269,7 +273,10 @@ def _overlay(request: OverlayRequest, cancel: threading.Event):
         result.layers.append(_edges(f"{src.name} graph edges", graph, features, "similarity", "viridis", (-1.0, 1.0),
                                     pl, stacked, dict(graph_meta, kind="graph edges")))
     else:
-        other_embedding, other_affinities = yield from relay(lambda report: _maps(other, cancel), cancel)
+        other_embedding, other_affinities, other_offsets = yield from relay(lambda report: _maps(other, cancel), cancel)
+        if other_offsets != offsets:
+            raise InputError(f"{src.model} and {other.model} use different affinity offsets (2D and 3D models?); "
+                             "compare results of models of one kind")
         pair = dict(meta, other_labels=other.name, other_model=other.model, other_model_spec=other.spec)
         diff = affinity_disagreement(affinities, other_affinities)
         result.layers.append((diff[None] if stacked else diff,
@@ -289,10 +296,17 @@ def _overlay(request: OverlayRequest, cancel: threading.Event):
     return result
 
 
-def offset_name(index: int) -> str:
-    """Readable name of an affinity offset, e.g. ``3 px up`` for (-3, 0)."""
-    dy, dx = OFFSETS[index]
-    return f"{abs(dy)} px up" if dy else f"{abs(dx)} px left"
+def offset_name(offset) -> str:
+    """Readable name of an affinity offset, e.g. ``3 px up`` for (-3, 0), ``2 planes back`` for (-2, 0, 0)."""
+    *z, dy, dx = offset
+    words = []
+    if z and z[0]:
+        words.append(f"{abs(z[0])} plane{'s' if abs(z[0]) > 1 else ''} {'back' if z[0] < 0 else 'on'}")
+    if dy:
+        words.append(f"{abs(dy)} px {'up' if dy < 0 else 'down'}")
+    if dx:
+        words.append(f"{abs(dx)} px {'left' if dx < 0 else 'right'}")
+    return ", ".join(words)
 
 
 def _nodes(name: str, graph, pl: Placement, stacked: bool, meta: dict) -> tuple:

@@ -18,7 +18,11 @@ def describe_model(description: dict) -> str:
     config = description.get("config", {})
     resolution = "half-resolution" if config.get("stem_stride") == 2 else "full-resolution"
     widths = "-".join(str(w) for w in config.get("widths", []))
-    return (f"{description.get('architecture', '?')} {widths}, {resolution}, {description.get('parameters', 0):,} "
+    kind = ""
+    if config.get("ndim", 2) == 3:
+        voxel = description.get("voxel_size")
+        kind = "3D (segments volumes as a whole" + (f", trained at voxel {':'.join(f'{v:g}' for v in voxel)} z:y:x" if voxel else "") + "), "
+    return (f"{description.get('architecture', '?')} {widths}, {kind}{resolution}, {description.get('parameters', 0):,} "
             f"parameters; {training_summary(description)}")
 
 

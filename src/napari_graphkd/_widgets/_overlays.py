@@ -10,12 +10,14 @@ from napari.utils.notifications import show_error
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from ..affinity import OFFSETS
+from ..io.checkpoint import CheckpointError
 from ..preprocess import InputError
 from ..segment import RunSettings
 from ._base import JobWidget
 from ._jobs import JobResult, OverlayRequest, Source, offset_name, overlay_job
 from ._layers import current_plane, find_layer, placement, plane_data, provenance
 from ._layout import wrap
+from ._state import MODELS
 
 LEGENDS = (("graph edges: cosine similarity of the two nuclei's embeddings", "viridis", "-1 unlike", "+1 alike"),
            ("teacher vs student: disagreement", "inferno", "0 agree", "1 differ"))
@@ -47,8 +49,10 @@ class OverlaysWidget(JobWidget):
     """Affinity maps, instance graphs and teacher-vs-student disagreement of Segment widget results.
 
     Overlays use the network outputs cached by the Segment widget (or re-run the network once),
-    for the plane of the result the viewer shows; every overlay is a new layer of the result's own
-    dimensionality (the affinity map shows one offset, chosen here, additive and semi-transparent).
+    for the plane of the result the viewer shows (a 3D model's result: the whole volume, its graph
+    with (z, y, x) nodes and its affinities with z offsets); every overlay is a new layer of the
+    result's own dimensionality (the affinity map shows one offset, chosen here, additive and
+    semi-transparent).
     """
 
     def __init__(self, viewer: napari.viewer.Viewer):  # napari injects the viewer (matched by this annotation)
@@ -60,8 +64,9 @@ class OverlaysWidget(JobWidget):
                                        "when it appears)")
         self.other = ComboBox(label="Compare with", choices=self._result_choices, nullable=True, value=None,
                               tooltip="The second result for 'Teacher vs student' (same image and plane)")
-        self.offset = ComboBox(label="Affinity offset", choices=[(offset_name(i), i) for i in range(len(OFFSETS))], value=0,
-                               tooltip="Which neighbour the affinity map compares each pixel with")
+        self.offset = ComboBox(label="Affinity offset", choices=self._offset_choices, value=0,
+                               tooltip="Which neighbour the affinity map compares each pixel with (3D models: also "
+                                       "voxels in other planes)")
         self.k = SpinBox(label="Neighbours (k)", value=4, min=1, max=16, tooltip="Graph edges per nucleus")
         self.max_distance = FloatSpinBox(label="Longest edge (px)", value=80.0, min=0.0, max=100000.0, step=5.0,
                                          tooltip="0 = any length")
@@ -74,6 +79,7 @@ class OverlaysWidget(JobWidget):
         self.extend([self.result, self.other, self.offset, self.k, self.max_distance,
                      Container(widgets=buttons[:2], layout="horizontal", labels=False),
                      Container(widgets=buttons[2:], layout="horizontal", labels=False), *self.footer()])
+        self.result.changed.connect(lambda _=None: self.offset.reset_choices())
         self.legends = [colour_bar(*legend) for legend in LEGENDS]
         for legend in self.legends:
             self.native.layout().addWidget(legend)
@@ -85,6 +91,17 @@ class OverlaysWidget(JobWidget):
         layers = [layer for layer in self.viewer.layers
                   if isinstance(layer, Labels) and provenance(layer).get("model_spec") not in (None, "classical")]
         return [(layer.name, layer) for layer in layers]
+
+    def _offset_choices(self, widget=None) -> list:
+        """The affinity offsets of the chosen result's model (2D: OFFSETS; a 3D model: its (z, y, x) offsets)."""
+        offsets = OFFSETS
+        layer = self.result.value if hasattr(self, "result") else None
+        if layer is not None:
+            try:
+                offsets = getattr(MODELS.get(provenance(layer)["model_spec"])[1], "offsets", None) or OFFSETS
+            except (CheckpointError, KeyError):  # the model file is gone: the overlay will say so when asked
+                pass
+        return [(offset_name(offset), i) for i, offset in enumerate(offsets)]
 
     def _layers_changed(self, event=None) -> None:
         super()._layers_changed(event)
@@ -135,8 +152,9 @@ class OverlaysWidget(JobWidget):
         image = find_layer(self.viewer, prov["image_layer_id"])
         if image is None:
             raise InputError(f"the image {prov['image_layer']!r} that {layer.name!r} was made from is no longer open")
-        local = None if layer.ndim == 2 else current_plane(self.viewer, layer)
-        image_plane = prov["planes"][local or 0]
+        volume = bool(prov.get("volume"))
+        local = None if layer.ndim == 2 or (volume and layer.ndim == 3) else current_plane(self.viewer, layer)
+        image_plane = local if volume else prov["planes"][local or 0]  # a series of volumes: the time point shown
         source = Source(layer.name, plane_data(layer.data, local), prov["image_layer_id"], image.data, image_plane,
                         prov["model_spec"], prov["model"], RunSettings(**prov["run"]))
         return source, local
@@ -153,7 +171,8 @@ class OverlaysWidget(JobWidget):
             other, _ = self._source(self.other.value)
             if (other.image_id, other.image_plane, other.labels.shape) != (source.image_id, source.image_plane, source.labels.shape):
                 raise InputError("the two results must come from the same image (and plane)")
-        return OverlayRequest(kind, source, other, placement(layer, [local]), layer.ndim == 3, int(self.k.value),
+        stacked = layer.ndim == (4 if provenance(layer).get("volume") else 3)
+        return OverlayRequest(kind, source, other, placement(layer, [local]), stacked, int(self.k.value),
                               self.max_distance.value or None, int(self.offset.value))
 
     def _show(self, result: JobResult) -> None:

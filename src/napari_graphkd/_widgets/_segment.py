@@ -25,6 +25,7 @@ from ._jobs import JobResult, LargeRequest, ModelResult, SegmentRequest, large_j
 from ._layers import CREATED_BY, KEY, Placement, check_image_layer, find_layer, placement, planes_to_run, provenance
 from ._layout import collapsible
 from ._models import ModelPicker
+from ._state import MODELS
 
 DECODER_FIELDS = ("min_size", "foreground_threshold", "attractive_bias")
 
@@ -36,6 +37,9 @@ def _mark_edited(event) -> None:
 
 class SegmentWidget(JobWidget):
     """Teacher and student (and a classical baseline) side by side on one image layer.
+
+    A 3D model segments a (Z,Y,X) layer as one volume (ids span planes), the layer's scale
+    giving the voxel size; 2D models segment planes.
 
     Each result is a Labels layer named by image, model and input settings; running the same model
     with the same settings again updates that layer (never one painted by hand or made by the user).
@@ -162,12 +166,15 @@ class SegmentWidget(JobWidget):
         """Segment the chosen image with ``roles`` (teacher, student, classical); returns the worker or None."""
         try:
             image = self.image.value
-            if image is not None and self.field_of_view.value:
+            if image is not None and self._volume_run(image, self._models(roles)):
+                request = self._request(roles)  # a 3D model: the whole volume, read once (lazy layers too)
+            elif image is not None and self.field_of_view.value:
                 request, box = self._view_request(roles)
                 return self._start(segment_job, request, lambda result: self._show_view(result, box))
-            if image is not None and wants_chunked(image.data):
+            elif image is not None and wants_chunked(image.data):
                 return self._start(large_job, self._large_request(roles), self._show_large)
-            request = self._request(roles)
+            else:
+                request = self._request(roles)
         except (InputError, CheckpointError) as exc:
             show_error(f"napari-graphkd: {exc}")
             return None
@@ -189,6 +196,21 @@ class SegmentWidget(JobWidget):
                 self.pickers[role].load()
                 models.append((role, self.pickers[role].spec))
         return tuple(models)
+
+    @staticmethod
+    def _volume_run(image: Image, models: tuple[tuple[str, str], ...]) -> bool:
+        """Whether ``models`` segment ``image`` as one volume (3D models); InputError when 2D and 3D models are mixed
+        or a 3D model is given a 2D layer."""
+        ndims = {MODELS.get(spec)[1].ndim for _, spec in models}
+        if ndims == {2}:
+            return False
+        if len(ndims) > 1:
+            raise InputError("a 3D model segments the whole volume and a 2D model (or the classical pipeline) segments "
+                             "planes: run them one at a time")
+        if image.ndim not in (3, 4) or image.rgb or image.multiscale:
+            raise InputError(f"{image.name!r} is not a (Z,Y,X) volume: the 3D model segments single-scale gray volumes "
+                             "(or (T,Z,Y,X) series of them; choose a 2D model for images)")
+        return True
 
     @staticmethod
     def _check_plane(image: Image | None, what: str) -> None:
@@ -250,11 +272,18 @@ class SegmentWidget(JobWidget):
 
     def _request(self, roles: tuple[str, ...]) -> SegmentRequest:
         image = self.image.value
-        check_image_layer(image)
+        if image is None:
+            raise InputError("choose an Image layer first")
         models = self._models(roles)
-        planes = tuple(planes_to_run(self.viewer, image, self.all_planes.value))
+        run = self.run_settings()
+        if self._volume_run(image, models):
+            planes: tuple[int | None, ...] = (None,)
+            run = replace(run, voxel_size=layer_voxel_size(image))
+        else:
+            check_image_layer(image)
+            planes = tuple(planes_to_run(self.viewer, image, self.all_planes.value))
         gt = self.ground_truth.value
-        return SegmentRequest(str(image.unique_id), image.name, image.data, planes, tuple(models), self.run_settings(),
+        return SegmentRequest(str(image.unique_id), image.name, image.data, planes, tuple(models), run,
                               self.decoder_overrides(), True, None if gt is None else gt.data,
                               placement(image, list(planes)))
 
@@ -285,7 +314,7 @@ class SegmentWidget(JobWidget):
             "image_layer": request.image_name, "image_layer_id": request.image_id, "planes": list(request.planes),
             "run": asdict(self._resolved(request, model)), "requested_run": asdict(request.run), "inputs": model.inputs,
             "input_rules": None if model.decision is None else model.decision.to_dict(), "objects": model.objects,
-            "advice": model.advice,
+            "advice": model.advice, "volume": model.volume,
             "decode": model.decode, "network_seconds": model.network_seconds,
             "network_cached": model.cached, "decode_seconds": model.decode_seconds,
             "ground_truth_scores": model.ground_truth,
@@ -402,6 +431,12 @@ class SegmentWidget(JobWidget):
             self.diameter.value = round(float(diameter), 1)
         if invert is not None:
             self.invert.value = bool(invert)
+
+
+def layer_voxel_size(image: Image) -> tuple[float, float, float] | None:
+    """A volume layer's voxel size (z, y, x) from its scale (the last three axes); None when it is (1, 1, 1): as trained."""
+    scale = tuple(float(s) for s in image.scale[-3:])
+    return None if scale == (1.0, 1.0, 1.0) else scale
 
 
 def grid_shape(canvas: tuple[float, float], image: tuple[float, float], n: int) -> tuple[int, int]:

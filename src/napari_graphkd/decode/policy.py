@@ -57,8 +57,8 @@ def decode_output(output: NetworkOutput, settings: DecodeSettings = DecodeSettin
     """
     from .process import decode_in_worker, wants_worker  # here, not at the top: process.py imports this module
 
-    if offsets is None and output.embedding.ndim == 3 and wants_worker(output):  # 2D images only
-        return decode_in_worker(output, settings)
+    if wants_worker(output):
+        return decode_in_worker(output, settings, offsets)
     start = time.perf_counter()
     factor = COARSE_FACTORS[settings.resolution]
     if factor > 1:

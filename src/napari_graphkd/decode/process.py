@@ -11,6 +11,7 @@ to this process.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -24,7 +25,7 @@ from .mws import DecodeSettings
 if TYPE_CHECKING:
     from ..inference import NetworkOutput
 
-WORKER_PIXELS = 1_000_000  # working pixels above which an offloading process decodes in the worker (~0.5 s and more)
+WORKER_PIXELS = 1_000_000  # working pixels (voxels of a volume) above which an offloading process decodes in the worker (~0.5 s and more)
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -64,23 +65,23 @@ def offload_large_decodes(enabled: bool = True) -> None:
 
 def wants_worker(output: NetworkOutput) -> bool:
     """Whether this process decodes ``output`` in the worker: offloading is on and the output is large."""
-    h, w = output.full_shape
-    return _offload and h * w > WORKER_PIXELS
+    return _offload and math.prod(output.full_shape) > WORKER_PIXELS
 
 
-def decode_in_worker(output: NetworkOutput, settings: DecodeSettings = DecodeSettings()) -> tuple[np.ndarray, float]:
-    """``decode_output(output, settings)`` computed in the worker process: the same labels and its decode time."""
+def decode_in_worker(output: NetworkOutput, settings: DecodeSettings = DecodeSettings(),
+                     offsets=None) -> tuple[np.ndarray, float]:
+    """``decode_output(output, settings, offsets)`` computed in the worker process: the same labels and its decode time."""
     from .policy import decode_output
 
     global _pool
     for attempt in range(2):
         try:
-            return _executor().submit(decode_output, output, settings).result()
+            return _executor().submit(decode_output, output, settings, offsets).result()
         except BrokenProcessPool:
             log.warning("the decoder worker process died; %s", "restarting it" if attempt == 0 else "decoding here")
             with _lock:
                 _pool = None
-    return decode_output(output, settings)
+    return decode_output(output, settings, offsets)
 
 
 def shutdown() -> None:
