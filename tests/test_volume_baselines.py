@@ -90,6 +90,8 @@ def test_link_planes_follows_overlapping_objects_through_z():
     assert (linked == 0).sum() == (planes == 0).sum()
     strict = link_planes(planes, min_iou=0.6)  # A's IoU 0.5 between planes is too little: a new id per plane
     assert len(np.unique(strict[planes > 0])) == 4
+    sized = link_planes(planes, min_iou=0.3, min_size=17)  # A has 36 voxels, B 16: B is dropped
+    assert np.unique(sized).tolist() == [0, 1] and (sized[:, :, 6:8] == 0).all()
 
 
 def test_link_planes_continues_a_split_object_in_its_best_overlapping_piece_only():

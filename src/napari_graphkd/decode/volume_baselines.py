@@ -151,9 +151,10 @@ def _plane_links(previous: np.ndarray, current: np.ndarray, min_iou: float) -> d
     return {int(cur_ids[j]): int(prev_ids[i]) for i, j in zip(r[keep], c[keep])}
 
 
-def link_planes(labels_zyx: np.ndarray, min_iou: float = 0.3) -> np.ndarray:
+def link_planes(labels_zyx: np.ndarray, min_iou: float = 0.3, min_size: int = 0) -> np.ndarray:
     """Int32 volume labels from per-plane 2D labels: an object continues into the next plane's object that overlaps
-    it with IoU >= ``min_iou`` (one-to-one, maximum total IoU); every other plane object starts a new id."""
+    it with IoU >= ``min_iou`` (one-to-one, maximum total IoU); every other plane object starts a new id. Linked
+    objects under ``min_size`` voxels (the caps and slivers a 2D model finds at a nucleus' top and bottom) are dropped."""
     if labels_zyx.ndim != 3:
         raise ValueError(f"link_planes expects (Z,Y,X) per-plane labels, got shape {labels_zyx.shape}")
     if not 0.0 < min_iou <= 1.0:
@@ -172,4 +173,7 @@ def link_planes(labels_zyx: np.ndarray, min_iou: float = 0.3) -> np.ndarray:
             else:
                 new[k], next_id = next_id, next_id + 1
         out[z] = new[inverse.reshape(plane.shape)]
+    if min_size > 0:
+        out[np.bincount(out.ravel())[out] < min_size] = 0
+        out = relabel_sequential(out)[0]
     return out
