@@ -9,6 +9,7 @@ from napari_graphkd.decode.volume_baselines import (
     NucleiSettings,
     SeededSettings,
     dark_membrane_boundaries,
+    fill_background,
     link_planes,
     merge_small_segments,
     otsu_watershed_3d,
@@ -107,3 +108,15 @@ def test_link_planes_refuses_2d_input_and_bad_thresholds():
         link_planes(np.zeros((4, 4), int))
     with pytest.raises(ValueError, match="min_iou"):
         link_planes(np.zeros((2, 4, 4), int), min_iou=0.0)
+
+
+def test_fill_background_gives_unassigned_voxels_their_nearest_segment():
+    labels = np.array([[[1, 0, 0, 2]], [[0, 0, 0, 0]]])
+    filled = fill_background(labels)
+    assert filled.tolist() == [[[1, 1, 2, 2]], [[1, 1, 2, 2]]]
+    # with z voxels 3x coarser, a voxel one plane away is farther than one two pixels away in-plane
+    column = np.zeros((2, 1, 3), dtype=int)
+    column[1, 0, 0], column[0, 0, 2] = 5, 6
+    assert fill_background(column, (3.0, 1.0, 1.0))[0, 0, 0] == 6
+    assert fill_background(column, (1.0, 1.0, 1.0))[0, 0, 0] == 5
+    assert not fill_background(np.zeros((2, 2, 2), int)).any()
