@@ -428,7 +428,8 @@ def main() -> int:
         f"mean ± standard deviation over seeds), batch 2 crops of {' x '.join(map(str, CROP))} voxels, float32; each is "
         "scored at its last step with the mutex-watershed settings chosen on the tune slab. The paper's schedules are "
         "orders of magnitude longer: these rows show the code path and where it stands on this machine, not the method's "
-        "ceiling.\n\n"
+        "ceiling. Each row's file (`volume_rows/KEY.json`) records the commit it was computed with and every "
+        "score.\n\n"
         f"## EM: em3d_gala, test volume (train {slab_line(EM, 'train')}, tune {slab_line(EM, 'tune')})\n\n"
         f"Ground-truth ids under {EM_MIN_VOXELS} voxels dropped; VOI in bits (split = false splits, merge = false "
         "merges), ARAND = adapted Rand error; lower is better.\n\n" + em_table(em_rows, planned[EM])
