@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from napari_graphkd.io.datasets import env_data_root
 from napari_graphkd.io.volumes import PARTS, load_slab, read_volume_splits
 
 
@@ -46,3 +47,14 @@ def test_load_slab_rejects_unknown_parts_missing_folders_and_short_volumes(tmp_p
     _write(tmp_path / "em3d_gala", "test", np.zeros((20, 2, 2), np.uint8), np.zeros((20, 2, 2), np.uint16))
     with pytest.raises(ValueError, match="has 20 planes"):
         load_slab(tmp_path, "em3d_gala", "test")
+
+
+def test_real_slabs_have_the_listed_shapes_and_annotations():
+    """Dev suite: every slab of the two 3D sets loads from $GRAPHKD_DATA with labels in it."""
+    root = env_data_root()
+    if root is None or not (root / "em3d_gala").is_dir():
+        pytest.skip("set GRAPHKD_DATA to the data folder holding em3d_gala/ and nuclei3d_lightsheet/")
+    for (dataset, part), spec in read_volume_splits().items():
+        slab = load_slab(root, dataset, part)
+        assert slab.image.shape == slab.labels.shape and len(slab.image) == spec.z_stop - spec.z_start
+        assert len(np.unique(slab.labels)) > 5
