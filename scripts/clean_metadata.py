@@ -1,8 +1,10 @@
 """Rewrite machine-specific paths in the bundled checkpoints' metadata to data-layout-relative forms.
 
-Paths in ``training_data.folder`` and ``command`` become relative to the data folder laid out by
-``graphkd data`` (``bbbc039/train``, ``--data DATA/bbbc039/train``) and run folders become
-``runs/...``. The tensors are written back unchanged (checked value by value and byte by byte);
+Paths in ``training_data.folder`` (and each source's ``folder``/``tune_folder``) and ``command``
+become relative to the data folder laid out by ``graphkd data`` (``bbbc039/train``, ``--data
+DATA/bbbc039/train``), run folders become ``runs/...`` and bundled weights
+``src/napari_graphkd/weights/...``. ``--rename OLD=NEW`` (cleaned paths, applied in order) follows a
+file since renamed or copied into the package in the recorded teacher, initialisation and command; ``--name FILE=NAME`` sets a checkpoint's name. The tensors are written back unchanged (checked value by value and byte by byte);
 the student's record of its teacher digest follows the rewritten teacher file. Idempotent.
 
     python scripts/clean_metadata.py [src/napari_graphkd/weights/*.safetensors]
@@ -24,11 +26,12 @@ from napari_graphkd.io.checkpoint import METADATA_KEY, atomic_save_tensors
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "napari_graphkd" / "weights"
 DATA_PREFIX = re.compile(r"[^\s\"'=]*/(?=bbbc039|dsb2018)")  # any folder path in front of a dataset name
 RUNS_PREFIX = re.compile(r"/[^\s\"']*?/runs/")
+PACKAGE_PREFIX = re.compile(r"[^\s\"'=]*/(?=src/napari_graphkd/)")  # a checkout's path in front of the package
 
 
 def clean_command(command: str) -> str:
     """``--data /any/where/data/bbbc039`` -> ``--data DATA/bbbc039``; ``/any/where/runs/x`` -> ``runs/x``."""
-    return RUNS_PREFIX.sub("runs/", DATA_PREFIX.sub("DATA/", command))
+    return PACKAGE_PREFIX.sub("", RUNS_PREFIX.sub("runs/", DATA_PREFIX.sub("DATA/", command)))
 
 
 def clean_folder(folder: str) -> str:
@@ -52,20 +55,40 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def clean(path: Path, teacher_digests: dict[str, str]) -> bool:
+def renamed(text: str, renames: dict[str, str]) -> str:
+    """``text`` with each recorded path OLD in ``renames`` replaced by NEW, in the order given (a file since renamed)."""
+    for old, new in renames.items():
+        text = text.replace(old, new)
+    return text
+
+
+def clean(path: Path, teacher_digests: dict[str, str], renames: dict[str, str] | None = None,
+          name: str | None = None) -> bool:
     """Rewrite one checkpoint's metadata in place; True if it changed."""
+    renames = renames or {}
     with safe_open(str(path), framework="pt") as f:
         raw = f.metadata()
     meta = json.loads(raw[METADATA_KEY])
     before = json.dumps(meta, sort_keys=True)
     data = meta.get("training_data", {})
-    if "folder" in data:
+    if data.get("folder"):
         data["folder"] = clean_folder(data["folder"])
-    if "command" in meta:
-        meta["command"] = clean_command(meta["command"])
+    for source in data.get("sources") or []:
+        for key in ("folder", "tune_folder"):
+            if source.get(key):
+                source[key] = clean_folder(source[key])
+    for key in ("command", "init_checkpoint"):
+        if meta.get(key):
+            meta[key] = renamed(clean_command(meta[key]), renames)
     teacher = meta.get("teacher", {})
-    if teacher.get("sha256_16") in teacher_digests:
+    if teacher.get("path"):
+        teacher["path"] = renamed(clean_command(teacher["path"]), renames)
+    if teacher.get("path") in teacher_digests:  # a bundled teacher cleaned in this run: its name and new digest
+        teacher["name"], teacher["sha256_16"] = teacher_digests[teacher["path"]].split(":", 1)
+    elif teacher.get("sha256_16") in teacher_digests:
         teacher["sha256_16"] = teacher_digests[teacher["sha256_16"]]
+    if name:
+        meta["name"] = name
     if json.dumps(meta, sort_keys=True) == before:
         return False
     tensors = load_file(str(path))
@@ -88,12 +111,21 @@ def main() -> int:
     """Clean the given checkpoints (teachers first, so students can follow their digest)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="*", type=Path, default=sorted(WEIGHTS.glob("*.safetensors")))
+    parser.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                        help="a recorded (cleaned) path OLD now at NEW, e.g. src/napari_graphkd/weights/teacher.safetensors="
+                             "src/napari_graphkd/weights/teacher-bbbc039.safetensors; applied in order")
+    parser.add_argument("--name", action="append", default=[], metavar="FILE=NAME", help="set FILE's checkpoint name")
     args = parser.parse_args()
+    renames = dict(item.split("=", 1) for item in args.rename)
+    names = dict(item.split("=", 1) for item in args.name)
     digests: dict[str, str] = {}
     for path in sorted(args.paths, key=lambda p: "teacher" not in p.name):
         old = file_digest(path)
-        changed = clean(path, digests)
+        changed = clean(path, digests, renames, names.get(path.name))
         digests[old] = file_digest(path)
+        if path.resolve().parent == WEIGHTS.resolve():
+            name = json.loads(safe_open(str(path), framework="pt").metadata()[METADATA_KEY]).get("name", path.stem)
+            digests[f"src/napari_graphkd/weights/{path.name}"] = f"{name}:{digests[old]}"
         with safe_open(str(path), framework="pt") as f:
             left = absolute_paths(json.loads(f.metadata()[METADATA_KEY]))
         print(f"{path.name}: {'rewritten' if changed else 'unchanged'}; paths left: {left or 'none'}")

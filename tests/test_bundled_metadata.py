@@ -23,13 +23,29 @@ def strings(value):
     return [value] if isinstance(value, str) else []
 
 
-@pytest.mark.parametrize("name", ["teacher", "student"])
+@pytest.mark.parametrize("name", ["teacher", "student", "teacher-bbbc039", "student-bbbc039"])
 def test_bundled_metadata_holds_no_machine_path(name):
     meta = read_metadata(WEIGHTS / f"{name}.safetensors")
     found = [s for s in strings(meta) if PATH_START.search(s)]
     assert found == []
-    assert meta["training_data"]["folder"] == "bbbc039/train"  # relative to the folder laid out by `graphkd data`
-    assert "--data DATA/bbbc039" in meta["command"]
+    assert meta["name"] == name
+    data = meta["training_data"]
+    if name.endswith("bbbc039"):
+        assert data["folder"] == "bbbc039/train"  # relative to the folder laid out by `graphkd data`
+        assert "--data DATA/bbbc039" in meta["command"]
+    else:  # the generalists: both sources, relative folders
+        assert [(s["name"], s["folder"]) for s in data["sources"]] == [("bbbc039", "bbbc039/train"),
+                                                                     ("dsb2018_fluo", "dsb2018_fluo")]
+        assert "--data DATA/bbbc039/train@bbbc039 --data DATA/dsb2018_fluo@dsb2018_fluo" in meta["command"]
+
+
+@pytest.mark.parametrize("student, teacher", [("student", "teacher"), ("student-bbbc039", "teacher-bbbc039")])
+def test_bundled_students_record_their_bundled_teacher(student, teacher):
+    import hashlib
+
+    record = read_metadata(WEIGHTS / f"{student}.safetensors")["teacher"]
+    assert record["path"] == f"src/napari_graphkd/weights/{teacher}.safetensors"
+    assert record["sha256_16"] == hashlib.sha256((WEIGHTS / f"{teacher}.safetensors").read_bytes()).hexdigest()[:16]
 
 
 def test_the_path_check_catches_machine_paths():

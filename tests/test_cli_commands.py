@@ -82,11 +82,11 @@ def test_export_refuses_to_tune_without_tune_images_in_the_metadata(tiny_checkpo
 def test_demo_prints_one_row_per_model_with_good_scores(capsys):
     assert main(["demo", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in
-            ("teacher", "student", "classical")}
-    assert set(rows) == {"teacher", "student", "classical"}
+    names = ("teacher", "student", "teacher-bbbc039", "student-bbbc039", "classical")
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in names}
+    assert set(rows) == set(names)
     f1 = {name: float(row[-4]) for name, row in rows.items()}
-    assert f1["teacher"] > 0.9 and f1["student"] > 0.9 and f1["classical"] > 0.5
+    assert min(f1[name] for name in names[:4]) > 0.9 and f1["classical"] > 0.5
 
 
 def test_parse_weights_reads_a_config_then_applies_overrides(tmp_path):

@@ -26,7 +26,15 @@ MIN_OBJECTS = 5  # fewer objects than this: sizes and fragment counts say little
 SAMPLE_PIXELS = 1_000_000  # background level measured on at most this many pixels
 
 KNOWN_DATASETS = {"bbbc039": "BBBC039 fluorescence (bright nuclei, dark background)",
+                  "dsb2018_fluo": "DSB2018 fluorescence (several labs and magnifications)",
                   "bbbc038": "BBBC038 / Data Science Bowl 2018 (mixed modalities)"}
+
+
+def data_name(folder: str) -> str | None:
+    """A known data set's description for a training folder or source name, else its last two path parts."""
+    folder = folder.lower()
+    name = next((text for key, text in KNOWN_DATASETS.items() if key in folder), None)
+    return name if name is not None or not folder else "/".join(PurePath(folder).parts[-2:])  # never a whole machine path
 
 
 def training_summary(description: dict[str, Any]) -> str:
@@ -36,10 +44,11 @@ def training_summary(description: dict[str, Any]) -> str:
     finetune = description.get("finetune") or {}
     text = ""
     if data or not finetune:
-        folder = str(data.get("folder", "")).lower()
-        name = next((text for key, text in KNOWN_DATASETS.items() if key in folder), None)
-        if name is None and folder:
-            name = "/".join(PurePath(folder).parts[-2:])  # never a whole machine path
+        sources = data.get("sources") or []
+        if len(sources) > 1:
+            name = " + ".join(data_name(str(s.get("name") or s.get("folder") or "")) or "unknown data" for s in sources)
+        else:
+            name = data_name(str(data.get("folder") or ""))
         parts = [name or "unknown data"] + ([f"{data['train_images']} images"] if data.get("train_images") else [])
         text = "trained on " + ", ".join(parts) + f", nuclei {diameter:.0f} px"
     if finetune:

@@ -34,7 +34,9 @@ from .planes import plane_layout
 from .preprocess import AUTO, CHANNEL_MODES, InputError, channel_image, detect_polarity, is_stained_rgb
 from .sizing import BOUNDS, MAX_PASSES, estimate_diameter
 
-BUNDLED = {"teacher": "teacher.safetensors", "student": "student.safetensors"}
+# the generalists (BBBC039 + DSB2018 fluorescence) and the BBBC039 specialists, by name
+BUNDLED = {"teacher": "teacher.safetensors", "student": "student.safetensors",
+           "teacher-bbbc039": "teacher-bbbc039.safetensors", "student-bbbc039": "student-bbbc039.safetensors"}
 
 Diameter = float | str | None  # px, AUTO, or None (as trained)
 Invert = bool | str | None  # AUTO, or None (the model's default)

@@ -10,7 +10,9 @@ from ..io.checkpoint import CheckpointError
 from ._layout import wrap
 from ._state import MODELS
 
-SOURCES = [("bundled teacher", "teacher"), ("bundled student", "student"), ("checkpoint file...", "file")]
+SOURCES = [("bundled teacher", "teacher"), ("bundled student", "student"),
+           ("bundled teacher, BBBC039 specialist", "teacher-bbbc039"),
+           ("bundled student, BBBC039 specialist", "student-bbbc039"), ("checkpoint file...", "file")]
 
 
 def describe_model(description: dict) -> str:
