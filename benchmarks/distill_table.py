@@ -10,7 +10,7 @@ selection score (napari_graphkd.evaluation.selection_score), and only val is rep
 every training run resumes from its folder and every finished row is cached as JSON, so the table
 can be built over several invocations.
 
-    python benchmarks/distill_table.py --teacher src/napari_graphkd/weights/teacher.safetensors \
+    python benchmarks/distill_table.py --teacher src/napari_graphkd/weights/teacher-bbbc039.safetensors \
         --data DATA --runs RUNS                                      # all rows (hours on 2 cores)
     python benchmarks/distill_table.py ... --only grd_s0 noKD_s0     # some runs only
     python benchmarks/distill_table.py ... --report                  # table from cached rows only

@@ -77,7 +77,7 @@ def test_segmenters_of_doctored_checkpoints_never_get_built(tmp_path):
         load_segmenter(str(path))
 
 
-@pytest.mark.parametrize("name", ["teacher", "student", "teacher-bbbc039", "student-bbbc039"])
+@pytest.mark.parametrize("name", ["teacher", "student", "teacher-bbbc039", "student-generalist"])
 def test_bundled_checkpoints_pass_the_schema(name):
     model, meta = load_checkpoint(bundled_path(name))
     assert meta["decode"]["resolution"] in ("full", "half") and all(torch.isfinite(p).all() for p in model.parameters())

@@ -82,7 +82,7 @@ def test_export_refuses_to_tune_without_tune_images_in_the_metadata(tiny_checkpo
 def test_demo_prints_one_row_per_model_with_good_scores(capsys):
     assert main(["demo", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    names = ("teacher", "student", "teacher-bbbc039", "student-bbbc039", "classical")
+    names = ("teacher", "student", "teacher-bbbc039", "student-generalist", "classical")
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in names}
     assert set(rows) == set(names)
     f1 = {name: float(row[-4]) for name, row in rows.items()}

@@ -19,18 +19,18 @@ BRIGHTFIELD = sorted((Path(__file__).parents[1] / "examples" / "data" / "brightf
 
 @pytest.fixture(scope="module")
 def student():
-    return load_segmenter("student-bbbc039")
+    return load_segmenter("student")
 
 
 def test_training_summary_names_data_image_type_and_diameter(student):
     text = training_summary(student.describe())
     assert "BBBC039" in text and "fluorescence" in text and "90 images" in text and "28 px" in text
     assert "/" not in text  # never a machine path
-    tuned = {"mode": "finetune", "images": ["mine"], "diameter": 21.7, "base": {"name": "student-bbbc039"}}
+    tuned = {"mode": "finetune", "images": ["mine"], "diameter": 21.7, "base": {"name": "student"}}
     assert training_summary(dict(student.describe(), finetune=tuned)).endswith(
-        "; then finetune of student-bbbc039 on 1 image(s) of yours (nuclei 22 px, run at 28 px)")
+        "; then finetune of student on 1 image(s) of yours (nuclei 22 px, run at 28 px)")
     saved = {"train_diameter": 28.3, "finetune": tuned}  # what a fine-tuned checkpoint records
-    assert training_summary(saved) == "finetune of student-bbbc039 on 1 image(s) of yours (nuclei 22 px, run at 28 px)"
+    assert training_summary(saved) == "finetune of student on 1 image(s) of yours (nuclei 22 px, run at 28 px)"
     assert training_summary({}) == "trained on unknown data, nuclei 28 px"
 
 
