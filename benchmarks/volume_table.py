@@ -400,7 +400,7 @@ def main() -> int:
     parser.add_argument("--results", default="benchmarks/results")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every row and its timing")
     parser.add_argument("--teacher-steps", type=int, default=300, help="training steps of each 3D teacher")
-    parser.add_argument("--student-steps", type=int, default=600, help="training steps of each 3D student")
+    parser.add_argument("--student-steps", type=int, default=300, help="training steps of each 3D student")
     parser.add_argument("--only", nargs="*", default=None, help="row keys to compute (default: every missing row)")
     parser.add_argument("--report", action="store_true", help="only assemble the table from cached rows")
     args = parser.parse_args()
