@@ -10,7 +10,7 @@ Rows:
 - EM, seeded watershed: the raw volume's smoothed, inverted intensity is the boundary map (membranes
   are dark), seeds are the interior's distance ridges (decode.volume_baselines.seeded_watershed).
 - Nuclei, 3D Otsu + distance-transform watershed (decode.volume_baselines.otsu_watershed_3d).
-- Nuclei, the bundled 2D student and teacher run plane by plane (segment_any), linked across z by
+- Nuclei, the bundled 2D student and teacher (and the BBBC039-only pair) run plane by plane (segment_any), linked across z by
   overlap (decode.volume_baselines.link_planes); nucleus diameter, linking IoU and the smallest kept
   object chosen on the tune slab.
 - 3D networks, trained on the train slab only: the 3D teacher (``unet3d-teacher``, train_volumes),
@@ -170,7 +170,7 @@ def nuclei_linked_row(name: str, tune: VolumeSlab, test: VolumeSlab) -> dict:
         return link_planes(per_plane, settings["min_iou"], settings["min_size"])
 
     labels, seconds = timed(run)
-    return {"row": f"bundled 2D {name}, plane by plane, linked across z", "parameters": segmenter.parameters,
+    return {"row": f"bundled 2D `{name}`, plane by plane, linked across z", "parameters": segmenter.parameters,
             "settings": settings, "tune": tune_scores, "test": nuclei_scores(test.labels, labels), "seconds": seconds}
 
 
@@ -297,6 +297,8 @@ BASELINES: dict[str, tuple[str, Callable[[VolumeSlab, VolumeSlab], dict]]] = {
     "nuclei_otsu3d": (NUCLEI, nuclei_otsu_row),
     "nuclei_student2d_linked": (NUCLEI, lambda tune, test: nuclei_linked_row("student", tune, test)),
     "nuclei_teacher2d_linked": (NUCLEI, lambda tune, test: nuclei_linked_row("teacher", tune, test)),
+    "nuclei_student-bbbc039_2d_linked": (NUCLEI, lambda tune, test: nuclei_linked_row("student-bbbc039", tune, test)),
+    "nuclei_teacher-bbbc039_2d_linked": (NUCLEI, lambda tune, test: nuclei_linked_row("teacher-bbbc039", tune, test)),
 }
 
 
@@ -398,7 +400,7 @@ def main() -> int:
     parser.add_argument("--results", default="benchmarks/results")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every row and its timing")
     parser.add_argument("--teacher-steps", type=int, default=300, help="training steps of each 3D teacher")
-    parser.add_argument("--student-steps", type=int, default=600, help="training steps of each 3D student")
+    parser.add_argument("--student-steps", type=int, default=300, help="training steps of each 3D student")
     parser.add_argument("--only", nargs="*", default=None, help="row keys to compute (default: every missing row)")
     parser.add_argument("--report", action="store_true", help="only assemble the table from cached rows")
     args = parser.parse_args()
