@@ -88,6 +88,33 @@ def test_synthetic_volume_round_trip(anisotropy, stride, randomized):
     assert_same_instances(decoded, truth)
 
 
+def three_blobs(shape=(12, 24, 24)) -> np.ndarray:
+    """Three balls (radius 4 voxels) apart from each other in a volume: the simplest 3D decoding case."""
+    zz, yy, xx = np.indices(shape)
+    labels = np.zeros(shape, dtype=np.int64)
+    for i, (z, y, x) in enumerate([(6, 6, 6), (6, 12, 18), (6, 18, 6)], start=1):
+        labels[(zz - z) ** 2 + (yy - y) ** 2 + (xx - x) ** 2 <= 16] = i
+    return labels
+
+
+@pytest.mark.parametrize("anisotropy", [1.0, 1.5, 2.0, 2.5, 4.0])
+@pytest.mark.parametrize("stride", [1, 4])
+def test_three_blobs_round_trip_at_every_anisotropy(anisotropy, stride):
+    """z offsets of 1, 2 or 4 voxels (short or long range) with strided long-range edges: every object comes back,
+    from label affinities and from a one-hot embedding (affinities on the stride grid only)."""
+    from napari_graphkd.decode.policy import decode_output
+
+    truth = three_blobs()
+    offsets = offsets_for(3, anisotropy)
+    settings = DecodeSettings(long_range_stride=stride)
+    target, _ = label_affinities(truth, offsets)
+    foreground = (truth > 0).astype(np.float32)
+    assert relabel_equal(decode(target, foreground, settings, offsets), truth)
+    assert relabel_equal(decode(target, None, settings, offsets), truth)
+    embedding = np.eye(4, dtype=np.float32)[truth].transpose(3, 0, 1, 2)
+    assert relabel_equal(decode_output(VolumeOutput(embedding, foreground, truth.shape), settings, offsets)[0], truth)
+
+
 def test_z_affinities_alone_separate_objects_stacked_in_z():
     truth = np.zeros((8, 6, 6), dtype=np.int64)
     truth[1:4, 1:5, 1:5], truth[4:7, 1:5, 1:5] = 1, 2

@@ -10,7 +10,7 @@ from napari_graphkd.distill import method_weights
 from napari_graphkd.io.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from napari_graphkd.models import UNetConfig, build_model
 from napari_graphkd.train.distill import DistillSettings, compute_teacher_targets, distill_batches, distill_volume_student
-from napari_graphkd.train.loop import TrainSettings
+from napari_graphkd.train.loop import TrainSettings, run_training, segmentation_loss, training_autocast
 from napari_graphkd.train.segmentation import train_volumes
 from napari_graphkd.train.volumes import augment_volume, volume_offsets, volume_sample
 
@@ -81,6 +81,47 @@ def test_a_tiny_3d_teacher_learns_on_a_synthetic_volume(tmp_path):
     model, meta = load_checkpoint(tmp_path / "run" / "last.safetensors")
     assert model.config.ndim == 3 and meta["voxel_size"] == [2.0, 1.0, 1.0]
     assert offsets_from_metadata(meta) == offsets_for(3, 2.0)
+
+
+def test_3d_training_steps_give_repeatable_finite_gradients_on_small_deep_levels():
+    """A 3-level 3D network on a 4x16x16 crop (1x4x4 deepest level): under bf16 autocast on CPU its weight
+    gradients came back at random as garbage up to 1e36 (the NaN of 3D training); the training step must not."""
+    torch.manual_seed(0)
+    model = build_model(UNetConfig(widths=(8, 16, 24), ndim=3)).train()
+    sample = blob_volume(0, shape=(4, 16, 16), n=3)
+    images = torch.from_numpy(sample.image[None, None].repeat(2, 0))
+    norms = []
+    for _ in range(6):
+        model.zero_grad()
+        with training_autocast(model, TrainSettings()):
+            emb, fg = model(images)
+            loss, _ = segmentation_loss(emb, fg, np.stack([sample.labels] * 2), 1.0)
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))))
+    assert np.isfinite(norms).all() and norms[0] < 100 and len(set(norms)) == 1
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build_model(UNetConfig(widths=(2, 4), ndim=3))
+    sample = blob_volume(0, shape=(4, 8, 8), n=2)
+    weights = {}
+
+    def step_loss(net, batch):
+        emb, fg = net(torch.from_numpy(sample.image[None, None]))
+        loss, parts = segmentation_loss(emb, fg, sample.labels[None], 1.0)
+        if len(weights) == 1:  # the second step: a NaN loss
+            loss = loss * float("nan")
+        weights[len(weights)] = {k: v.detach().clone() for k, v in net.named_parameters()}  # BN statistics move anyway
+        return loss, parts
+
+    progress = run_training(model, lambda rng: None, tmp_path / "run", TrainSettings(steps=3, warmup=1, bf16=False),
+                            step_loss=step_loss, metadata={})
+    assert progress["step"] == 3 and progress["skipped"] == 1
+    assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1])  # the NaN step changed nothing
+    assert not all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # the good step did
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "step 2: non-finite loss or gradient" in capsys.readouterr().err
 
 
 def test_volumes_need_a_3d_network_and_record_an_isotropic_voxel_size_by_default(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,16 @@ def learning_rate(step: int, s: TrainSettings) -> float:
         return s.lr * (step + 1) / s.warmup
     t = min(1.0, (step - s.warmup) / max(1, s.steps - s.warmup))
     return s.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def training_autocast(model: EmbeddingUNet, settings: TrainSettings) -> torch.autocast:
+    """The autocast of a training step: bf16 for 2D networks when ``settings.bf16``, float32 for 3D ones.
+
+    On CPU, bf16 weight gradients of 3D convolutions on small volumes (the deepest levels of a crop,
+    e.g. 1x4x4 voxels) come back at random as garbage up to 1e36 (torch 2.13, oneDNN): the source of
+    the non-finite losses of 3D training. In float32 they are exact and repeatable.
+    """
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16 and model.config.ndim == 2)
 
 
 def batch_targets(labels: np.ndarray, offsets: Offsets | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -186,12 +197,19 @@ def run_training(
         batch = distributed.shard(batches(rng))
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+        with training_autocast(model, settings):
             loss, parts = run_step(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 5.0)
-        optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 5.0)
+        finite = not distributed.any_rank(not (torch.isfinite(loss.detach()) and torch.isfinite(grad_norm)))
+        if finite:
+            optimizer.step()
+        else:  # the model and optimiser keep their last good state; the step counts as done
+            progress["skipped"] = progress.get("skipped", 0) + 1
+            if main:
+                print(f"step {step + 1}: non-finite loss or gradient ({float(loss.detach()):g}, gradient norm "
+                      f"{float(grad_norm):g}); step skipped ({progress['skipped']} so far)", file=sys.stderr, flush=True)
         now = time.perf_counter()
         progress["seconds"] += now - t_last
         t_last = now
