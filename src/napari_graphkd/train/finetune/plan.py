@@ -82,6 +82,7 @@ class HeldOut:
     image: np.ndarray
     cells: np.ndarray
     whole_image: bool
+    annotation: np.ndarray  # around the held-out cells: their ids, 0 checked background, -1 elsewhere
 
     def describe(self, painted: int) -> str:
         """One line: which cells were held back."""
@@ -164,13 +165,18 @@ def split_heldout(images: list[AnnotatedImage], settings: FinetuneSettings) -> t
         last = images[-1]
         if not (last.labels > 0).any():
             raise InputError(f"the last image ({last.name!r}) is held out for scoring and needs painted cells")
-        heldout = HeldOut(last.name, last.image, np.asarray(last.labels, dtype=np.int32), whole_image=True)
+        heldout = HeldOut(last.name, last.image, np.asarray(last.labels, dtype=np.int32), whole_image=True,
+                          annotation=annotation_map(last.labels, last.checked, settings.margin))
         return heldout, [annotation_map(item.labels, item.checked, settings.margin) for item in images[:-1]]
     only = images[0]
     held = np.isin(only.labels, split_cells(only.labels, settings.seed)[1])
-    heldout = HeldOut(only.name, only.image, np.where(held, only.labels, 0).astype(np.int32), whole_image=False)
+    band = max(settings.margin, MIN_HELDOUT_BAND)
+    full_map = annotation_map(only.labels, only.checked, settings.margin)
+    near = exclude_cells(np.zeros_like(full_map), held, band) < 0  # the held-out cells and their band
+    own = np.where(near & ((full_map <= 0) | held), full_map, -1).astype(np.int32)  # other cells: not judged here
+    heldout = HeldOut(only.name, only.image, np.where(held, only.labels, 0).astype(np.int32), whole_image=False, annotation=own)
     train_map = annotation_map(np.where(held, 0, only.labels), only.checked, settings.margin)
-    return heldout, [exclude_cells(train_map, held, max(settings.margin, MIN_HELDOUT_BAND))]
+    return heldout, [exclude_cells(train_map, held, band)]
 
 
 def training_sample(name: str, image: np.ndarray, train_map: np.ndarray, invert: bool, scale: float) -> Sample:

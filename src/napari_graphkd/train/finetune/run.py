@@ -25,7 +25,7 @@ from ...segment import ModelSegmenter, segment_any
 from ..distill import DistillSettings, distill_samples, with_pseudo_labels
 from ..loop import TrainSettings, run_training, segmentation_batches, segmentation_loss
 from .plan import FinetunePlan, working_labels
-from .rules import heldout_metrics, pseudo_instances
+from .rules import annotation_scores, heldout_metrics, pseudo_instances
 
 RETUNE_GRID = {"foreground_threshold": (0.4, 0.5, 0.6), "min_size": (20, 40, 80), "attractive_bias": (0.15, 0.3, 0.5)}
 SCALE_RANGE = (0.8, 1.25)  # the teacher's crops with FinetuneSettings.scale_augment
@@ -62,24 +62,26 @@ def heldout_scores(model: EmbeddingUNet, meta: dict[str, Any], plan: FinetunePla
 
 
 def retune_cells(plan: FinetunePlan) -> tuple[str, list[Sample]]:
-    """Which painted cells the decoder is re-tuned on, as samples at the model's scale (labels: cells, 0 elsewhere).
+    """Which painted cells the decoder is re-tuned on, as samples at the model's scale (labels: annotation maps).
 
     The held-out cells when there are at least :data:`MIN_RETUNE_HELDOUT` (or no painted cell is trained on,
-    as in ``distil`` mode), else the training cells.
+    as in ``distil`` mode), else the training cells. Labels follow :func:`annotation_map` (ids, 0 checked
+    background, -1 not annotated), so predictions on checked background count as false positives.
     """
     held = plan.heldout.cells
-    train = [Sample(s.name, s.image, np.maximum(s.labels, 0)) for s in plan.train if (s.labels > 0).any()]
+    train = [s for s in plan.train if (s.labels > 0).any()]
     if len(np.unique(held[held > 0])) >= MIN_RETUNE_HELDOUT or not train:
         image = working_image(plan.heldout.image, plan.invert, plan.scale).astype(np.float32)
-        return "held-out cells", [Sample(plan.heldout.name, image, working_labels(held, plan.scale).astype(np.int32))]
+        labels = working_labels(plan.heldout.annotation, plan.scale).astype(np.int32)
+        return "held-out cells", [Sample(plan.heldout.name, image, labels)]
     return "training cells", train
 
 
 def painted_cell_scores(outputs: list[NetworkOutput], samples: list[Sample], settings: DecodeSettings) -> dict[str, float]:
-    """Mean held-out-style scores (see :func:`heldout_metrics`) of painted cells; ``score`` = recall@0.5 + AJI."""
-    per = [heldout_metrics(s.labels, decode_output(o, settings)[0]) for o, s in zip(outputs, samples)]
+    """Mean :func:`annotation_scores` of the samples' painted cells; ``score`` = F1@0.5 + AJI (judged predictions)."""
+    per = [annotation_scores(s.labels, decode_output(o, settings)[0]) for o, s in zip(outputs, samples)]
     mean = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
-    return dict(mean, score=mean["recall@0.5"] + mean["aji"])
+    return dict(mean, score=mean["f1@0.5"] + mean["aji"])
 
 
 def retune_decoder(model: EmbeddingUNet, meta: dict[str, Any], samples: list[Sample]) -> DecodeSettings:
