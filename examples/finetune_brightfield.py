@@ -17,6 +17,7 @@ New checkpoints go to a fresh temporary folder unless ``--out`` is given; nothin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -114,16 +115,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {record['phase']} {record['done']}/{record['total']}: loss {record['loss']:.3f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     result = run_finetune(plan, out, on_progress=on_progress)
-    finetune_seconds = time.perf_counter() - started
+    finetune_seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     for role, path in result.saved.items():
         rows[f"{role} after ({path.name})"] = score(str(path), test, plan.diameter)
     print(finetune_report(result, plan))
     print()
     print(table(rows))
-    print(f"\nfine-tuning (run_finetune) {finetune_seconds:.0f} s; total with the scoring above "
-          f"{time.perf_counter() - start:.0f} s on {torch.get_num_threads()} thread(s)")
+    print(f"\nfine-tuning (run_finetune): {finetune_seconds:.0f} s ({cpu:.0f} CPU s); with the scoring above "
+          f"{time.perf_counter() - start:.0f} s; {torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f}")
     return 0
 
 

@@ -111,10 +111,12 @@ def test_decoder_is_retuned_on_heldout_cells_only_when_there_are_enough(brightfi
 
 
 def test_report_warns_when_the_model_is_no_better():
-    row = lambda r: {"recall@0.5": r, "mean_iou": 0.5, "aji": 0.4}
+    row = lambda r, a=0.4: {"recall@0.5": r, "mean_iou": 0.5, "aji": a}
     worse = no_better_warnings({"student": {"before": row(0.6), "after": row(0.55)}})
     assert len(worse) == 1 and "no better than before" in worse[0] and "0.600 -> 0.550" in worse[0]
     assert no_better_warnings({"student": {"before": row(0.6), "after": row(0.7)}}) == []
+    assert no_better_warnings({"teacher": {"before": row(1.0, 0.68), "after": row(1.0, 0.89)}}) == []  # AJI up at full recall
+    assert len(no_better_warnings({"teacher": {"before": row(1.0, 0.68), "after": row(1.0, 0.68)}})) == 1
     assert no_better_warnings({"student": {"before": row(0.6)}}) == []  # cancelled: nothing to compare
 
 
