@@ -46,8 +46,8 @@ from ._state import MODELS
 
 COLOURS = ("#4fc3f7", "#ffb74d", "#aed581")
 GROUND_TRUTH_WORDS = ("ground truth", "ground_truth", "groundtruth", " gt", "gt ", "_gt")
-MIN_HELDOUT_CELLS = 10
-JOB_THREADS = 2  # a fine-tuning job's torch threads where the machine has a CPU more for the viewer  # fewer held-out cells than this: the before/after scores are a rough hint only
+MIN_HELDOUT_CELLS = 10  # fewer held-out cells than this: the before/after scores are a rough hint only
+JOB_THREADS = 2  # a fine-tuning job's torch threads where the machine has a CPU more for the viewer
 HELP = ("Paint nuclei in a Labels layer (one id per cell, not all needed). Unpainted pixels within the margin of "
         "a cell are background; so is every unpainted pixel inside the 'Checked' Shapes layer (areas where you "
         "painted every nucleus); other pixels are ignored. A fifth of the cells are held back for scoring.")
