@@ -38,8 +38,8 @@ def tiny(tmp_path):
 def test_finetune_command_writes_a_new_checkpoint_and_never_overwrites(painted, tiny, tmp_path, capsys):
     teacher, student = tiny
     out = tmp_path / "mine.safetensors"
-    args = ["finetune", str(painted), "--model", student, "--teacher", teacher, "--steps", "2", "--invert", "yes",
-            "--out", str(out)]
+    args = ["finetune", str(painted), "--model", student, "--teacher", teacher, "--mode", "finetune", "--steps", "2",
+            "--invert", "yes", "--out", str(out)]
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "student before" in captured.out and "student after" in captured.out
@@ -52,16 +52,19 @@ def test_finetune_command_writes_a_new_checkpoint_and_never_overwrites(painted, 
     data = out.read_bytes()
     assert main(args) == 2 and out.read_bytes() == data
     assert "exists" in capsys.readouterr().err
-    assert main(args[:-1] + [str(tmp_path / "other.safetensors"), "--mode", "nonsense"]) == 2
+    assert main(args[:-1] + [str(tmp_path / "other.safetensors"), "--mode", "nonsense"]) == 2  # the last --mode wins
     assert "unknown mode" in capsys.readouterr().err
 
 
-def test_finetune_command_teacher_mode_writes_both_models(painted, tiny, tmp_path, capsys):
+def test_finetune_command_default_mode_trains_the_teacher_then_the_student(painted, tiny, tmp_path, capsys):
     teacher, student = tiny
     out = tmp_path / "mine.safetensors"
-    assert main(["finetune", str(painted), "--model", student, "--teacher", teacher, "--mode", "teacher", "--steps", "1",
+    assert main(["finetune", str(painted), "--model", student, "--teacher", teacher, "--steps", "2", "--teacher-steps", "1",
                  "--invert", "yes", "--unpainted", "background", "--out", str(out)]) == 0
     new_teacher = tmp_path / "mine-teacher.safetensors"
-    assert f"saved teacher: {new_teacher}" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert f"saved teacher: {new_teacher}" in captured.out
+    assert "training teacher: 1/1" in captured.err and "training student: 2/2" in captured.err
+    assert read_metadata(out)["finetune"]["settings"]["teacher_steps"] == 1
     assert read_metadata(out)["finetune"]["teacher"]["path"] == str(new_teacher)
     assert read_metadata(new_teacher)["finetune"]["mode"] == "teacher"

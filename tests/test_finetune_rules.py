@@ -9,6 +9,7 @@ from napari_graphkd.models import UNetConfig, build_model
 from napari_graphkd.inference import prepare_image
 from napari_graphkd.preprocess import InputError
 from napari_graphkd.train.distill import graph_labels, with_pseudo_labels
+from napari_graphkd.train.finetune.rules import annotation_scores
 from napari_graphkd.train.finetune import (
     AnnotatedImage,
     FinetuneSettings,
@@ -105,7 +106,8 @@ def test_distil_mode_ignores_the_annotation_in_training(tiny):
 def test_diameter_rescales_images_and_labels(tiny):
     image, labels = cells_image()
     plan = plan_finetune([AnnotatedImage("a", image, labels)], FinetuneSettings(diameter=5.0), *tiny)
-    assert plan.scale == 2.0 and plan.train[0].image.shape == (192, 192) == plan.train[0].labels.shape
+    whole = plan.student_train[0]  # (plan.train is cut to the window around the annotated pixels)
+    assert plan.scale == 2.0 and whole.image.shape == (192, 192) == whole.labels.shape
     measured = plan_finetune([AnnotatedImage("a", image, labels)], FinetuneSettings(), *tiny)
     assert measured.diameter == pytest.approx(2 * np.sqrt(64 / np.pi))  # median equivalent diameter of 8x8 squares
 
@@ -154,6 +156,22 @@ def test_heldout_metrics_by_hand():
     assert scores["recall@0.5"] == 0.5 and scores["cells"] == 2
     assert scores["mean_iou"] == pytest.approx((0.75 + 0.4) / 2)
     assert scores["aji"] == pytest.approx((12 + 4) / (16 + 10))  # prediction 9 is left out of the union
+
+
+def test_retuning_scores_count_false_positives_on_checked_background_only():
+    annotation = np.full((12, 12), -1, np.int32)
+    annotation[0:6, 0:6] = 0  # a checked region
+    annotation[0:4, 0:4] = 1  # a painted cell in it
+    pred = np.zeros_like(annotation)
+    pred[0:4, 0:3] = 7  # matches cell 1 (IoU 0.75)
+    pred[8:12, 8:12] = 5  # on unannotated pixels: cannot be judged
+    clean = annotation_scores(annotation, pred)
+    assert clean["recall@0.5"] == clean["precision@0.5"] == clean["f1@0.5"] == 1.0
+    assert clean["aji"] == pytest.approx(12 / 16)
+    pred[4:6, 4:6] = 9  # on checked background: a false positive
+    noisy = annotation_scores(annotation, pred)
+    assert noisy["precision@0.5"] == 0.5 and noisy["f1@0.5"] == pytest.approx(2 / 3)
+    assert noisy["aji"] == pytest.approx(12 / (16 + 4))
 
 
 def test_pseudo_labels_fill_only_unannotated_pixels_and_come_back_for_the_graph():

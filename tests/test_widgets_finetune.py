@@ -10,6 +10,7 @@ from widget_utils import cancel_latency, checkpoints, errors, fresh_cache, notes
 
 from napari_graphkd._widgets import FinetuneWidget, SegmentWidget
 from napari_graphkd._widgets._state import MODELS
+from napari_graphkd.train.finetune import FinetuneSettings
 
 
 def partial(labels: np.ndarray, keep: int = 10) -> np.ndarray:
@@ -35,13 +36,24 @@ def setup(make_napari_viewer, crop, checkpoints, tmp_path):
     row = widget.rows[0]
     row.image.value, row.painted.value = viewer.layers["crop"], viewer.layers["my cells"]
     widget.folder.value = str(tmp_path / "models")
+    widget.teacher_steps.value = 2  # short runs in mode teacher (the default)
     return viewer, widget, segment, checkpoints
+
+
+def test_controls_start_at_the_library_defaults(setup):
+    _, widget, _, _ = setup
+    assert widget.mode.value == FinetuneSettings.mode == "teacher"
+    assert widget.steps.value == FinetuneSettings.steps and FinetuneSettings.teacher_steps > 2
+    assert widget.settings().teacher_steps == 2 and not widget.teacher_steps.native.isHidden()
+    widget.mode.value = "finetune"  # the teacher's steps only matter in mode teacher
+    assert widget.teacher_steps.native.isHidden()
 
 
 def test_short_finetune_saves_a_new_model_and_shows_heldout_scores(setup, qtbot, notes):
     viewer, widget, segment, (teacher, student) = setup
     old = student.read_bytes()
     annotation = viewer.layers["my cells"].data.copy()
+    widget.mode.value = "finetune"
     widget.steps.value = 3
     assert widget.start() is not None
     wait(qtbot, widget)
@@ -71,6 +83,7 @@ def test_cancel_keeps_the_weights(setup, qtbot, notes):
     old = student.read_bytes()
     cached = MODELS.get(str(student))[1].model
     weights = {k: v.clone() for k, v in cached.state_dict().items()}
+    widget.mode.value = "finetune"
     widget.steps.value = 2000
     widget.start()
     qtbot.waitUntil(lambda: len(widget.curve.series.get("training student", [])) >= 2, timeout=60_000)
@@ -231,7 +244,7 @@ def test_annotation_defaults_to_the_users_layer_and_asks_before_training_on_mode
         widget.pickers[role].source.value = "file"
         widget.pickers[role].path.value = str(path)
     widget.folder.value = str(tmp_path / "models")
-    widget.steps.value = 1
+    widget.steps.value = widget.teacher_steps.value = 1
     row = widget.rows[0]
     assert row.painted.value is not result and row.painted.value.name == "crop ground truth"
     assert not widget.confirm.native.isHidden()  # both candidates are suspects: ask first

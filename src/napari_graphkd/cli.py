@@ -732,7 +732,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .segment import BUNDLED, bundled_path
     from .train.finetune import FinetuneSettings, finetune_report, plan_finetune, run_finetune
 
-    chosen = {"mode": args.mode, "steps": args.steps, "margin": args.margin, "diameter": args.diameter,
+    chosen = {"mode": args.mode, "steps": args.steps, "teacher_steps": args.teacher_steps, "margin": args.margin,
+              "diameter": args.diameter,
               "invert": None if args.invert == "auto" else args.invert}
     settings = FinetuneSettings(**{k: v for k, v in chosen.items() if v is not None})  # ValueError: one line, exit 2
     out = Path(args.out)
@@ -930,7 +931,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default="teacher", help="teacher it learns from: teacher, student or a checkpoint path")
     p.add_argument("--mode", default=None, help="distil, finetune or teacher, as in the Fine-tune widget "
                    "(default: the widget's default)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the widget's default)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of the student (default: the widget's default)")
+    p.add_argument("--teacher-steps", type=int, default=None,
+                   help="training steps of the teacher in mode teacher (default: the widget's default)")
     p.add_argument("--unpainted", choices=["ignored", "background"], default="ignored",
                    help="unpainted pixels farther than --margin from a painted cell: ignored (partly painted "
                         "images) or background (every nucleus is painted)")

@@ -1,8 +1,8 @@
 """The "Fine-tune / distil" widget: train the networks on the user's (partial) annotation in the background.
 
 Glue only: the annotation rules, the held-out split, training, scoring and saving live in
-:mod:`napari_graphkd.train.finetune`. The job runs the library in a thread of its own with one
-torch thread, so a core stays free for the viewer, and relays its progress records to the widget.
+:mod:`napari_graphkd.train.finetune`. The job runs the library in a thread of its own with up to
+two torch threads, leaving a core free for the viewer, and relays its progress records to the widget.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from qtpy.QtWidgets import QWidget
 
 from ..io.checkpoint import CheckpointError
 from ..preprocess import InputError
+from ..runtime import usable_cpus
 from ..train.finetune import (
     DEFAULT_FOLDER,
     MODES,
@@ -46,6 +47,7 @@ from ._state import MODELS
 COLOURS = ("#4fc3f7", "#ffb74d", "#aed581")
 GROUND_TRUTH_WORDS = ("ground truth", "ground_truth", "groundtruth", " gt", "gt ", "_gt")
 MIN_HELDOUT_CELLS = 10  # fewer held-out cells than this: the before/after scores are a rough hint only
+JOB_THREADS = 2  # a fine-tuning job's torch threads where the machine has a CPU more for the viewer
 HELP = ("Paint nuclei in a Labels layer (one id per cell, not all needed). Unpainted pixels within the margin of "
         "a cell are background; so is every unpainted pixel inside the 'Checked' Shapes layer (areas where you "
         "painted every nucleus); other pixels are ignored. A fifth of the cells are held back for scoring.")
@@ -137,8 +139,13 @@ class FinetuneRequest:
     folder: Path
 
 
+def job_threads() -> int:
+    """Torch threads of a fine-tuning job: up to two, leaving a CPU for the viewer."""
+    return max(1, min(JOB_THREADS, usable_cpus() - 1))
+
+
 def finetune_job(request: FinetuneRequest, cancel: threading.Event):
-    """Run the library with one torch thread; yield its progress records; return the outcome."""
+    """Run the library with :func:`job_threads` torch threads; yield its progress records; return the outcome."""
     return (yield from _guard(_finetune(request, cancel), request))
 
 
@@ -152,7 +159,7 @@ def _finetune(request: FinetuneRequest, cancel: threading.Event):
             report(record)
 
         previous = torch.get_num_threads()
-        torch.set_num_threads(1)
+        torch.set_num_threads(job_threads())
         try:
             return run_finetune(request.plan, request.folder, on_progress=forward, should_stop=cancel.is_set)
         finally:
@@ -206,7 +213,7 @@ class FinetuneWidget(JobWidget):
         super().__init__(viewer, labels=True)
         self.last_result: FinetuneResult | None = None
         self._bar: progress | None = None
-        self.mode = ComboBox(label="Mode", choices=[(text, key) for key, text in MODES.items()], value="finetune")
+        self.mode = ComboBox(label="Mode", choices=[(text, key) for key, text in MODES.items()], value=FinetuneSettings.mode)
         self.rows = Container(widgets=[AnnotationRow(self)], labels=False)
         self.add_row = PushButton(text="Add image")
         self.remove_row = PushButton(text="Remove last image")
@@ -220,7 +227,11 @@ class FinetuneWidget(JobWidget):
         self.margin = SpinBox(label="Margin (px)", value=FinetuneSettings.margin, min=0, max=500,
                               tooltip="Unpainted pixels this close to a painted cell are background; "
                                       "other unpainted pixels (outside checked regions) are ignored")
-        self.steps = SpinBox(label="Steps", value=FinetuneSettings.steps, min=1, max=100000, tooltip="Training steps")
+        self.steps = SpinBox(label="Steps", value=FinetuneSettings.steps, min=1, max=100000,
+                             tooltip="Training steps of the student")
+        self.teacher_steps = SpinBox(label="Teacher steps", value=FinetuneSettings.teacher_steps, min=1, max=100000,
+                                     tooltip="Training steps of the teacher before the student learns from it")
+        self.mode.changed.connect(self._mode_changed)
         self.folder = FileEdit(label="Save in", mode="d", value=str(DEFAULT_FOLDER.expanduser()),
                                tooltip="Folder for the new models (existing files are never overwritten)")
         self.confirm = CheckBox(text="Train on it anyway", visible=False,
@@ -233,11 +244,12 @@ class FinetuneWidget(JobWidget):
         self.curve = LossCurve()
         self.extend([self.mode, self.rows,
                      Container(widgets=[self.add_row, self.remove_row], layout="horizontal", labels=False),
-                     *self.pickers.values(), self.diameter, self.invert, self.margin, self.steps, self.folder,
+                     *self.pickers.values(), self.diameter, self.invert, self.margin, self.steps, self.teacher_steps, self.folder,
                      self.confirm, self.start_button, self.progress, self.cancel_button])
         self.rows[0].painted.changed.connect(self._annotation_changed)
         self.rows[0].prefer_user_layer()
         self._annotation_changed()
+        self._mode_changed()
         self.report.native.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))  # aligned score table
         self.native.layout().insertWidget(1, self.help.native)  # below the mode, using the whole width
         for full_width in (self.report.native, self.curve):  # below the form, using its whole width
@@ -283,14 +295,18 @@ class FinetuneWidget(JobWidget):
         if not problems:
             self.confirm.value = False
 
+    def _mode_changed(self, *_) -> None:
+        self.teacher_steps.visible = self.mode.value == "teacher"
+
     def _remove_row(self, _=None) -> None:
         if len(self.rows) > 1:
             self.rows.pop()
 
     def settings(self) -> FinetuneSettings:
         """Settings from the controls (diameter 0 = measure; unchecked inversion = the model's default)."""
-        return FinetuneSettings(mode=self.mode.value, steps=int(self.steps.value), margin=int(self.margin.value),
-                                diameter=self.diameter.value or None, invert=True if self.invert.value else None)
+        return FinetuneSettings(mode=self.mode.value, steps=int(self.steps.value), teacher_steps=int(self.teacher_steps.value),
+                                margin=int(self.margin.value), diameter=self.diameter.value or None,
+                                invert=True if self.invert.value else None)
 
     def _request(self) -> FinetuneRequest:
         rows = list(self.rows)

@@ -37,15 +37,27 @@ class AnnotatedImage:
     checked: np.ndarray | None = None  # (H,W) bool: inside, unpainted pixels are background
 
 
+TEACHER_LAYERS = ("all", "decoder")
+
+
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """What is trained and how long; the rest follows the library's training defaults."""
+    """What is trained and how long; the defaults are the measured choice of docs/finetune.md ("Defaults").
 
-    mode: str = "finetune"
+    ``steps``/``lr`` are the student's (every mode); ``teacher_steps``/``teacher_lr``/``teacher_layers``
+    apply to the teacher's phase of ``teacher`` mode only. ``teacher_layers="decoder"`` keeps the
+    teacher's encoder weights fixed. ``scale_augment`` rescales the teacher's crops by 0.8-1.25x.
+    """
+
+    mode: str = "teacher"
     steps: int = 300
+    teacher_steps: int = 150
     batch_size: int = 4
-    crop: int = 256
+    crop: int = 128
     lr: float = 1e-3
+    teacher_lr: float = 1e-3
+    teacher_layers: str = "all"
+    scale_augment: bool = False
     margin: int = 8
     diameter: float | None = None  # nucleus diameter in the user's images (px); None: measure the painted cells
     invert: bool | None = None  # dark nuclei on a bright background; None: the model's default
@@ -54,8 +66,12 @@ class FinetuneSettings:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; known: {', '.join(MODES)}")
-        if self.steps < 1 or self.batch_size < 1 or self.margin < 0 or self.crop < MIN_CROP:
-            raise ValueError("steps and batch_size must be >= 1, margin >= 0 and crop >= 64")
+        if self.teacher_layers not in TEACHER_LAYERS:
+            raise ValueError(f"unknown teacher_layers {self.teacher_layers!r}; known: {', '.join(TEACHER_LAYERS)}")
+        if min(self.steps, self.teacher_steps, self.batch_size) < 1 or self.margin < 0 or self.crop < MIN_CROP:
+            raise ValueError("steps, teacher_steps and batch_size must be >= 1, margin >= 0 and crop >= 64")
+        if self.lr <= 0 or self.teacher_lr <= 0:
+            raise ValueError("learning rates must be > 0")
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,7 @@ class HeldOut:
     image: np.ndarray
     cells: np.ndarray
     whole_image: bool
+    annotation: np.ndarray  # around the held-out cells: their ids, 0 checked background, -1 elsewhere
 
     def describe(self, painted: int) -> str:
         """One line: which cells were held back."""
@@ -83,6 +100,7 @@ class FinetunePlan:
     teacher_path: Path
     student_path: Path
     train: list[Sample]  # normalised, rescaled; labels: training map (ids, 0 checked background, -1 not annotated)
+    student_train: list[Sample]  # what the student learns from: ``train``, or whole images in ``teacher`` mode
     heldout: HeldOut
     painted_cells: int
     train_cells: int
@@ -147,13 +165,18 @@ def split_heldout(images: list[AnnotatedImage], settings: FinetuneSettings) -> t
         last = images[-1]
         if not (last.labels > 0).any():
             raise InputError(f"the last image ({last.name!r}) is held out for scoring and needs painted cells")
-        heldout = HeldOut(last.name, last.image, np.asarray(last.labels, dtype=np.int32), whole_image=True)
+        heldout = HeldOut(last.name, last.image, np.asarray(last.labels, dtype=np.int32), whole_image=True,
+                          annotation=annotation_map(last.labels, last.checked, settings.margin))
         return heldout, [annotation_map(item.labels, item.checked, settings.margin) for item in images[:-1]]
     only = images[0]
     held = np.isin(only.labels, split_cells(only.labels, settings.seed)[1])
-    heldout = HeldOut(only.name, only.image, np.where(held, only.labels, 0).astype(np.int32), whole_image=False)
+    band = max(settings.margin, MIN_HELDOUT_BAND)
+    full_map = annotation_map(only.labels, only.checked, settings.margin)
+    near = exclude_cells(np.zeros_like(full_map), held, band) < 0  # the held-out cells and their band
+    own = np.where(near & ((full_map <= 0) | held), full_map, -1).astype(np.int32)  # other cells: not judged here
+    heldout = HeldOut(only.name, only.image, np.where(held, only.labels, 0).astype(np.int32), whole_image=False, annotation=own)
     train_map = annotation_map(np.where(held, 0, only.labels), only.checked, settings.margin)
-    return heldout, [exclude_cells(train_map, held, max(settings.margin, MIN_HELDOUT_BAND))]
+    return heldout, [exclude_cells(train_map, held, band)]
 
 
 def training_sample(name: str, image: np.ndarray, train_map: np.ndarray, invert: bool, scale: float) -> Sample:
@@ -175,6 +198,8 @@ def plan_finetune(images: list[AnnotatedImage], settings: FinetuneSettings, teac
 
     In ``distil`` mode the annotation is not trained on (every training pixel is unannotated) and
     whole images are used; otherwise each image is cut to the window around its annotated pixels.
+    In ``teacher`` mode the student still learns from whole images (every image but the held-out
+    one, painted or not): the teacher's outputs teach it where nobody painted.
     """
     if not images:
         raise InputError("choose at least one image with its annotation")
@@ -197,7 +222,9 @@ def plan_finetune(images: list[AnnotatedImage], settings: FinetuneSettings, teac
         maps = [np.full_like(m, -1) for m in maps]
     train = [training_sample(f"{i}:{item.name}", item.image, m, invert, scale) for i, (item, m) in enumerate(zip(images, maps))]
     crop = min([settings.crop] + [min(s.image.shape) for s in train]) // ALIGN * ALIGN
+    whole = train
     if settings.mode != "distil":
         train = [_windowed(s, crop) for s in train]
-    return FinetunePlan(settings, Path(teacher_path), Path(student_path), train, heldout, painted, train_cells,
+    student_train = whole if settings.mode == "teacher" else train
+    return FinetunePlan(settings, Path(teacher_path), Path(student_path), train, student_train, heldout, painted, train_cells,
                         float(diameter), train_diameter, invert, crop)

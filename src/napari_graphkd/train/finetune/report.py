@@ -17,13 +17,16 @@ def scores_table(scores: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def no_better_warnings(scores: dict[str, dict[str, dict[str, float]]]) -> list[str]:
-    """A warning line for each role whose held-out recall@0.5 after training is not above before."""
+    """A warning line for each role whose held-out recall@0.5 + AJI after training is not above before."""
     lines = []
     for role, by_time in scores.items():
-        if "after" in by_time and by_time["after"]["recall@0.5"] <= by_time["before"]["recall@0.5"]:
+        if "after" not in by_time:
+            continue
+        before, after = by_time["before"], by_time["after"]
+        if after["recall@0.5"] + after["aji"] <= before["recall@0.5"] + before["aji"]:
             lines.append(f"warning: the fine-tuned {role} scores no better than before on the held-out cells "
-                         f"(recall@0.5 {by_time['before']['recall@0.5']:.3f} -> {by_time['after']['recall@0.5']:.3f}); "
-                         f"keep the old model or paint more cells")
+                         f"(recall@0.5 {before['recall@0.5']:.3f} -> {after['recall@0.5']:.3f}, "
+                         f"AJI {before['aji']:.3f} -> {after['aji']:.3f}); keep the old model or paint more cells")
     return lines
 
 

@@ -25,9 +25,10 @@ from ...segment import ModelSegmenter, segment_any
 from ..distill import DistillSettings, distill_samples, with_pseudo_labels
 from ..loop import TrainSettings, run_training, segmentation_batches, segmentation_loss
 from .plan import FinetunePlan, working_labels
-from .rules import heldout_metrics, pseudo_instances
+from .rules import annotation_scores, heldout_metrics, pseudo_instances
 
 RETUNE_GRID = {"foreground_threshold": (0.4, 0.5, 0.6), "min_size": (20, 40, 80), "attractive_bias": (0.15, 0.3, 0.5)}
+SCALE_RANGE = (0.8, 1.25)  # the teacher's crops with FinetuneSettings.scale_augment
 MIN_RETUNE_HELDOUT = 10  # fewer held-out cells than this: the decoder is re-tuned on the training cells
 
 DEFAULT_FOLDER = Path("~/.napari-graphkd/models")
@@ -61,24 +62,26 @@ def heldout_scores(model: EmbeddingUNet, meta: dict[str, Any], plan: FinetunePla
 
 
 def retune_cells(plan: FinetunePlan) -> tuple[str, list[Sample]]:
-    """Which painted cells the decoder is re-tuned on, as samples at the model's scale (labels: cells, 0 elsewhere).
+    """Which painted cells the decoder is re-tuned on, as samples at the model's scale (labels: annotation maps).
 
     The held-out cells when there are at least :data:`MIN_RETUNE_HELDOUT` (or no painted cell is trained on,
-    as in ``distil`` mode), else the training cells.
+    as in ``distil`` mode), else the training cells. Labels follow :func:`annotation_map` (ids, 0 checked
+    background, -1 not annotated), so predictions on checked background count as false positives.
     """
     held = plan.heldout.cells
-    train = [Sample(s.name, s.image, np.maximum(s.labels, 0)) for s in plan.train if (s.labels > 0).any()]
+    train = [s for s in plan.train if (s.labels > 0).any()]
     if len(np.unique(held[held > 0])) >= MIN_RETUNE_HELDOUT or not train:
         image = working_image(plan.heldout.image, plan.invert, plan.scale).astype(np.float32)
-        return "held-out cells", [Sample(plan.heldout.name, image, working_labels(held, plan.scale).astype(np.int32))]
+        labels = working_labels(plan.heldout.annotation, plan.scale).astype(np.int32)
+        return "held-out cells", [Sample(plan.heldout.name, image, labels)]
     return "training cells", train
 
 
 def painted_cell_scores(outputs: list[NetworkOutput], samples: list[Sample], settings: DecodeSettings) -> dict[str, float]:
-    """Mean held-out-style scores (see :func:`heldout_metrics`) of painted cells; ``score`` = recall@0.5 + AJI."""
-    per = [heldout_metrics(s.labels, decode_output(o, settings)[0]) for o, s in zip(outputs, samples)]
+    """Mean :func:`annotation_scores` of the samples' painted cells; ``score`` = F1@0.5 + AJI (judged predictions)."""
+    per = [annotation_scores(s.labels, decode_output(o, settings)[0]) for o, s in zip(outputs, samples)]
     mean = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
-    return dict(mean, score=mean["recall@0.5"] + mean["aji"])
+    return dict(mean, score=mean["f1@0.5"] + mean["aji"])
 
 
 def retune_decoder(model: EmbeddingUNet, meta: dict[str, Any], samples: list[Sample]) -> DecodeSettings:
@@ -92,12 +95,21 @@ def retune_decoder(model: EmbeddingUNet, meta: dict[str, Any], samples: list[Sam
     return tune_decoder(outputs, samples, base, RETUNE_GRID, score=painted_cell_scores)[0]
 
 
-def train_settings(plan: FinetunePlan) -> TrainSettings:
-    """Short fine-tuning schedule: saved once at the end, no snapshots, no scale augmentation."""
+def train_settings(plan: FinetunePlan, role: str = "student") -> TrainSettings:
+    """Short fine-tuning schedule of one role: saved once at the end, no snapshots; scale augmentation as set."""
     s = plan.settings
-    return TrainSettings(steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup=min(20, max(1, s.steps // 10)),
-                         seed=s.seed, save_every=s.steps, snapshot_every=10**9, validate_every=10**9,
-                         augment=AugmentConfig(crop=plan.crop, scale_range=None))
+    steps, lr = (s.teacher_steps, s.teacher_lr) if role == "teacher" else (s.steps, s.lr)
+    scales = SCALE_RANGE if (role == "teacher" and s.scale_augment) else None
+    return TrainSettings(steps=steps, batch_size=s.batch_size, lr=lr, warmup=min(20, max(1, steps // 10)),
+                         seed=s.seed, save_every=steps, snapshot_every=10**9, validate_every=10**9,
+                         augment=AugmentConfig(crop=plan.crop, scale_range=scales))
+
+
+def freeze_encoder(model: EmbeddingUNet) -> None:
+    """Keep the encoder's weights (stem and down blocks) fixed: only the decoder and heads train."""
+    for module in (model.stem, model.down):
+        for p in module.parameters():
+            p.requires_grad_(False)
 
 
 def save_new_checkpoint(model: EmbeddingUNet, metadata: dict[str, Any], folder: str | Path, stem: str) -> Path:
@@ -137,7 +149,9 @@ def _relay(phase: str, on_progress: Progress) -> Progress:
 
 def _train_teacher(teacher: EmbeddingUNet, plan: FinetunePlan, on_progress: Progress, should_stop: StopCheck) -> bool:
     """Fine-tune the teacher on the annotated pixels (segmentation loss only); False if stopped."""
-    settings = train_settings(plan)
+    settings = train_settings(plan, "teacher")
+    if plan.settings.teacher_layers == "decoder":
+        freeze_encoder(teacher)
 
     def step_loss(net: EmbeddingUNet, batch):
         images, labels = batch
@@ -145,7 +159,8 @@ def _train_teacher(teacher: EmbeddingUNet, plan: FinetunePlan, on_progress: Prog
         return segmentation_loss(emb, fg, labels, settings.foreground_weight)
 
     with tempfile.TemporaryDirectory(prefix="graphkd-teacher-") as run_dir:
-        progress = run_training(teacher, segmentation_batches(plan.train, settings), Path(run_dir), settings,
+        annotated = [s for s in plan.train if (s.labels >= 0).any()]  # unpainted images teach the student only
+        progress = run_training(teacher, segmentation_batches(annotated, settings), Path(run_dir), settings,
                                 step_loss=step_loss, metadata={}, on_progress=_relay("training teacher", on_progress),
                                 should_stop=should_stop)
     return progress["step"] == settings.steps
@@ -155,10 +170,10 @@ def _with_teacher_instances(teacher: EmbeddingUNet, meta: dict[str, Any], plan: 
                             on_progress: Progress) -> list[Sample]:
     """Training samples whose unannotated pixels carry the teacher's instances (pseudo-labels for IGD)."""
     out = []
-    for i, s in enumerate(plan.train):
+    for i, s in enumerate(plan.student_train):
         instances = decode_working(teacher, s.image, DecodeSettings(**meta.get("decode", {})))
         out.append(Sample(s.name, s.image, with_pseudo_labels(s.labels, pseudo_instances(instances, s.labels))))
-        on_progress({"phase": "teacher pseudo-labels", "done": i + 1, "total": len(plan.train), "loss": None})
+        on_progress({"phase": "teacher pseudo-labels", "done": i + 1, "total": len(plan.student_train), "loss": None})
     return out
 
 
@@ -215,17 +230,23 @@ def run_finetune(plan: FinetunePlan, folder: str | Path = DEFAULT_FOLDER, *, on_
     for i, role in enumerate(roles):
         result.scores[role] = {"before": heldout_scores(*models[role], plan)}
         on_progress({"phase": "scoring before", "done": i + 1, "total": len(roles), "loss": None})
-    finished = plan.settings.mode != "teacher" or _train_teacher(teacher, plan, on_progress, should_stop)
-    finished = finished and not should_stop() and _train_student(
-        student, teacher, _with_teacher_instances(teacher, t_meta, plan, on_progress), plan, on_progress, should_stop)
-    if not finished:
-        result.cancelled = True
-        return result
     result.decode_tuned_on, tune_samples = retune_cells(plan)
-    for i, role in enumerate(roles):
+
+    def retune(role: str) -> None:
         model, meta = models[role]
         models[role] = (model, dict(meta, decode=retune_decoder(model, meta, tune_samples).to_dict()))
-        on_progress({"phase": "re-tuning the decoder", "done": i + 1, "total": len(roles), "loss": None})
+        on_progress({"phase": "re-tuning the decoder", "done": roles.index(role) + 1, "total": len(roles), "loss": None})
+
+    if plan.settings.mode == "teacher":
+        if not _train_teacher(teacher, plan, on_progress, should_stop):
+            result.cancelled = True
+            return result
+        retune("teacher")  # its pseudo-labels for the student use its re-tuned decoder
+    if should_stop() or not _train_student(student, teacher, _with_teacher_instances(*models["teacher"], plan, on_progress),
+                                           plan, on_progress, should_stop):
+        result.cancelled = True
+        return result
+    retune("student")
     for i, role in enumerate(roles):
         result.scores[role]["after"] = heldout_scores(*models[role], plan)
         on_progress({"phase": "scoring after", "done": i + 1, "total": len(roles), "loss": None})
