@@ -30,7 +30,7 @@ import torch
 from napari_graphkd.io.checkpoint import CheckpointError
 from napari_graphkd.metrics import evaluate, mean_metrics
 from napari_graphkd.runtime import configure_threads
-from napari_graphkd.segment import bundled_path, load_segmenter, segment_any
+from napari_graphkd.segment import BUNDLED, bundled_path, load_segmenter, segment_any
 from napari_graphkd.train.finetune import MODES, AnnotatedImage, FinetuneSettings, finetune_report, plan_finetune, run_finetune
 
 DATA = Path(__file__).parent / "data" / "brightfield"
@@ -71,7 +71,7 @@ def table(rows: dict[str, dict[str, float]]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the bundled teacher)")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint or bundled name (default: the bundled teacher)")
     p.add_argument("--student", default=None, help="student checkpoint (default: the bundled student)")
     p.add_argument("--data", type=Path, default=DATA, help="folder with train/ and test/ (default: the shipped crops)")
     p.add_argument("--mode", default=FinetuneSettings.mode, choices=list(MODES))
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     """Fine-tune, then print held-out and other-image scores before and after."""
     args = parse_args(argv)
     configure_threads(args.threads)
-    teacher = Path(args.teacher) if args.teacher else bundled_path("teacher")
-    student = Path(args.student) if args.student else bundled_path("student")
+    teacher, student = (bundled_path(name) if name in BUNDLED else Path(name)
+                        for name in (args.teacher or "teacher", args.student or "student"))
     for role, path in (("teacher", teacher), ("student", student)):
         if not path.is_file():
             print(f"no {role} checkpoint at {path}: the bundled weights are not installed yet; "
