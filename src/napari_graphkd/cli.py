@@ -649,7 +649,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     models = [m for m in BUNDLED if bundled_path(m).exists()] + ["classical"]
     samples = [load_sample(name) for name in SAMPLE_NAMES]
     print(f"bundled BBBC039 validation samples: {', '.join(SAMPLE_NAMES)} (never used in training)")
-    print(f"{'model':<10} {'params':>10} {'network ms':>10} {'decode ms':>9} {'F1@0.5':>7} {'AJI':>6} {'PQ':>6} {'SBD':>6}")
+    width = max(len(m) for m in models)
+    print(f"{'model':<{width}} {'params':>10} {'network ms':>10} {'decode ms':>9} {'F1@0.5':>7} {'AJI':>6} {'PQ':>6} {'SBD':>6}")
     for spec in models:
         segmenter = load_segmenter(spec)
         rows, net, dec = [], 0.0, 0.0
@@ -658,7 +659,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             rows.append(evaluate(labels, result.labels))
             net, dec = net + result.network_seconds, dec + result.decode_seconds
         m, k = mean_metrics(rows), len(samples)
-        print(f"{spec:<10} {segmenter.parameters:>10,} {1000 * net / k:>10.0f} {1000 * dec / k:>9.0f} "
+        print(f"{spec:<{width}} {segmenter.parameters:>10,} {1000 * net / k:>10.0f} {1000 * dec / k:>9.0f} "
               f"{m['f1@0.5']:>7.3f} {m['aji']:>6.3f} {m['pq']:>6.3f} {m['sbd']:>6.3f}", flush=True)
     if args.viewer:
         if not display_available():
