@@ -10,6 +10,16 @@ from napari_graphkd.models import UNetConfig, build_model
 from napari_graphkd.sample_data import load_sample
 
 
+@pytest.fixture()
+def one_thread():
+    """One torch thread for the test (tiny tensors: no OpenMP spin contention on a shared 2-core machine; timed
+    commands run against it), the previous setting afterwards. Modules use it with ``pytestmark``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def sample():
     """(image, labels) of a full bundled sample (520x696)."""

@@ -19,13 +19,7 @@ from napari_graphkd.segment import bundled_path
 TINY_RUN = ["--steps", "2", "--crop", "64", "--batch-size", "1", "--n-tune", "1", "--validate-every", "2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread here (the commands are timed against it), the previous setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

@@ -11,9 +11,7 @@ from napari_graphkd.distill import (
 OFFSETS_Z0 = [(0, *o) for o in OFFSETS]  # the 2D offsets inside one slice
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def volume_batch(seed: int, depth: int = 1, size: int = 16):

@@ -26,13 +26,7 @@ TINY = TrainSettings(steps=3, batch_size=2, warmup=1, save_every=3, snapshot_eve
                      augment=AugmentConfig(crop=64))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, the previous setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

@@ -18,9 +18,7 @@ NO_JITTER = AugmentConfig(noise_std=0, renormalize_prob=0, gamma_range=(1, 1), g
                           blur_prob=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blob_volume(seed: int, shape=(12, 32, 32), n: int = 6) -> Sample:
