@@ -332,11 +332,15 @@ class TrainingBar:
 
 
 def sources_validator(tune):
-    """Validation callback: metrics on the tune images of each source, also printed."""
-    from .train.segmentation import score_sources
+    """Validation callback: metrics on the tune images of each source (every source counts the same), also printed."""
+    from .decode.mws import DecodeSettings
+    from .evaluation import network_outputs, score_by_source
+
+    samples = [s for group in tune.values() for s in group]
+    score = score_by_source({name: len(group) for name, group in tune.items()})
 
     def validate(model):
-        scores = score_sources(model, tune)
+        scores = score(network_outputs(model, samples), samples, DecodeSettings())
         parts = "; ".join(f"{n} f1@0.5 {scores[f'{n}/f1@0.5']:.3f} aji {scores[f'{n}/aji']:.3f}" for n in tune if tune[n])
         print(f"\nvalidation: {parts}; score {scores['score']:.3f}", file=sys.stderr, flush=True)
         return scores
