@@ -33,9 +33,14 @@ def selection_score(per_image: list[dict[str, float]]) -> float:
     return (found / total if total else 1.0) + float(np.mean(with_objects))
 
 
+def per_image_metrics(outputs: list[NetworkOutput], samples: list[Sample], settings: DecodeSettings) -> list[dict[str, float]]:
+    """Metrics of each sample's output decoded with ``settings`` against its labels."""
+    return [evaluate(s.labels, decode_output(o, settings)[0]) for o, s in zip(outputs, samples)]
+
+
 def score_outputs(outputs: list[NetworkOutput], samples: list[Sample], settings: DecodeSettings) -> dict[str, float]:
     """Per-image mean metrics of decoded outputs, plus the :func:`selection_score` as ``score``."""
-    per_image = [evaluate(s.labels, decode_output(o, settings)[0]) for o, s in zip(outputs, samples)]
+    per_image = per_image_metrics(outputs, samples, settings)
     return dict(mean_metrics(per_image), score=selection_score(per_image))
 
 
@@ -51,7 +56,7 @@ def score_by_source(sizes: Sequence[int] | Mapping[str, int]) -> Callable[[list[
     bounds = np.cumsum([0, *(sizes.values() if named else sizes)])
 
     def score(outputs: list[NetworkOutput], samples: list[Sample], settings: DecodeSettings) -> dict[str, float]:
-        per_image = [evaluate(s.labels, decode_output(o, settings)[0]) for o, s in zip(outputs, samples)]
+        per_image = per_image_metrics(outputs, samples, settings)
         groups = [(name, per_image[a:b]) for name, a, b in zip(names, bounds[:-1], bounds[1:]) if b > a]
         scores = mean_metrics(per_image)
         for name, rows in groups if named else ():
