@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from provenance import bbbc039, command_line, header, tune_folder
+from provenance import bbbc039, command_line, header, tune_folder, write_results, write_row
 
 from napari_graphkd.data import AugmentConfig, load_folder
 from napari_graphkd.decode.mws import DecodeSettings
@@ -178,8 +178,7 @@ def row_result(run: Run, args, tune, val) -> dict:
     result = evaluate_checkpoint(final_checkpoint(run_dir), tune, val, args.threads)
     result.update(key=run.key, method=run.method, weights=asdict(run.weights), seed=run.seed, steps=run.steps,
                   peak_train_mb=progress.get("peak_rss_mb"), train_seconds=progress.get("seconds"))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(result, indent=1))
+    write_row(cache, result)
     return result
 
 
@@ -191,13 +190,11 @@ def reference_segmenter(key: str, args) -> ModelSegmenter | ClassicalSegmenter:
 def reference_rows(args, val) -> dict[str, dict]:
     """Classical and teacher rows (cached)."""
     out = {}
-    cache = Path(args.results) / "rows"
-    cache.mkdir(parents=True, exist_ok=True)
     for key in ("classical", "teacher"):
-        path = cache / f"{key}.json"
+        path = Path(args.results) / "rows" / f"{key}.json"
         if not path.exists() and not args.report:
             segmenter = reference_segmenter(key, args)
-            path.write_text(json.dumps({**timed_scores(segmenter, val, args.threads), "parameters": segmenter.parameters}, indent=1))
+            write_row(path, {**timed_scores(segmenter, val, args.threads), "parameters": segmenter.parameters})
         if path.exists():
             out[key] = json.loads(path.read_text())
     return out
@@ -213,7 +210,7 @@ def rescore_rows(args, tune, val) -> None:
         else:
             result.update(evaluate_checkpoint(final_checkpoint(Path(args.runs) / path.stem), tune, val, args.threads))
         result["timed_threads"] = args.threads
-        path.write_text(json.dumps(result, indent=1))
+        write_row(path, result)
         print(f"  {path.stem}: F1 {before['f1@0.5']:.4f} -> {result['metrics']['f1@0.5']:.4f}, AJI {before['aji']:.4f} -> "
               f"{result['metrics']['aji']:.4f}; network {result['network_ms']:.1f} ms, decode {result['decode_ms']:.1f} ms", flush=True)
 
@@ -240,7 +237,7 @@ def measure_memory(args) -> None:
         peak = float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
         result = json.loads(path.read_text())
         result.update(peak_train_mb=peak, peak_train_probe_steps=PROBE_STEPS)
-        path.write_text(json.dumps(result, indent=1))
+        write_row(path, result)
         print(f"  {path.stem}: peak training memory {peak:.0f} MB", flush=True)
 
 
@@ -387,9 +384,7 @@ def main() -> int:
               "highest selection score (F1 pooled over all objects + mean AJI over images with objects). The per-image "
               "means include the nucleus-free tune image, scored 1 or 0, which some short-schedule students still "
               "fill with false objects.\n\n" + sweep_table(sweeps))
-    out = Path(args.results) / "distill_table.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_results(Path(args.results) / "distill_table.md", text)
     print(text)
     return 0
 

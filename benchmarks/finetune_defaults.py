@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from provenance import REPO, command_line, header
+from provenance import REPO, command_line, header, write_row
 
 from napari_graphkd.metrics import evaluate, mean_metrics
 from napari_graphkd.segment import bundled_path, load_segmenter, segment_any
@@ -177,17 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         if not base_file.exists():
             plan = plan_finetune(training_images(), FinetuneSettings(invert=True), bundled_path("teacher"), bundled_path("student"))
-            tmp = base_file.with_suffix(".partial")
-            tmp.write_text(json.dumps(baseline(plan.diameter), indent=1))
-            os.replace(tmp, base_file)
+            write_row(base_file, baseline(plan.diameter))
         for name in args.only or ROWS:
             path = args.results / f"{key(name)}.json"
             if path.exists():
                 continue
             row = dict(run_row(name, args.threads, args.runs), command=command_line())
-            tmp = path.with_suffix(".partial")
-            tmp.write_text(json.dumps(row, indent=1))
-            os.replace(tmp, path)
+            write_row(path, row)
             print(f"{name}: {row['seconds']:.0f} s, student test {cell(row, 'student', 'test')}", flush=True)
     rows = [json.loads((args.results / f"{key(n)}.json").read_text()) for n in ROWS if (args.results / f"{key(n)}.json").exists()]
     base = json.loads(base_file.read_text()) if base_file.exists() else None

@@ -15,15 +15,13 @@ the stems of a split list (a bundled split name such as ``dsb2018_fluo_val``, or
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from provenance import header
+from provenance import header, write_results
 
 from napari_graphkd.data import SPLIT_DIR, read_split, read_tiff
 from napari_graphkd.metrics import evaluate, mean_metrics
@@ -103,15 +101,6 @@ def score(spec: str, test: TestSet, limit: int | None) -> dict[str, float]:
             "aji": mean["aji"], "images": len(stems)}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def main() -> int:
     """Score every model on every set, print the table and write it to the results file."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,7 +135,7 @@ def main() -> int:
         "ms per image is the wall clock of the whole segmentation (input rules, network, decoding), mean over the set.",
         "",
     ]
-    write_atomic(args.out, "\n".join(intro + lines) + "\n")
+    write_results(args.out, "\n".join(intro + lines) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from distill_table import STUDENT, STUDENT_GRID, fmt, table, timed_scores
-from provenance import command_line, header
+from provenance import command_line, header, write_results, write_row
 
 from napari_graphkd.data import AugmentConfig, Source, find_part, load_source, parse_source, read_split, read_tiff, split_list_path
 from napari_graphkd.distill import method_weights
@@ -184,8 +184,7 @@ def row_result(key: str, args, tune, val) -> dict:
         result.update(peak_train_mb=progress.get("peak_rss_mb"), train_seconds=progress.get("seconds"),
                       seconds_per_step=progress.get("seconds") / max(1, progress["step"]), train_threads=args.train_threads)
     result.update(expected, key=key)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(result, indent=1))
+    write_row(cache, result)
     return result
 
 
@@ -274,9 +273,7 @@ def main() -> int:
     refs = {key: row_result(key, args, tune, val) for key in ("classical", "teacher")}
     row_results = {prefix: [row_result(f"{prefix}_s{seed}", args, tune, val) for seed in args.seeds] for prefix in ROWS}
     text = report(args, splits, row_results, refs, val)
-    out = Path(args.results) / "generalist_distill.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_results(Path(args.results) / "generalist_distill.md", text)
     print(text)
     return 0
 

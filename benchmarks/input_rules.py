@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from provenance import header
+from provenance import header, write_results
 
 from napari_graphkd.data import Sample, median_diameter, read_tiff
 from napari_graphkd.metrics import evaluate, mean_metrics
@@ -101,10 +101,7 @@ def main() -> int:
                       "its typical diameter (area-weighted median equivalent diameter, the statistic the estimate measures) "
                       "and its plain median equivalent diameter; relative error per image:", "",
                       *detail, ""]
-    out = Path(args.out)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
+    out = write_results(args.out, "\n".join(lines))
     print(f"wrote {out}")
     return 0
 

@@ -1,11 +1,14 @@
-"""Where a benchmark result comes from: package version, git commit, command line; and where its data lies.
+"""Where a benchmark result comes from: package version, git commit, command line; where its data lies; how it is written.
 
 Every benchmark prints :func:`header` first (and writes it at the top of any result file), so a
 table can always be traced to the code and the command that made it. Folder arguments (``--data``,
 ``--runs``, ...) are shown as placeholders (``DATA``, ``RUNS``): result files name no machine.
+Result files and cached rows are written by :func:`write_results` and :func:`write_row` (atomic).
 """
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import subprocess
 import sys
@@ -66,3 +69,22 @@ def bbbc039(data: str | Path) -> Path:
 def tune_folder(bbbc039_folder: Path) -> Path:
     """Where the tune images lie: ``tune/`` of the layout, else ``train/`` (tune images listed in a checkpoint)."""
     return bbbc039_folder / "tune" if (bbbc039_folder / "tune").is_dir() else bbbc039_folder / "train"
+
+
+def write_results(path: str | Path, text: str) -> Path:
+    """Write a result file atomically (temporary file beside it, then os.replace; parent folders created), so a killed
+    or concurrent run never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_row(path: str | Path, row: dict) -> Path:
+    """Cache one finished result row as JSON (read back with ``json.loads``), atomically."""
+    return write_results(path, json.dumps(row, indent=1))

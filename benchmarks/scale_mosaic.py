@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from provenance import bbbc039, header
+from provenance import bbbc039, header, write_results
 
 from napari_graphkd.data import read_tiff
 
@@ -196,7 +196,6 @@ def main() -> int:
         lines.append("")
         print("\n".join(lines), flush=True)
     if not args.skip_scale:
-        out = Path(args.out)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "mosaic.zarr"
             shape = write_zarr_mosaic(pairs, args.size, path, args.chunk)
@@ -205,11 +204,9 @@ def main() -> int:
                 rows.append(scale_run(path, Path(tmp) / f"labels_{n}.zarr", args.model, n, args.chunk, args.threads))
                 part = scale_table(rows, shape, args.chunk, args.threads)
                 print("\n".join(part), flush=True)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text("\n".join(lines + part))
+                write_results(args.out, "\n".join(lines + part))
         lines += part
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines))
+    write_results(args.out, "\n".join(lines))
     return 0
 
 

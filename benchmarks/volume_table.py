@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from provenance import command_line, git_commit, header
+from provenance import command_line, git_commit, header, write_results, write_row
 
 from napari_graphkd.affinity import is_short, offsets_from_metadata
 from napari_graphkd.data import AugmentConfig, Sample
@@ -324,8 +324,7 @@ def cached_row(key: str, args, slab: Callable[[str, str], VolumeSlab]) -> dict |
         return None
     print(f"  {key} ...", flush=True)
     result = {"key": key, "commit": git_commit(), "threads": args.threads, **compute_row(key, args, slab)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    write_row(path, result)
     print(f"  {key}: test {result['test']}", flush=True)
     return result
 
@@ -439,11 +438,7 @@ def main() -> int:
         f"tune {slab_line(NUCLEI, 'tune')})\n\n3D F1@0.5 and AJI (every nucleus counted once through the volume); "
         "higher is better.\n\n" + nuclei_table(nuclei_rows, planned[NUCLEI])
     )
-    out = Path(args.results) / "volume_table.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    write_results(Path(args.results) / "volume_table.md", text)
     print(text)
     return 0
 

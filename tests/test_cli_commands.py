@@ -141,3 +141,18 @@ def test_decoder_score_by_source_counts_every_source_the_same(folder):
     rest = score_outputs(outputs[1:], samples[1:], settings)["score"]
     assert pooled["score"] == pytest.approx((first + rest) / 2)
     assert pooled["f1@0.5"] == pytest.approx(score_outputs(outputs, samples, settings)["f1@0.5"])
+
+
+def test_named_score_by_source_adds_each_source_and_leaves_empty_ones_out(folder):
+    from napari_graphkd.data import load_folder
+
+    torch.manual_seed(0)
+    samples = load_folder(folder)
+    outputs = network_outputs(build_model(UNetConfig(widths=(4, 8, 8))).eval(), samples)
+    settings = DecodeSettings()
+    named = score_by_source({"one": 1, "none": 0, "rest": 3})(outputs, samples, settings)
+    assert named["score"] == score_by_source([1, 3])(outputs, samples, settings)["score"]
+    for name, part in (("one", slice(0, 1)), ("rest", slice(1, 4))):
+        alone = score_outputs(outputs[part], samples[part], settings)
+        assert [named[f"{name}/{k}"] for k in ("f1@0.5", "aji", "score")] == [alone[k] for k in ("f1@0.5", "aji", "score")]
+    assert not any(key.startswith("none/") for key in named)

@@ -332,11 +332,15 @@ class TrainingBar:
 
 
 def sources_validator(tune):
-    """Validation callback: metrics on the tune images of each source, also printed."""
-    from .train.segmentation import score_sources
+    """Validation callback: metrics on the tune images of each source (every source counts the same), also printed."""
+    from .decode.mws import DecodeSettings
+    from .evaluation import network_outputs, score_by_source
+
+    samples = [s for group in tune.values() for s in group]
+    score = score_by_source({name: len(group) for name, group in tune.items()})
 
     def validate(model):
-        scores = score_sources(model, tune)
+        scores = score(network_outputs(model, samples), samples, DecodeSettings())
         parts = "; ".join(f"{n} f1@0.5 {scores[f'{n}/f1@0.5']:.3f} aji {scores[f'{n}/aji']:.3f}" for n in tune if tune[n])
         print(f"\nvalidation: {parts}; score {scores['score']:.3f}", file=sys.stderr, flush=True)
         return scores
@@ -784,6 +788,29 @@ def crop_arg(text: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
+def add_source_arguments(parser: argparse.ArgumentParser, data_help: str, weights_help: str) -> None:
+    """``--data`` sources, their ``--source-weights`` and the ``--out`` run folder of train/distill."""
+    parser.add_argument("--data", required=True, action="append", metavar="DIR[@SPLIT]", help=data_help)
+    parser.add_argument("--source-weights", type=float, nargs="+", default=None, metavar="W", help=weights_help)
+    parser.add_argument("--out", required=True, help="run folder (resumes if it holds a run)")
+
+
+def add_schedule_arguments(parser: argparse.ArgumentParser, *, steps: int, validate_every: int, acquisition_aug: float,
+                           augmented: str) -> None:
+    """Schedule, camera augmentation of ``augmented`` (what is re-imaged), validation and threads of train/distill."""
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--crop", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--acquisition-aug", type=float, default=acquisition_aug, metavar="P",
+                        help=f"chance to re-image {augmented} with a random camera (dim, 8-bit, saturated)")
+    parser.add_argument("--n-tune", type=int, default=10, help="images held out to validate on (a source without @SPLIT "
+                        "and without a tune/ folder beside DIR=.../train)")
+    parser.add_argument("--validate-every", type=int, default=validate_every)
+    parser.add_argument("--threads", type=threads_arg, default=0, help="CPU threads (0 = one per idle CPU this process may use)")
+
+
 def add_volume_training_arguments(parser: argparse.ArgumentParser, voxel: bool) -> None:
     """Options of train/distill that apply to 3D architectures (volume folders)."""
     group = parser.add_argument_group("3D architectures (folders of (Z,Y,X) volumes)")
@@ -846,46 +873,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a network on folders with images/ and labels/ (2D images, or (Z,Y,X) "
                        "volumes for a 3D --arch)")
-    p.add_argument("--data", required=True, action="append", metavar="DIR[@SPLIT]",
-                   help="folder with images/*.tif and labels/*.tif; repeat for several sources (batches draw from each "
-                        "equally). @SPLIT trains on SPLIT_train.txt and tunes on SPLIT_tune.txt: a bundled split "
-                        "(bbbc039, dsb2018_fluo) or a path prefix of your own lists; DIR may hold all images or train/ and tune/ "
-                        "sub-folders; without @SPLIT, --n-tune images of DIR are held out")
-    p.add_argument("--source-weights", type=float, nargs="+", default=None, metavar="W",
-                   help="sampling weight of each --data source, in order (default: equal)")
-    p.add_argument("--out", required=True, help="run folder (resumes if it holds a run)")
+    add_source_arguments(
+        p, "folder with images/*.tif and labels/*.tif; repeat for several sources (batches draw from each "
+           "equally). @SPLIT trains on SPLIT_train.txt and tunes on SPLIT_tune.txt: a bundled split "
+           "(bbbc039, dsb2018_fluo) or a path prefix of your own lists; DIR may hold all images or train/ and tune/ "
+           "sub-folders; without @SPLIT, --n-tune images of DIR are held out",
+        "sampling weight of each --data source, in order (default: equal)")
     p.add_argument("--arch", default="resunet-cpu-teacher", help="named architecture (3D: unet3d-teacher, unet3d-student, "
                    "mala3d; their --data folders hold (Z,Y,X) volumes)")
     p.add_argument("--init", default=None, help="start from this checkpoint")
-    p.add_argument("--steps", type=int, default=12000)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--crop", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--elastic", action="store_true", help="add elastic deformation")
     p.add_argument("--scale-range", type=float, nargs=2, default=(0.7, 1.4), metavar=("MIN", "MAX"),
                    help="random zoom around the training nucleus size")
-    p.add_argument("--acquisition-aug", type=float, default=0.5, metavar="P",
-                   help="chance to re-image a crop with a random camera (dim, 8-bit, saturated)")
-    p.add_argument("--n-tune", type=int, default=10, help="images held out to validate on (a source without @SPLIT and without a tune/ folder beside DIR=.../train)")
-    p.add_argument("--validate-every", type=int, default=1000)
-    p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads (0 = one per idle CPU this process may use)")
+    add_schedule_arguments(p, steps=12000, validate_every=1000, acquisition_aug=0.5, augmented="a crop")
     add_volume_training_arguments(p, voxel=True)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("distill", help="distil a student from a teacher checkpoint")
     p.add_argument("--teacher", default="teacher", help="teacher checkpoint (default: the bundled teacher)")
-    p.add_argument("--data", required=True, action="append", metavar="DIR[@SPLIT]",
-                   help="labelled images as in graphkd train (repeatable). One folder without @SPLIT is used as it is; "
-                        "several sources or @SPLIT are rescaled to the teacher's training diameter, as graphkd train does")
+    add_source_arguments(
+        p, "labelled images as in graphkd train (repeatable). One folder without @SPLIT is used as it is; "
+           "several sources or @SPLIT are rescaled to the teacher's training diameter, as graphkd train does",
+        "sampling weight of each --data, then each --unlabelled source, in order (default: equal)")
     p.add_argument("--unlabelled", action="append", default=[], metavar="DIR[@SPLIT]",
                    help="images without labels (repeatable): a folder of .tif images (or its images/), or DIR@SPLIT for "
                         "the SPLIT_train images of a labelled folder, labels unused. The teacher segments each once, as "
                         "graphkd segment would (automatic size and polarity); its instances are graph nodes of the "
                         "distillation terms (method pseudo: the segmentation loss's targets)")
-    p.add_argument("--source-weights", type=float, nargs="+", default=None, metavar="W",
-                   help="sampling weight of each --data, then each --unlabelled source, in order (default: equal)")
-    p.add_argument("--out", required=True, help="run folder (resumes if it holds a run)")
     p.add_argument("--student", default="halfres-student", help="named student architecture (a 3D teacher needs a 3D "
                    "student, e.g. unet3d-student, and --data of (Z,Y,X) volumes)")
     p.add_argument("--method", default="grd", help="grd, grd-intra, none, pseudo (the teacher's labels of the "
@@ -895,17 +909,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help='JSON file {"weights": {TERM: VALUE}}')
     p.add_argument("--memory-size", type=int, default=32)
     p.add_argument("--memory-samples", type=int, default=12)
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--crop", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--acquisition-aug", type=float, default=0.0, metavar="P",
-                   help="chance to re-image the student's crop with a random camera (dim, 8-bit, saturated)")
-    p.add_argument("--n-tune", type=int, default=10, help="images held out to validate on (a source without @SPLIT "
-                   "and without a tune/ folder beside DIR=.../train)")
-    p.add_argument("--validate-every", type=int, default=500)
-    p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads (0 = one per idle CPU this process may use)")
+    add_schedule_arguments(p, steps=6000, validate_every=500, acquisition_aug=0.0, augmented="the student's crop")
     add_volume_training_arguments(p, voxel=False)
     p.set_defaults(func=cmd_distill)
 

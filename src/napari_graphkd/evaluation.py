@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -33,20 +33,37 @@ def selection_score(per_image: list[dict[str, float]]) -> float:
     return (found / total if total else 1.0) + float(np.mean(with_objects))
 
 
+def per_image_metrics(outputs: list[NetworkOutput], samples: list[Sample], settings: DecodeSettings) -> list[dict[str, float]]:
+    """Metrics of each sample's output decoded with ``settings`` against its labels."""
+    return [evaluate(s.labels, decode_output(o, settings)[0]) for o, s in zip(outputs, samples)]
+
+
 def score_outputs(outputs: list[NetworkOutput], samples: list[Sample], settings: DecodeSettings) -> dict[str, float]:
     """Per-image mean metrics of decoded outputs, plus the :func:`selection_score` as ``score``."""
-    per_image = [evaluate(s.labels, decode_output(o, settings)[0]) for o, s in zip(outputs, samples)]
+    per_image = per_image_metrics(outputs, samples, settings)
     return dict(mean_metrics(per_image), score=selection_score(per_image))
 
 
-def score_by_source(sizes: Sequence[int]) -> Callable[[list[NetworkOutput], list[Sample], DecodeSettings], dict[str, float]]:
-    """A :func:`tune_decoder` score for samples concatenated source by source (``sizes`` each): per-image means,
-    and ``score`` = the mean of the sources' selection scores, so every source counts the same."""
+def score_by_source(sizes: Sequence[int] | Mapping[str, int]) -> Callable[[list[NetworkOutput], list[Sample], DecodeSettings], dict[str, float]]:
+    """A :func:`tune_decoder` score (also a validation score) for samples concatenated source by source (``sizes`` each).
+
+    Per-image means over all images, and ``score`` = the mean of the sources' selection scores, so every source counts
+    the same however many images it has. Named sizes (``{NAME: size}``) add each source's ``NAME/f1@0.5``,
+    ``NAME/aji`` and ``NAME/score``; sources of size 0 are left out.
+    """
+    named = isinstance(sizes, Mapping)
+    names = list(sizes) if named else [""] * len(sizes)
+    bounds = np.cumsum([0, *(sizes.values() if named else sizes)])
+
     def score(outputs: list[NetworkOutput], samples: list[Sample], settings: DecodeSettings) -> dict[str, float]:
-        per_image = [evaluate(s.labels, decode_output(o, settings)[0]) for o, s in zip(outputs, samples)]
-        bounds = np.cumsum([0, *sizes])
-        per_source = [selection_score(per_image[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        return dict(mean_metrics(per_image), score=float(np.mean(per_source)))
+        per_image = per_image_metrics(outputs, samples, settings)
+        groups = [(name, per_image[a:b]) for name, a, b in zip(names, bounds[:-1], bounds[1:]) if b > a]
+        scores = mean_metrics(per_image)
+        for name, rows in groups if named else ():
+            means = mean_metrics(rows)
+            scores.update({f"{name}/f1@0.5": means["f1@0.5"], f"{name}/aji": means["aji"], f"{name}/score": selection_score(rows)})
+        scores["score"] = float(np.mean([selection_score(rows) for _, rows in groups]))
+        return scores
     return score
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from ..data import TRAIN_DIAMETER, Sample, Source, load_source, make_batch, parse_source
@@ -14,26 +13,6 @@ from .loop import TrainSettings, run_training, segmentation_loss
 from .volumes import Crop, make_volume_batch, volume_offsets
 
 TuneSets = dict[str, list[Sample]]
-
-
-def score_sources(model: EmbeddingUNet, tune: TuneSets) -> dict[str, float]:
-    """Tune metrics per source (``NAME/f1@0.5``, ``NAME/aji``, ``NAME/score``) and over all sources.
-
-    ``score`` is the mean of the sources' pooled selection scores, so every source counts the same
-    however many tune images it has; ``f1@0.5`` and ``aji`` are the per-image means over all of them.
-    """
-    from ..evaluation import score_model
-
-    scores: dict[str, float] = {}
-    per_source = {name: score_model(model, samples) for name, samples in tune.items() if samples}
-    for name, s in per_source.items():
-        scores.update({f"{name}/f1@0.5": s["f1@0.5"], f"{name}/aji": s["aji"], f"{name}/score": s["score"]})
-    counts = {name: len(tune[name]) for name in per_source}
-    total = sum(counts.values())
-    scores["score"] = float(np.mean([s["score"] for s in per_source.values()]))
-    for key in ("f1@0.5", "aji"):
-        scores[key] = sum(per_source[n][key] * counts[n] for n in per_source) / total
-    return scores
 
 
 def source_tune_folder(entry: dict[str, Any], data_root: str | Path | None) -> Path:
