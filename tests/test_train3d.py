@@ -122,13 +122,14 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, capsys):
     assert "step 2: non-finite loss or gradient" in capsys.readouterr().err
 
 
-def test_volumes_need_a_3d_network_and_record_an_isotropic_voxel_size_by_default(tmp_path):
+def test_volumes_need_a_3d_network_and_record_an_isotropic_voxel_size_and_float32_by_default(tmp_path):
     with pytest.raises(ValueError, match="2D network"):
         train_volumes([blob_volume(0)], tmp_path / "run", "halfres-student", TrainSettings(steps=1))
     train_volumes([blob_volume(0)], tmp_path / "iso", UNetConfig(widths=(2, 4), ndim=3), TrainSettings(steps=1, batch_size=1),
                   crop=(4, 8, 8))
     meta = read_metadata(tmp_path / "iso" / "last.safetensors")
     assert meta["voxel_size"] == [1.0, 1.0, 1.0] and offsets_from_metadata(meta) == offsets_for(3)
+    assert meta["training"]["bf16"] is False  # 3D steps run in float32 whatever was asked: the record says what ran
 
 
 def test_cached_teacher_volume_crops_match_the_teacher_on_the_crop():

@@ -65,7 +65,12 @@ def training_autocast(model: EmbeddingUNet, settings: TrainSettings) -> torch.au
     e.g. 1x4x4 voxels) come back at random as garbage up to 1e36 (torch 2.13, oneDNN): the source of
     the non-finite losses of 3D training. In float32 they are exact and repeatable.
     """
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16 and model.config.ndim == 2)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=uses_bf16(model, settings))
+
+
+def uses_bf16(model: EmbeddingUNet, settings: TrainSettings) -> bool:
+    """Whether training steps run under bf16 autocast (2D networks with ``settings.bf16``); recorded in checkpoints."""
+    return settings.bf16 and model.config.ndim == 2
 
 
 def batch_targets(labels: np.ndarray, offsets: Offsets | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -157,7 +162,7 @@ def run_training(
     if not resumed:
         progress = {"step": 0, "history": [], "validation": [], "best": None, "seconds": 0.0}
     model.train()
-    meta = dict(metadata, training=settings.to_dict())
+    meta = dict(metadata, training=dict(settings.to_dict(), bf16=uses_bf16(model, settings)))  # what ran, not what was asked
     saved_step = progress["step"] if resumed else None
 
     def checkpoint(name: str, overwrite: bool = True) -> None:
