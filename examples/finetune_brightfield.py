@@ -55,7 +55,7 @@ def training_crops(data: Path) -> list[AnnotatedImage]:
     return [AnnotatedImage(name, image, labels, np.ones(labels.shape, bool)) for name, image, labels in load_split(data, "train")]
 
 
-def run_timed(plan: FinetunePlan, out: Path, on_progress: Callable[[dict], None] | None = None
+def run_timed(plan: FinetunePlan, out: Path, on_progress: Callable[[dict], None] = lambda record: None
               ) -> tuple[FinetuneResult, float, float]:
     """``run_finetune`` of the plan (new checkpoints in ``out``), with its wall-clock and CPU seconds."""
     started, cpu = time.perf_counter(), time.process_time()
