@@ -28,7 +28,6 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from provenance import REPO, command_line, header, write_row
 
@@ -37,7 +36,7 @@ from napari_graphkd.segment import bundled_path, load_segmenter, segment_any
 from napari_graphkd.train.finetune import AnnotatedImage, FinetuneSettings, plan_finetune, run_finetune
 
 sys.path.insert(0, str(REPO / "examples"))
-from finetune_brightfield import DATA, load_split  # noqa: E402  (the example's crops)
+from finetune_brightfield import DATA, load_split, training_crops  # noqa: E402  (the example's crops)
 
 RESULTS = REPO / "benchmarks" / "results" / "finetune_rows"
 # Row name -> settings that differ from FinetuneSettings() (the defaults).
@@ -76,7 +75,7 @@ def score(spec: str, crops: list, diameter: float) -> dict[str, float]:
 
 def training_images() -> list[AnnotatedImage]:
     """The example's training crops, every one fully checked (the library holds the last one back)."""
-    return [AnnotatedImage(n, i, lab, np.ones(lab.shape, bool)) for n, i, lab in load_split(DATA, "train")]
+    return training_crops(DATA)
 
 
 def baseline(diameter: float) -> dict:

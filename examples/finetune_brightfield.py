@@ -10,6 +10,7 @@ which the fine-tuning never saw. The crops ship in ``examples/data/brightfield/`
     python examples/finetune_brightfield.py                       # bundled models, default mode and steps
     python examples/finetune_brightfield.py --teacher t.safetensors --student s.safetensors
     python examples/finetune_brightfield.py --mode finetune       # fine-tune the student only
+    python examples/finetune_brightfield.py --seed 1              # another seed (crops, augmentation)
     python examples/finetune_brightfield.py --data DIR            # other crops: DIR/{train,test}/{images,labels}
 
 New checkpoints go to a fresh temporary folder unless ``--out`` is given; nothing is overwritten.
@@ -21,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,8 @@ from napari_graphkd.io.checkpoint import CheckpointError
 from napari_graphkd.metrics import evaluate, mean_metrics
 from napari_graphkd.runtime import configure_threads
 from napari_graphkd.segment import BUNDLED, bundled_path, load_segmenter, segment_any
-from napari_graphkd.train.finetune import MODES, AnnotatedImage, FinetuneSettings, finetune_report, plan_finetune, run_finetune
+from napari_graphkd.train.finetune import (MODES, AnnotatedImage, FinetunePlan, FinetuneResult, FinetuneSettings,
+                                          finetune_report, plan_finetune, run_finetune)
 
 DATA = Path(__file__).parent / "data" / "brightfield"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -45,6 +48,19 @@ def load_split(data: Path, split: str) -> list[tuple[str, np.ndarray, np.ndarray
     folder = data / split
     return [(p.stem, tifffile.imread(p), tifffile.imread(folder / "labels" / p.name).astype(np.int32))
             for p in sorted((folder / "images").glob("*.tif"))]
+
+
+def training_crops(data: Path) -> list[AnnotatedImage]:
+    """The crops of ``data/train`` as annotated images, every one fully checked (the library holds the last one back)."""
+    return [AnnotatedImage(name, image, labels, np.ones(labels.shape, bool)) for name, image, labels in load_split(data, "train")]
+
+
+def run_timed(plan: FinetunePlan, out: Path, on_progress: Callable[[dict], None] = lambda record: None
+              ) -> tuple[FinetuneResult, float, float]:
+    """``run_finetune`` of the plan (new checkpoints in ``out``), with its wall-clock and CPU seconds."""
+    started, cpu = time.perf_counter(), time.process_time()
+    result = run_finetune(plan, out, on_progress=on_progress)
+    return result, time.perf_counter() - started, time.process_time() - cpu
 
 
 def score(spec: str, crops: list, diameter: float) -> dict[str, float]:
@@ -77,6 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", default=FinetuneSettings.mode, choices=list(MODES))
     p.add_argument("--steps", type=int, default=FinetuneSettings.steps, help="student steps")
     p.add_argument("--teacher-steps", type=int, default=FinetuneSettings.teacher_steps, help="teacher steps (mode teacher)")
+    p.add_argument("--seed", type=int, default=FinetuneSettings.seed, help="random seed of the fine-tuning (crops, augmentation)")
     p.add_argument("--out", default=None, help="folder for the new checkpoints (default: a new temporary folder)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: one per idle CPU)")
     return p.parse_args(argv)
@@ -95,16 +112,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     start = time.perf_counter()
     print(header() + "\n")
-    train = [AnnotatedImage(name, image, labels, np.ones(labels.shape, bool)) for name, image, labels in load_split(args.data, "train")]
-    test = load_split(args.data, "test")
+    train, test = training_crops(args.data), load_split(args.data, "test")
     try:
-        settings = FinetuneSettings(mode=args.mode, steps=args.steps, teacher_steps=args.teacher_steps, invert=True)
+        settings = FinetuneSettings(mode=args.mode, steps=args.steps, teacher_steps=args.teacher_steps, invert=True,
+                                    seed=args.seed)
         plan = plan_finetune(train, settings, teacher, student)
     except (CheckpointError, ValueError) as exc:
         print(f"cannot fine-tune: {exc}", file=sys.stderr)
         return 2
-    print(f"{len(train)} annotated crops (fully checked), nuclei of {plan.diameter:.1f} px -> {plan.train_diameter:.1f} px; "
-          f"mode '{args.mode}', {describe_steps(settings)} on {torch.get_num_threads()} thread(s)", flush=True)
+    print(f"{len(train)} annotated crops (fully checked), nuclei of "
+          f"{plan.diameter:.1f} px -> {plan.train_diameter:.1f} px; mode '{args.mode}', {describe_steps(settings)}, "
+          f"seed {args.seed}, on {torch.get_num_threads()} thread(s)", flush=True)
     rows = {"classical": score("classical", test, plan.diameter),
             f"teacher {teacher.name}": score(str(teacher), test, plan.diameter),
             f"student before ({student.name})": score(str(student), test, plan.diameter)}
@@ -115,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {record['phase']} {record['done']}/{record['total']}: loss {record['loss']:.3f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
 
-    started, cpu = time.perf_counter(), time.process_time()
-    result = run_finetune(plan, out, on_progress=on_progress)
-    finetune_seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    result, finetune_seconds, cpu = run_timed(plan, out, on_progress)
     for role, path in result.saved.items():
         rows[f"{role} after ({path.name})"] = score(str(path), test, plan.diameter)
     print(finetune_report(result, plan))
