@@ -110,3 +110,26 @@ def test_nuclei_four_times_the_training_size_are_found_whole():
     as_trained = segment_any(student, img, **AS_TRAINED.kwargs())
     assert auto.inputs.diameter == pytest.approx(typical_diameter(lab), rel=0.15)
     assert evaluate(lab, auto.labels)["f1@0.5"] > 0.85 > 0.5 > evaluate(lab, as_trained.labels)["f1@0.5"]
+
+
+def test_a_fine_tuned_checkpoint_starts_the_estimate_at_its_painted_diameter(tmp_path, tiny_checkpoint):
+    """A fine-tuned checkpoint records its user's nucleus size: the first pass of the automatic diameter runs there
+    (a start at START training diameters can merge touching nuclei into blobs that measure consistently)."""
+    from napari_graphkd.io.checkpoint import load_checkpoint, save_checkpoint
+
+    model, meta = load_checkpoint(tiny_checkpoint)
+    tuned = save_checkpoint(tmp_path / "tuned.safetensors", model, dict(meta, finetune={"diameter": 21.5}))
+    image = load_sample(SAMPLE_NAMES[0])[0][:128, :128]
+    for path, first in ((tiny_checkpoint, None), (tuned, 21.5)):
+        segmenter = load_segmenter(str(path))
+        tried = []
+        plain = segmenter.segment_plane
+
+        def spy(plane, inputs, **kw):
+            tried.append(inputs.diameter)
+            return plain(plane, inputs, **kw)
+
+        segmenter.segment_plane = spy
+        segment_any(segmenter, image)
+        assert tried[0] == pytest.approx(first if first else START * segmenter.train_diameter)
+    assert segmenter.size_hint == 21.5 and load_segmenter("classical").size_hint is None

@@ -133,6 +133,7 @@ class Segmenter(Protocol):
     ndim: int  # 2: planes (a stack plane by plane); 3: (Z,Y,X) volumes as a whole
     train_diameter: float  # nucleus diameter (px) its settings were made for
     invert: bool  # default inversion
+    size_hint: float | None  # where the automatic diameter starts (px); None: START training diameters
     decode_settings: DecodeSettings | None
 
     @property
@@ -313,7 +314,8 @@ def _decide(segmenter: Segmenter, image: Any, diameter: Diameter, invert: Invert
         spent[0], spent[1], spent[2] = spent[0] + result.network_seconds, spent[1] + result.decode_seconds, spent[2] + 1
         return result
 
-    estimate = estimate_diameter(segment_at, segmenter.train_diameter, bounds=diameter_range(segmenter, (h, w)))
+    estimate = estimate_diameter(segment_at, segmenter.train_diameter, start=segmenter.size_hint,
+                                 bounds=diameter_range(segmenter, (h, w)))
     decision = InputDecision(estimate.diameter, invert, channel, (*estimated, "diameter"))
     return decision, replace(estimate.result, inputs=decision, network_seconds=spent[0], decode_seconds=spent[1])
 
@@ -351,6 +353,8 @@ class ModelSegmenter:
         self.decode_settings = DecodeSettings(**self.metadata.get("decode", {}))
         self.train_diameter = float(self.metadata.get("train_diameter", TRAIN_DIAMETER))
         self.invert = bool(self.metadata.get("input", {}).get("invert", False))
+        # a fine-tuned model knows its user's nucleus size (px): the automatic diameter's first pass starts there
+        self.size_hint = self.metadata.get("finetune", {}).get("diameter")
         self.ndim = int(getattr(self.model.config, "ndim", 2))
         voxel = self.metadata.get("voxel_size")
         self.voxel_size = None if voxel is None else check_voxel_size(voxel)  # (z, y, x) of its training volumes
@@ -411,6 +415,7 @@ class ClassicalSegmenter:
     parameters = 0
     train_diameter = TRAIN_DIAMETER  # its settings are in pixels at the networks' training diameter
     invert = False
+    size_hint = None
     decode_settings = None
 
     def __init__(self, settings: ClassicalSettings = ClassicalSettings()):
