@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header() + "\n")
     train, test = training_crops(args.data), load_split(args.data, "test")
     try:
-        settings = FinetuneSettings(mode=args.mode, steps=args.steps, teacher_steps=args.teacher_steps, invert=True,
+        settings = FinetuneSettings(mode=args.mode, steps=args.steps, teacher_steps=args.teacher_steps,
                                     seed=args.seed)
         plan = plan_finetune(train, settings, teacher, student)
     except (CheckpointError, ValueError) as exc:

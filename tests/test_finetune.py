@@ -168,3 +168,15 @@ def test_teacher_decoder_only_keeps_the_encoder_weights(brightfield, models):
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         FinetuneSettings(**bad)
+
+
+def test_polarity_is_detected_on_the_images_unless_given(brightfield, models):
+    """Without a stated polarity the plan inverts as `graphkd segment` will (dark nuclei: inverted; fluorescence: not),
+    so a checkpoint fine-tuned on bright-field is given its input the way it learnt it; a stated value wins."""
+    from napari_graphkd.sample_data import SAMPLE_NAMES, load_sample
+
+    image, labels = load_sample(SAMPLE_NAMES[0])
+    fluo = AnnotatedImage("fluo", image[:256, :256], labels[:256, :256])
+    for item, expected in ((AnnotatedImage("bf", *brightfield), True), (fluo, False)):
+        assert plan_finetune([item], FinetuneSettings(steps=1), *models).invert is expected
+        assert plan_finetune([item], FinetuneSettings(steps=1, invert=not expected), *models).invert is (not expected)

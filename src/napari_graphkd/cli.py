@@ -945,8 +945,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=int, default=None,
                    help="unpainted pixels within this many px of a painted cell are background (default: the widget's)")
     p.add_argument("--diameter", type=float, default=None, help="nucleus diameter in px (default: measured on the painted cells)")
-    p.add_argument("--invert", type=invert_arg, default=None, metavar="yes|no",
-                   help="dark nuclei on a bright background (default: the model's setting)")
+    p.add_argument("--invert", type=invert_arg, default="auto", metavar="auto|yes|no",
+                   help="dark nuclei on a bright background (default auto: detected on the images, as segment does)")
     p.add_argument("--out", required=True, help="new checkpoint (.safetensors; never overwritten); mode teacher also "
                    "writes OUT-teacher.safetensors")
     p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads (0 = one per idle CPU this process may use)")

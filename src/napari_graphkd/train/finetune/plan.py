@@ -14,7 +14,7 @@ from scipy import ndimage as ndi
 from ...data import Sample, median_diameter
 from ...inference import TRAIN_DIAMETER, working_image
 from ...io.checkpoint import read_metadata
-from ...preprocess import InputError, to_grayscale
+from ...preprocess import InputError, detect_polarity, to_grayscale
 from ..distill import ALIGN
 from .rules import annotation_map, exclude_cells, split_cells
 
@@ -60,7 +60,7 @@ class FinetuneSettings:
     scale_augment: bool = False
     margin: int = 8
     diameter: float | None = None  # nucleus diameter in the user's images (px); None: measure the painted cells
-    invert: bool | None = None  # dark nuclei on a bright background; None: the model's default
+    invert: bool | None = None  # dark nuclei on a bright background; None: detected on the images, as segment does
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -132,14 +132,20 @@ def _check_image(item: AnnotatedImage) -> np.ndarray:
     return gray
 
 
-def _model_facts(teacher_path: Path, student_path: Path, invert: bool | None) -> tuple[float, bool]:
-    """(training diameter, inversion) shared by teacher and student, from their metadata."""
+def _train_diameter(teacher_path: Path, student_path: Path) -> float:
+    """Training diameter shared by teacher and student, from their metadata."""
     t_meta, s_meta = read_metadata(teacher_path), read_metadata(student_path)
     t_d = float(t_meta.get("train_diameter", TRAIN_DIAMETER))
     s_d = float(s_meta.get("train_diameter", TRAIN_DIAMETER))
     if abs(t_d - s_d) > 0.5:
         raise InputError(f"teacher and student were trained for different nucleus diameters ({t_d:.1f} vs {s_d:.1f} px)")
-    return s_d, (bool(s_meta.get("input", {}).get("invert", False)) if invert is None else invert)
+    return s_d
+
+
+def detect_invert(grays: list[np.ndarray]) -> bool:
+    """Inversion for a set of images: dark nuclei on a bright background in most of them (the rule `graphkd segment`
+    applies per image), so a model fine-tuned without a stated polarity sees its input as segment will give it."""
+    return 2 * sum(detect_polarity(g) for g in grays) > len(grays)
 
 
 def working_labels(labels: np.ndarray, scale: float) -> np.ndarray:
@@ -207,7 +213,8 @@ def plan_finetune(images: list[AnnotatedImage], settings: FinetuneSettings, teac
     painted = sum(len(np.unique(item.labels[item.labels > 0])) for item in images)
     if painted == 0:
         raise InputError("the annotation has no painted cell: paint some nuclei (label ids > 0) first")
-    train_diameter, invert = _model_facts(Path(teacher_path), Path(student_path), settings.invert)
+    train_diameter = _train_diameter(Path(teacher_path), Path(student_path))
+    invert = detect_invert(grays) if settings.invert is None else settings.invert
     heldout, maps = split_heldout(images, settings)
     train_cells = sum(len(np.unique(m[m > 0])) for m in maps)
     if settings.mode != "distil" and train_cells == 0:
