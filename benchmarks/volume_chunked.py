@@ -127,16 +127,17 @@ def memory_table(model: str, shapes: list[tuple[int, int, int]], threads: int) -
              f"The in-memory path refuses volumes over {MAX_WORKING_VOXELS:,} working voxels (its 16-channel float32 "
              "embedding alone would take 64 bytes per voxel).", "",
              "| volume (z,y,x) | voxels | over the in-memory limit | embedding of the whole volume (estimate) | "
-             "chunked: peak memory (process tree) | chunked: wall s | objects |", "|---|---|---|---|---|---|---|"]
+             "chunked: peak memory (process tree) | chunked: wall s | synthetic nuclei | objects found |",
+             "|---|---|---|---|---|---|---|---|"]
     for shape in shapes:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "volume.zarr"
-            write_nuclei_zarr(path, shape)
+            nuclei = write_nuclei_zarr(path, shape)
             run = memory_run(path, Path(tmp) / "labels.zarr", model, threads)
         voxels = int(np.prod(shape))
         objects = run["line"].split(":", 1)[1].split("objects")[0].strip()
         lines.append(f"| {'x'.join(map(str, shape))} | {voxels / 1e6:.1f} M | {'yes' if voxels > MAX_WORKING_VOXELS else 'no'} | "
-                     f"{64 * voxels / 1e9:.1f} GB | {run['peak_gb']:.2f} GB | {run['seconds']:.0f} | {objects} |")
+                     f"{64 * voxels / 1e9:.1f} GB | {run['peak_gb']:.2f} GB | {run['seconds']:.0f} | {nuclei} | {objects} |")
         print(lines[-1], flush=True)
     return lines + [""]
 

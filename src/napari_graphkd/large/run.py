@@ -38,9 +38,10 @@ from .zarr_io import (LabelsTarget, Source, atomic_savez, atomic_write_json, cre
 # Context around each chunk, in px at the training scale: the largest nuclei (~80 px) plus the reach of the
 # network (32 px, as its seamless tiling keeps) and of the decoder's longest affinity (27 grid px at half resolution).
 HALO = 128
-# 3D chunks, in working voxels in-plane (z: divided by the anisotropy of the model's training voxels). The core side
-# keeps a haloed chunk near 24 M working voxels (embedding ~1.5 GB); the halo holds an object reaching one training
-# diameter beyond a face, the network's context beyond a tile face (as its 3D tiling keeps) and the decoder's reach.
+# 3D chunks, in working voxels in-plane (z: divided by the anisotropy of the model's training voxels). A haloed chunk of
+# the default core is (160 + 2 x 64)^3 = 24 M working voxels at most (about 0.2 KB each at the peak: network output,
+# affinities, decoder; docs/volumes.md); the halo holds an object reaching one training diameter beyond a face, the
+# network's context beyond a tile face (as its 3D tiling keeps) and the decoder's reach.
 DEFAULT_CHUNK_3D = 160
 NETWORK_REACH_3D = 8
 
