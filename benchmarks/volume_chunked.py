@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from provenance import header
+from provenance import header, write_results
 from scale_mosaic import TreeMemory
 
 NUCLEUS_RADIUS = (9.0, 12.0)  # px: synthetic nuclei about the training diameter (28 px) across
@@ -171,9 +171,7 @@ def main() -> int:
         print("\n".join(lines), flush=True)
     if not args.skip_memory:
         lines += memory_table(args.model, [args.small, args.shape], args.threads)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
+    write_results(args.out, "\n".join(lines))
     print("\n".join(lines))
     return 0
 
