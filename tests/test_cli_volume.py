@@ -53,10 +53,14 @@ def test_bad_voxel_sizes_are_one_line(text, volume_file, tmp_path, capsys):
     assert err.count("\n") == 1 and "--voxel-size" in err and "Z,Y,X" in err
 
 
-def test_the_chunked_path_refuses_3d_models(checkpoint3d, volume_file, tmp_path, capsys):
-    assert main(["segment", "--model", str(checkpoint3d), "--chunked", "--out", str(tmp_path / "o.zarr"),
-                 str(volume_file)]) == 2
-    assert "3D models segment whole volumes in memory; the chunked path" in capsys.readouterr().err
+def test_the_chunked_path_segments_volumes_of_3d_models(checkpoint3d, volume_file, tmp_path):
+    import zarr
+
+    assert main(["segment", "--model", str(checkpoint3d), "--chunked", "--chunk", "8,24,24", "--halo", "4,8,8",
+                 "--tile", "300", "--workers", "0", "--threads", "1", "--out", str(tmp_path / "o.zarr"),
+                 str(volume_file)]) == 0
+    labels = zarr.open_array(str(tmp_path / "o.zarr"), mode="r")
+    assert labels.shape == (8, 40, 48) and labels.chunks == (8, 24, 24)  # 3D chunks (tests/test_large3d.py)
 
 
 def test_a_3d_model_refuses_2d_images_by_name(checkpoint3d, tmp_path, crop, capsys):

@@ -138,12 +138,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     """Segment TIFF files into OUT_DIR/<stem>.tif label images; files that fail are listed and the rest go on."""
     from .large.command import segment_chunked, wants_chunked
 
-    if wants_chunked(args):  # Zarr inputs and large TIFFs: chunk by chunk into Zarr
-        from .segment import load_segmenter
+    if wants_chunked(args):  # Zarr inputs, large TIFFs, volumes over a 3D model's in-memory limit: chunk by chunk into Zarr
+        from .large.worker import cached_segmenter
 
-        if args.volume or args.voxel_size or load_segmenter(args.model).ndim == 3:
-            raise CLIError("3D models segment whole volumes in memory; the chunked path (Zarr, large TIFF) runs 2D "
-                           "models plane by plane")
+        check_volume_options(cached_segmenter(args.model), args.volume, args.voxel_size)
         if args.runtime != "torch":
             raise CLIError("--runtime onnx runs whole images only; chunked (Zarr, large TIFF) segmentation uses torch")
         return segment_chunked(args)

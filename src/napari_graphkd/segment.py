@@ -261,7 +261,8 @@ def _decide_volume(segmenter: Segmenter, volume: Any, diameter: float | str | No
     big = working_shape(shape, scale)
     if math.prod(big) > MAX_WORKING_VOXELS:
         raise InputError(f"the {'x'.join(map(str, shape))} volume would be rescaled to {'x'.join(map(str, big))} voxels "
-                         f"(more than {MAX_WORKING_VOXELS:,}); check the voxel size and diameter, or segment a crop")
+                         f"(more than {MAX_WORKING_VOXELS:,}); check the voxel size and diameter, segment a crop, or segment "
+                         "it in 3D chunks (graphkd segment --chunked; napari_graphkd.large.segment_large)")
     if invert == AUTO:
         invert = detect_polarity(np.asarray(volume[shape[0] // 2]))
         estimated.append("invert")

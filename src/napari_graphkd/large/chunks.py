@@ -1,87 +1,144 @@
-"""Chunk planning: a grid of core boxes per plane, each read with a halo, and the boxes where neighbours overlap."""
+"""Chunk planning: a grid of core boxes per plane (2D) or volume (3D), each read with a halo, and the boxes where neighbours overlap.
+
+A box is one (start, stop) pair per spatial axis, flattened: (y0, y1, x0, x1) for planes,
+(z0, z1, y0, y1, x0, x1) for volumes (half-open, global pixel/voxel coordinates).
+"""
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Iterator
 
 DEFAULT_CHUNK = 1024  # core chunk side in px: ~0.65 GB per student worker process (benchmarks/results/scale.md)
-Box = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open, global pixel coordinates)
+Box = tuple[int, ...]  # start, stop per spatial axis: y0, y1, x0, x1 or z0, z1, y0, y1, x0, x1
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """One unit of work: a core box of one plane (written to the output) and its haloed box (segmented)."""
+    """One unit of work: a core box of one plane or volume (written to the output) and its haloed box (segmented)."""
 
     plane: int
-    row: int
-    col: int
+    position: tuple[int, ...]  # grid index per spatial axis
     core: Box
     outer: Box
 
     @property
+    def row(self) -> int:
+        """Grid row (y)."""
+        return self.position[-2]
+
+    @property
+    def col(self) -> int:
+        """Grid column (x)."""
+        return self.position[-1]
+
+    @property
     def key(self) -> str:
         """File-name-safe identifier, also the record name of a finished chunk."""
-        return f"{self.plane}_{self.row}_{self.col}"
+        return "_".join(str(i) for i in (self.plane, *self.position))
 
     def describe(self) -> str:
         """Human-readable location, for progress and error messages."""
-        y0, y1, x0, x1 = self.core
-        return f"chunk {self.key} (plane {self.plane}, rows {y0}:{y1}, cols {x0}:{x1})"
+        spans = [f"{a}:{b}" for a, b in zip(self.core[::2], self.core[1::2])]
+        if len(spans) == 3:
+            return f"chunk {self.key} (volume {self.plane}, planes {spans[0]}, rows {spans[1]}, cols {spans[2]})"
+        return f"chunk {self.key} (plane {self.plane}, rows {spans[0]}, cols {spans[1]})"
+
+
+def per_axis(value: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    """``value`` for each of ``ndim`` axes (a number repeated, or a tuple as given)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != ndim:
+            raise ValueError(f"expected {ndim} values (one per axis), got {tuple(value)}")
+        return tuple(int(v) for v in value)
+    return (int(value),) * ndim
 
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """Core chunks of size ``chunk`` tiling ``planes`` images of ``shape``, each segmented with ``halo`` px around it."""
+    """Core chunks of size ``chunk`` tiling ``planes`` images (or volumes) of ``shape``, each segmented with ``halo`` around it.
+
+    ``chunk`` and ``halo`` are one number for every axis or one per axis (anisotropic volumes).
+    """
 
     planes: int
-    shape: tuple[int, int]
-    chunk: int
-    halo: int
+    shape: tuple[int, ...]
+    chunk: int | tuple[int, ...]
+    halo: int | tuple[int, ...]
 
     @property
-    def grid(self) -> tuple[int, int]:
-        """Number of chunk rows and columns per plane."""
-        return math.ceil(self.shape[0] / self.chunk), math.ceil(self.shape[1] / self.chunk)
+    def ndim(self) -> int:
+        """2 for planes, 3 for volumes."""
+        return len(self.shape)
 
-    def at(self, plane: int, row: int, col: int) -> Chunk:
+    @property
+    def sides(self) -> tuple[int, ...]:
+        """Core chunk size per axis."""
+        return per_axis(self.chunk, self.ndim)
+
+    @property
+    def halos(self) -> tuple[int, ...]:
+        """Halo per axis."""
+        return per_axis(self.halo, self.ndim)
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """Number of chunks per axis (rows and columns of a plane; planes, rows and columns of a volume)."""
+        return tuple(math.ceil(n / c) for n, c in zip(self.shape, self.sides))
+
+    def at(self, plane: int, *position: int) -> Chunk:
         """The chunk at a grid position."""
-        (h, w), c, m = self.shape, self.chunk, self.halo
-        y0, x0 = row * c, col * c
-        y1, x1 = min(y0 + c, h), min(x0 + c, w)
-        return Chunk(plane, row, col, (y0, y1, x0, x1), (max(0, y0 - m), min(h, y1 + m), max(0, x0 - m), min(w, x1 + m)))
+        core, outer = [], []
+        for i, n, c, m in zip(position, self.shape, self.sides, self.halos):
+            lo, hi = i * c, min(i * c + c, n)
+            core += [lo, hi]
+            outer += [max(0, lo - m), min(n, hi + m)]
+        return Chunk(plane, tuple(position), tuple(core), tuple(outer))
 
     def chunks(self) -> Iterator[Chunk]:
-        """Every chunk, plane by plane in raster order (the order that fixes global ids)."""
-        rows, cols = self.grid
+        """Every chunk, plane (volume) by plane in raster order (the order that fixes global ids)."""
         for p in range(self.planes):
-            for r in range(rows):
-                for c in range(cols):
-                    yield self.at(p, r, c)
+            for position in itertools.product(*(range(g) for g in self.grid)):
+                yield self.at(p, *position)
 
     def __len__(self) -> int:
-        rows, cols = self.grid
-        return self.planes * rows * cols
+        return self.planes * math.prod(self.grid)
+
+    def neighbours(self, chunk: Chunk) -> Iterator[Chunk]:
+        """The chunks of the same plane (volume) touching ``chunk`` by a side, an edge or a corner."""
+        for step in itertools.product((-1, 0, 1), repeat=self.ndim):
+            position = tuple(i + d for i, d in zip(chunk.position, step))
+            if any(step) and all(0 <= i < g for i, g in zip(position, self.grid)):
+                yield self.at(chunk.plane, *position)
 
     def neighbour_pairs(self) -> Iterator[tuple[Chunk, Chunk]]:
-        """Each pair of chunks of one plane that touch by a side or a corner, once."""
-        rows, cols = self.grid
+        """Each pair of chunks of one plane (volume) that touch by a side, an edge or a corner, once."""
         for chunk in self.chunks():
-            for dr, dc in ((0, 1), (1, -1), (1, 0), (1, 1)):
-                r, c = chunk.row + dr, chunk.col + dc
-                if 0 <= r < rows and 0 <= c < cols:
-                    yield chunk, self.at(chunk.plane, r, c)
+            for other in self.neighbours(chunk):
+                if other.position > chunk.position:
+                    yield chunk, other
 
 
 def intersect(a: Box, b: Box) -> Box | None:
     """Intersection of two boxes, None when empty."""
-    y0, y1, x0, x1 = max(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), min(a[3], b[3])
-    return (y0, y1, x0, x1) if y0 < y1 and x0 < x1 else None
+    out = []
+    for i in range(0, len(a), 2):
+        lo, hi = max(a[i], b[i]), min(a[i + 1], b[i + 1])
+        if lo >= hi:
+            return None
+        out += [lo, hi]
+    return tuple(out)
 
 
-def local(box: Box, origin: Box) -> tuple[slice, slice]:
+def local(box: Box, origin: Box) -> tuple[slice, ...]:
     """Slices of ``box`` inside an array that covers ``origin``."""
-    return slice(box[0] - origin[0], box[1] - origin[0]), slice(box[2] - origin[2], box[3] - origin[2])
+    return tuple(slice(box[i] - origin[i], box[i + 1] - origin[i]) for i in range(0, len(box), 2))
+
+
+def slices(box: Box) -> tuple[slice, ...]:
+    """Slices selecting ``box`` in global coordinates."""
+    return tuple(slice(box[i], box[i + 1]) for i in range(0, len(box), 2))
 
 
 def round_up(value: int, multiple: int) -> int:

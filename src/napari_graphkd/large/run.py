@@ -1,11 +1,14 @@
-"""Chunked segmentation of images larger than memory, on threads or a ``dask.distributed`` cluster.
+"""Chunked segmentation of images and volumes larger than memory, on threads or a ``dask.distributed`` cluster.
 
-Four stages, each a set of independent tasks (one per chunk, or per pair of neighbouring chunks):
+A 2D model segments planes in 2D chunks; a 3D model segments (Z,Y,X) volumes in 3D chunks with a
+halo in z, y and x. Four stages, each a set of independent tasks (one per chunk, or per pair of
+neighbouring chunks):
 
-1. ``statistics``: value and noise histograms of every chunk, combined into each plane's normalisation,
-   so chunks are normalised as the whole plane would be (exactly, for 8/16-bit gray);
+1. ``statistics``: value and noise histograms of every chunk, combined into each plane's (volume's)
+   normalisation, so chunks are normalised as the whole would be (exactly, for 8/16-bit gray);
 2. ``segment``: network and decoder on each chunk plus a halo; the core's labels (local ids) go to a
-   Zarr array, the labels where the haloed box overlaps each neighbour's to a record file;
+   Zarr array, the labels where the haloed box overlaps each neighbour's (by a face, an edge or a
+   corner) to a record file;
 3. ``stitch``: objects of neighbouring chunks matched by overlap there and merged (:mod:`.stitch`);
 4. ``relabel``: every core chunk's local ids replaced by global ids in the output Zarr array.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +31,19 @@ from ..preprocess import MAX_WORKING_PIXELS, InputError
 from . import stitch
 from .chunks import DEFAULT_CHUNK, Box, Chunk, ChunkPlan, round_up
 from .stats import ChunkStats, combine, plane_normalization
-from .worker import Job, chunk_statistics, match_pair, model_facts, relabel_chunk, segment_chunk
+from .worker import Job, check_volume_shape, chunk_statistics, match_pair, model_facts, relabel_chunk, segment_chunk
 from .zarr_io import (LabelsTarget, Source, atomic_savez, atomic_write_json, create_labels_array, create_local_array,
                       finish_target, remove_target)
 
 # Context around each chunk, in px at the training scale: the largest nuclei (~80 px) plus the reach of the
 # network (32 px, as its seamless tiling keeps) and of the decoder's longest affinity (27 grid px at half resolution).
 HALO = 128
+# 3D chunks, in working voxels in-plane (z: divided by the anisotropy of the model's training voxels). A haloed chunk of
+# the default core is (160 + 2 x 64)^3 = 24 M working voxels at most (about 0.2 KB each at the peak: network output,
+# affinities, decoder; docs/volumes.md); the halo holds an object reaching one training diameter beyond a face, the
+# network's context beyond a tile face (as its 3D tiling keeps) and the decoder's reach.
+DEFAULT_CHUNK_3D = 160
+NETWORK_REACH_3D = 8
 
 
 class ChunkError(RuntimeError):
@@ -129,14 +139,54 @@ def run_tasks(executor, jobs: list, fn: Callable, describe: Callable[[Any], str]
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def chunk_geometry(align: int, chunk: int, halo: int | None, zoom: float) -> tuple[int, int]:
+def chunk_geometry(align: int, chunk: int | None, halo: int | None, zoom: float) -> tuple[int, int]:
     """Chunk and halo rounded to ``align`` so every haloed box starts on the grids of the network and the decoder."""
+    if isinstance(chunk, (tuple, list)) or isinstance(halo, (tuple, list)):
+        raise InputError("three chunk or halo sizes (Z,Y,X) apply to 3D models; give one size in px for 2D chunks")
+    chunk = DEFAULT_CHUNK if chunk is None else chunk
     halo = HALO / min(zoom, 1.0) if halo is None else halo
     return round_up(max(chunk, align), align), round_up(halo, align)
 
 
-def check_chunk_work(chunk: int, halo: int, zoom: float, diameter: float | None) -> None:
-    """InputError when one haloed chunk, rescaled to the model's object size, exceeds MAX_WORKING_PIXELS."""
+def volume_geometry(facts: dict, chunk: int | tuple[int, ...] | None,
+                    halo: int | tuple[int, ...] | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """3D chunk and halo per axis (z, y, x) in voxels of the volume, rounded up to the network's and decoder's grid.
+
+    A number (or the default) is the in-plane side; z follows in proportion, so that a chunk spans
+    about as much of the object in z as in y and x: it is divided by the anisotropy of the model's
+    training voxels and converted through each axis' rescaling. Three numbers are taken as given.
+    The default halo (working voxels) is the training diameter plus the network's and the decoder's reach per axis.
+    """
+    scale, align, aniso = facts["zoom"], facts["align"], facts["anisotropy"]
+
+    def voxels(working: float, axis: int) -> float:  # working voxels in-plane -> voxels of this axis
+        return working / (aniso if axis == 0 else 1.0) / scale[axis]
+
+    if chunk is None:
+        chunk = tuple(voxels(DEFAULT_CHUNK_3D, a) for a in range(3))
+    elif not isinstance(chunk, (tuple, list)):
+        chunk = tuple(voxels(chunk * scale[1], a) for a in range(3))
+    if halo is None:
+        halo = tuple((facts["diameter"] / (aniso if a == 0 else 1.0) + NETWORK_REACH_3D + facts["reach"][a]) / scale[a]
+                     for a in range(3))
+    elif not isinstance(halo, (tuple, list)):
+        halo = tuple(voxels(halo * scale[1], a) for a in range(3))
+    sides = tuple(round_up(max(math.ceil(c), m), m) for c, m in zip(chunk, align))
+    return sides, tuple(round_up(math.ceil(h), m) for h, m in zip(halo, align))
+
+
+def check_chunk_work(chunk: int | tuple[int, ...], halo: int | tuple[int, ...], zoom: float | list[float],
+                     diameter: float | None, max_voxels: int | None = None) -> None:
+    """InputError when one haloed chunk, rescaled to the model's object size, exceeds MAX_WORKING_PIXELS
+    (a 3D chunk: ``max_voxels``)."""
+    if isinstance(zoom, (tuple, list)):
+        sides = [(c + 2 * h) * f for c, h, f in zip(chunk, halo, zoom)]
+        if math.prod(sides) > max_voxels:
+            shape = "x".join(str(c + 2 * h) for c, h in zip(chunk, halo))
+            raise InputError(f"each {shape} voxel chunk (with halo) would be {'x'.join(f'{s:.0f}' for s in sides)} "
+                             f"voxels once rescaled (more than {max_voxels:,}); check the voxel size and diameter, "
+                             "or give a smaller --chunk")
+        return
     side = (chunk + 2 * halo) * zoom
     if side * side > MAX_WORKING_PIXELS:
         raise InputError(f"nucleus diameter {diameter} rescales each {chunk + 2 * halo} px chunk (with halo) to "
@@ -144,12 +194,14 @@ def check_chunk_work(chunk: int, halo: int, zoom: float, diameter: float | None)
                          "of this image or a smaller --chunk")
 
 
-def run_settings(source: Source, model: str, plan: ChunkPlan, zoom: float, invert: bool, tile: int | None,
-                 decode: dict) -> dict:
-    """What a resumed run must share with the unfinished one."""
-    return {"input": source.path or "<array>", "shape": list(source.shape), "axes": source.axes, "model": model,
-            "chunk": plan.chunk, "halo": plan.halo, "zoom": zoom, "invert": invert, "tile": tile,
-            "decode": decode}
+def run_settings(source: Source, model: str, plan: ChunkPlan, zoom: float | list[float], invert: bool,
+                 tile: int | None, decode: dict) -> dict:
+    """What a resumed run must share with the unfinished one (as JSON gives it back: lists, not tuples)."""
+    settings = {"input": source.path or "<array>", "shape": list(source.shape), "axes": source.axes, "model": model,
+                "chunk": plan.chunk, "halo": plan.halo, "zoom": zoom, "invert": invert, "tile": tile, "decode": decode}
+    if source.volume:
+        settings.update(chunk=list(plan.sides), halo=list(plan.halos), zoom=list(zoom), volume=True)
+    return settings
 
 
 def prepare_work(target: LabelsTarget, settings: dict, overwrite: bool) -> dict:
@@ -173,37 +225,44 @@ def prepare_work(target: LabelsTarget, settings: dict, overwrite: bool) -> dict:
     return record
 
 
-def segment_large(source: Source, target: LabelsTarget, model: str = "student", *, chunk: int = DEFAULT_CHUNK,
-                  halo: int | None = None, diameter: float | None = None, invert: bool | None = None,
-                  tile: int | None = None, decode: dict | None = None, executor=None, workers: int = 1,
-                  threads: int = 0, overwrite: bool = False,
+def segment_large(source: Source, target: LabelsTarget, model: str = "student", *,
+                  chunk: int | tuple[int, ...] | None = None, halo: int | tuple[int, ...] | None = None,
+                  diameter: float | None = None, invert: bool | None = None, tile: int | None = None,
+                  decode: dict | None = None, voxel_size: tuple[float, float, float] | None = None, executor=None,
+                  workers: int = 1, threads: int = 0, overwrite: bool = False,
                   should_stop: Callable[[], bool] | None = None) -> Iterator[Progress]:
-    """Segment a large image or stack chunk by chunk into a Zarr labels array, yielding progress.
+    """Segment a large image, stack or volume chunk by chunk into a Zarr labels array, yielding progress.
 
-    ``executor`` is a :class:`DaskExecutor` (cluster) or None for ``workers`` threads here; ``threads``
-    sets torch's threads in each worker (0 leaves them); ``decode`` overrides the model's decoder
-    settings (``DecodeSettings`` fields). Stopping (``should_stop`` returns True) or a failed chunk
-    leave the work recorded: calling again with the same arguments resumes.
+    A 2D model segments planes in ``chunk`` px squares (default DEFAULT_CHUNK); a 3D model segments
+    the (Z,Y,X) volumes of the source (a (T,Z,Y,X) series volume by volume) in 3D chunks, rescaled
+    per axis by ``voxel_size`` (z, y, x) as :func:`~napari_graphkd.segment.segment_any` does
+    (``chunk``/``halo``: a number for the in-plane side, z in proportion, or three numbers, see
+    :func:`volume_geometry`). ``executor`` is a :class:`DaskExecutor` (cluster) or None for
+    ``workers`` threads here; ``threads`` sets torch's threads in each worker (0 leaves them);
+    ``decode`` overrides the model's decoder settings (``DecodeSettings`` fields). Stopping
+    (``should_stop`` returns True) or a failed chunk leave the work recorded: calling again with the
+    same arguments resumes.
     """
     own_executor = executor is None
     executor = executor or ThreadExecutor(workers)
     try:
-        facts = executor.submit(model_facts, model, diameter, decode).result()
+        facts = executor.submit(model_facts, model, diameter, decode, voxel_size).result()
+        if facts["ndim"] == 3:
+            source = source.as_volume()
+            executor.submit(check_volume_shape, source.spatial_shape).result()
+        decode = facts["decode"]
+        invert = facts["invert"] if invert is None else bool(invert)
+        zoom = facts["zoom"]
+        if facts["ndim"] == 3:
+            chunk, halo = volume_geometry(facts, chunk, halo)
+        else:
+            chunk, halo = chunk_geometry(facts["align"], chunk, halo, zoom)
+        check_chunk_work(chunk, halo, zoom, diameter, facts.get("max_voxels"))
     except BaseException:
         if own_executor:
             executor.close()
         raise
-    decode = facts["decode"]
-    invert = facts["invert"] if invert is None else bool(invert)
-    zoom = facts["zoom"]
-    chunk, halo = chunk_geometry(facts["align"], chunk, halo, zoom)
-    try:
-        check_chunk_work(chunk, halo, zoom, diameter)
-    except InputError:
-        if own_executor:
-            executor.close()
-        raise
-    plan = ChunkPlan(source.planes, source.plane_shape, chunk, halo)
+    plan = ChunkPlan(source.planes, source.spatial_shape, chunk, halo)
     work = target.work
     try:
         record = prepare_work(target, run_settings(source, model, plan, zoom, invert, tile, decode), overwrite)
@@ -223,10 +282,9 @@ def segment_large(source: Source, target: LabelsTarget, model: str = "student", 
         if "normalization" not in record:
             parts: dict[int, ChunkStats] = {}  # running total per plane (a histogram pair is 1.5 MB per chunk)
 
-            def stats_jobs():
+            def stats_jobs():  # the core with one more index on the second axis (worker.chunk_statistics)
                 for c in chunks:
-                    y0, y1, x0, x1 = c.core
-                    yield (job(c, (y0, y1, x0, min(x1 + 1, plan.shape[1]))),)
+                    yield (job(c, (*c.core[:3], min(c.core[3] + 1, plan.shape[1]), *c.core[4:])),)
 
             done = 0
             for (j,), stats in run_tasks(executor, stats_jobs(), chunk_statistics, describe, should_stop):
@@ -246,17 +304,14 @@ def segment_large(source: Source, target: LabelsTarget, model: str = "student", 
         norms = record["normalization"]
 
         # 2. segment every chunk not recorded yet
-        create_local_array(work, plan.planes, plan.shape, plan.chunk)
-        rows, cols = plan.grid
+        create_local_array(work, plan.planes, plan.shape, plan.sides)
         todo = [c for c in chunks if not (work / "chunks" / f"{c.key}.npz").exists()]
         done = len(chunks) - len(todo)
         yield Progress("segment", done, len(chunks))
 
         def segment_jobs():
             for c in todo:
-                neighbours = tuple((n.key, n.outer) for n in (plan.at(c.plane, r, k) for r in range(c.row - 1, c.row + 2)
-                                                              for k in range(c.col - 1, c.col + 2)
-                                                              if 0 <= r < rows and 0 <= k < cols and (r, k) != (c.row, c.col)))
+                neighbours = tuple((n.key, n.outer) for n in plan.neighbours(c))
                 yield (job(c, c.outer, model=model, neighbours=neighbours, normalization=tuple(norms[c.plane]),
                            invert=invert, zoom=zoom, tile=tile, threads=threads, decode=decode),)
 
@@ -288,7 +343,7 @@ def segment_large(source: Source, target: LabelsTarget, model: str = "student", 
         atomic_savez(work / "ids.npz", tables=np.concatenate(tables), offsets=offsets)
 
         # 4. relabel into the output array
-        create_labels_array(target, source, plan.chunk)
+        create_labels_array(target, source, plan.sides)
         todo = [c for c in chunks if not (work / "done" / c.key).exists()]
         done = len(chunks) - len(todo)
         jobs = ((Job(chunk=c, **base), index[c.key], target) for c in todo)

@@ -1,8 +1,12 @@
-"""Whole-plane normalisation statistics gathered chunk by chunk, so every chunk is normalised like the whole image.
+"""Whole-plane (whole-volume) normalisation statistics gathered chunk by chunk, so every chunk is normalised like the whole.
 
-8/16-bit grayscale planes give exactly :func:`~napari_graphkd.preprocess.normalize`'s numbers (value and
-neighbour-difference histograms add up over chunks); other inputs (float, RGB) use a fixed-size
-random sample of every chunk, an estimate of the same percentiles.
+8/16-bit grayscale planes and volumes give exactly :func:`~napari_graphkd.preprocess.normalize`'s numbers
+(value and neighbour-difference histograms add up over chunks); other inputs (float, RGB) use a
+fixed-size random sample of every chunk, an estimate of the same percentiles.
+
+:func:`~napari_graphkd.preprocess.noise_sigma` takes every 4th index of the first axis and the
+differences along the second: rows and columns of a plane, planes and rows of a volume. Chunk
+statistics follow the same axes, so one function serves both.
 """
 from __future__ import annotations
 
@@ -33,9 +37,10 @@ def is_exact(dtype: np.dtype) -> bool:
 
 
 def chunk_stats(gray: np.ndarray, y0: int, core_width: int, seed: int = 0) -> ChunkStats:
-    """Statistics of a chunk's core ``gray[:, :core_width]`` (rows starting at global row ``y0``).
+    """Statistics of a chunk's core ``gray[:, :core_width]`` (first axis starting at global index ``y0``).
 
-    ``gray`` may carry one extra column on the right so the difference across the chunk border is counted once.
+    ``gray`` is a plane (rows, columns) or a volume (planes, rows, columns); it may carry one extra
+    index on the second axis (a column; a volume's row) so the difference across the chunk border is counted once.
     """
     rows = gray[(-y0) % NOISE_ROW_STEP :: NOISE_ROW_STEP]  # global rows 0, 4, 8, ...
     core = gray[:, :core_width]

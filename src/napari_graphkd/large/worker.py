@@ -1,4 +1,4 @@
-"""Work done on the workers: statistics, segmentation and relabelling of one chunk, matching of two.
+"""Work done on the workers: statistics, segmentation and relabelling of one chunk (2D or 3D), matching of two.
 
 Torch and the model are imported and loaded on first use in each worker process (once), never by the
 driver, which keeps the process that plans and stitches small.
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..preprocess import InputError, stretch, to_grayscale
+from ..preprocess import InputError, check_finite, stretch, to_grayscale
 from . import stitch
-from .chunks import Box, Chunk, intersect, local
+from .chunks import Box, Chunk, intersect, local, slices
 from .stats import ChunkStats, chunk_stats, is_exact
 from .zarr_io import LabelsTarget, Source, atomic_savez, open_labels_array, open_local_array
 
@@ -30,7 +30,7 @@ class Job:
     neighbours: tuple[tuple[str, Box], ...] = ()
     normalization: tuple[float, float, float] = (0.0, 1.0, 0.0)  # offset, scale, maximum (for invert)
     invert: bool = False
-    zoom: float = 1.0
+    zoom: float | tuple[float, ...] = 1.0  # working size / original size: one factor (planes) or one per axis (volumes)
     tile: int | None = None  # network tile size (None: the library's default)
     threads: int = 0  # torch threads per worker (0: leave as is)
     decode: dict | None = None  # DecodeSettings fields (None: the model's own)
@@ -58,56 +58,93 @@ def _pixels(job: Job, box: Box) -> np.ndarray:
     return job.region if job.region is not None else job.source.read(job.chunk.plane, box)
 
 
-def plain_gray(pixels: np.ndarray) -> np.ndarray:
-    """The 2D plane the statistics describe: 8/16-bit gray as it is, anything else float32 gray."""
-    if pixels.ndim == 2 and is_exact(pixels.dtype):
+def spatial_ndim(job: Job) -> int:
+    """2 for a chunk of a plane, 3 for a chunk of a volume."""
+    return len(job.chunk.core) // 2
+
+
+def plain_gray(pixels: np.ndarray, ndim: int = 2) -> np.ndarray:
+    """The plane (``ndim`` 2) or volume (3) the statistics describe: 8/16-bit gray as it is, anything else float32 gray."""
+    if pixels.ndim == ndim and is_exact(pixels.dtype):
         return pixels
+    if pixels.ndim == ndim:
+        check_finite(pixels)
+        return pixels.astype(np.float32)
     return to_grayscale(pixels)
 
 
 def chunk_statistics(job: Job) -> ChunkStats:
-    """Histograms (or samples) of one chunk's core, read with one extra column for the border difference."""
-    y0, y1, x0, x1 = job.chunk.core
-    box = (y0, y1, x0, min(x1 + 1, job.source.plane_shape[1]))
-    return chunk_stats(plain_gray(_pixels(job, box)), y0, x1 - x0)
+    """Histograms (or samples) of one chunk's core, read with one extra index on its second axis (a plane's column,
+    a volume's row) for the difference across the border."""
+    core = job.chunk.core
+    box = (*core[:3], min(core[3] + 1, job.source.spatial_shape[1]), *core[4:])
+    return chunk_stats(plain_gray(_pixels(job, box), spatial_ndim(job)), core[0], core[3] - core[2])
 
 
 def network_input(pixels: np.ndarray, job: Job) -> np.ndarray:
-    """Grayscale, inverted against the plane's maximum if asked, normalised with the plane's statistics."""
+    """Grayscale, inverted against the plane's (volume's) maximum if asked, normalised with its statistics."""
     offset, scale, maximum = job.normalization
-    gray = plain_gray(pixels)
+    gray = plain_gray(pixels, spatial_ndim(job))
     if job.invert:
         gray = np.float32(maximum) - gray.astype(np.float32)
     return stretch(gray, np.float64(offset), np.float64(scale))
 
 
-def model_facts(spec: str, diameter: float | None, decode: dict | None) -> dict:
-    """What the driver needs to plan chunks, computed where the model lives (the driver never imports torch)."""
+def model_facts(spec: str, diameter: float | None, decode: dict | None, voxel_size: tuple | None = None) -> dict:
+    """What the driver needs to plan chunks, computed where the model lives (the driver never imports torch).
+
+    ``ndim`` 2 or 3 (the model's); ``align``: the grid chunks start on (per axis for 3D); ``zoom``:
+    working / original size (per axis for 3D); for 3D also ``reach``, the decoder's longest offset
+    per axis in working voxels, and ``anisotropy``, the z / x size of the model's training voxels.
+    """
     from ..decode.mws import DecodeSettings
     from ..decode.policy import COARSE_FACTORS
-    from ..inference import rescale_factor
-    from ..segment import requested_diameter
+    from ..inference import MAX_WORKING_VOXELS, network_geometry, rescale_factor
+    from ..segment import check_voxel_size, requested_diameter, volume_scale
 
     segmenter = cached_segmenter(spec)
     if getattr(segmenter, "kind", "") != "network":
         raise InputError("chunked segmentation needs a network model (teacher, student or a checkpoint)")
     settings = DecodeSettings(**decode) if decode else segmenter.decode_settings
-    align = math.lcm(segmenter.model.size_multiple, COARSE_FACTORS[settings.resolution] * settings.long_range_stride)
-    return {"align": align, "zoom": rescale_factor(requested_diameter(diameter), segmenter.train_diameter), "invert": segmenter.invert,
-            "decode": settings.to_dict()}
+    grid = COARSE_FACTORS[settings.resolution] * settings.long_range_stride
+    facts = {"ndim": segmenter.ndim, "invert": segmenter.invert, "decode": settings.to_dict()}
+    if segmenter.ndim != 3:
+        if voxel_size is not None:
+            raise InputError(f"a voxel size applies to volumes segmented by a 3D model; {segmenter.name} segments 2D planes")
+        return dict(facts, align=math.lcm(segmenter.model.size_multiple, grid),
+                    zoom=rescale_factor(requested_diameter(diameter), segmenter.train_diameter))
+    model_voxel = segmenter.voxel_size or (1.0, 1.0, 1.0)
+    scale = volume_scale(requested_diameter(diameter), segmenter.train_diameter, check_voxel_size(voxel_size),
+                         segmenter.voxel_size)
+    reach = [COARSE_FACTORS[settings.resolution] * max(abs(o[a]) for o in segmenter.offsets) for a in range(3)]
+    return dict(facts, align=[math.lcm(m, grid) for m in network_geometry(segmenter.model, 3)[1]], zoom=list(scale),
+                reach=reach, anisotropy=model_voxel[0] / model_voxel[2], diameter=segmenter.train_diameter,
+                max_voxels=MAX_WORKING_VOXELS)
+
+
+def check_volume_shape(shape: tuple[int, ...]) -> None:
+    """InputError unless a 3D network can segment a volume of ``shape`` (run where torch lives)."""
+    from ..inference import check_volume
+
+    check_volume(tuple(shape))
 
 
 def chunk_labels(job: Job, pixels: np.ndarray) -> np.ndarray:
-    """Labels (local ids 1..n) of a haloed box, from the network and the decoder."""
+    """Labels (local ids 1..n) of a haloed box, from the network and the decoder (in 3D with the model's offsets)."""
     from ..decode.mws import DecodeSettings
     from ..decode.policy import decode_output
     from ..inference import DEFAULT_TILE, network_output, rescaled
 
     segmenter = cached_segmenter(job.model)
-    working = rescaled(network_input(pixels, job), job.zoom)
-    output = network_output(segmenter.model, working, tuple(pixels.shape[:2]), job.zoom, job.tile or DEFAULT_TILE)
-    labels, _ = decode_output(output, DecodeSettings(**job.decode) if job.decode else segmenter.decode_settings)
-    return labels
+    settings = DecodeSettings(**job.decode) if job.decode else segmenter.decode_settings
+    zoom = tuple(job.zoom) if isinstance(job.zoom, (tuple, list)) else job.zoom
+    working = rescaled(network_input(pixels, job), zoom)
+    if spatial_ndim(job) == 3:
+        output = network_output(segmenter.model, working, tuple(pixels.shape), zoom, job.tile or DEFAULT_TILE,
+                                offsets=segmenter.offsets)
+        return decode_output(output, settings, output.offsets)[0]
+    output = network_output(segmenter.model, working, tuple(pixels.shape[:2]), zoom, job.tile or DEFAULT_TILE)
+    return decode_output(output, settings)[0]
 
 
 def segment_chunk(job: Job) -> int:
@@ -116,7 +153,7 @@ def segment_chunk(job: Job) -> int:
     chunk, work = job.chunk, Path(job.work)
     labels = chunk_labels(job, _pixels(job, chunk.outer))
     core = labels[local(chunk.core, chunk.outer)]
-    open_local_array(work)[chunk.plane, chunk.core[0] : chunk.core[1], chunk.core[2] : chunk.core[3]] = core
+    open_local_array(work)[(chunk.plane, *slices(chunk.core))] = core
     overlaps = {f"n_{key}": labels[local(intersect(chunk.outer, outer), chunk.outer)] for key, outer in job.neighbours}
     present = np.flatnonzero(np.bincount(core.ravel()))
     atomic_savez(work / "chunks" / f"{chunk.key}.npz", count=np.int64(labels.max(initial=0)),
@@ -152,8 +189,7 @@ def relabel_chunk(job: Job, index: int, target: LabelsTarget) -> None:
     chunk, work = job.chunk, Path(job.work)
     ids = work / "ids.npz"
     tables, offsets = _tables(str(ids), ids.stat().st_mtime)
-    y0, y1, x0, x1 = chunk.core
-    local_ids = open_local_array(work)[chunk.plane, y0:y1, x0:x1]
+    local_ids = open_local_array(work)[(chunk.plane, *slices(chunk.core))]
     open_labels_array(target)[job.source.index(chunk.plane, chunk.core, drop_channel=True)] = \
         tables[offsets[index] + local_ids].astype(local_ids.dtype)
     (work / "done" / chunk.key).touch()

@@ -5,7 +5,7 @@ import functools
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,11 @@ WORK_SUFFIX = ".partial"  # <labels array>.partial/ holds an unfinished run; rem
 
 @dataclass(frozen=True)
 class Source:
-    """A 2D image or a stack of planes, read box by box; axes use the letters t, c, z, y, x (others are planes)."""
+    """A 2D image, a stack of planes or a (Z,Y,X) volume, read box by box; axes use the letters t, c, z, y, x.
+
+    Planes (``volume`` False) are y-x; every other axis but c is a plane axis. Volumes (``volume``
+    True, for 3D models) are z-y-x; other axes but c (time) count volumes.
+    """
 
     kind: str  # "zarr", "tiff" or "array"
     axes: str
@@ -30,21 +34,32 @@ class Source:
     component: str = ""  # array inside a Zarr group (OME-Zarr level 0), or "" for a root array
     ome: dict | None = None  # OME-Zarr multiscales entry of the image (axes, transforms, version)
     array: Any = field(default=None, compare=False, repr=False)  # kind == "array": numpy or dask array
+    volume: bool = False  # z is a spatial axis (3D chunks), not a plane axis
+
+    @property
+    def spatial(self) -> str:
+        """The spatial axes a chunk spans: ``yx``, or ``zyx`` for volumes."""
+        return "zyx" if self.volume else "yx"
 
     @property
     def lead_axes(self) -> list[int]:
-        """Positions of the axes segmented plane by plane (everything but y, x and c)."""
-        return [i for i, a in enumerate(self.axes) if a not in "yxc"]
+        """Positions of the axes segmented plane (volume) by plane (everything but the spatial axes and c)."""
+        return [i for i, a in enumerate(self.axes) if a not in self.spatial + "c"]
 
     @property
     def planes(self) -> int:
-        """Number of 2D planes."""
+        """Number of 2D planes (volumes, for a volume source)."""
         return int(np.prod([self.shape[i] for i in self.lead_axes], dtype=np.int64))
 
     @property
     def plane_shape(self) -> tuple[int, int]:
         """(height, width) of one plane."""
         return self.shape[self.axes.index("y")], self.shape[self.axes.index("x")]
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """Shape of one plane (height, width) or volume (depth, height, width)."""
+        return tuple(self.shape[self.axes.index(a)] for a in self.spatial)
 
     @property
     def labels_axes(self) -> str:
@@ -57,18 +72,18 @@ class Source:
         return tuple(n for n, a in zip(self.shape, self.axes) if a != "c")
 
     def plane_index(self, plane: int) -> tuple[int, ...]:
-        """Index of plane number ``plane`` along the lead axes."""
+        """Index of plane (volume) number ``plane`` along the lead axes."""
         return tuple(int(i) for i in np.unravel_index(plane, [self.shape[i] for i in self.lead_axes])) if self.lead_axes else ()
 
-    def index(self, plane: int, box: tuple[int, int, int, int], drop_channel: bool = False) -> tuple:
-        """Index tuple selecting ``box`` of a plane (in the image, or in the labels with ``drop_channel``)."""
+    def index(self, plane: int, box: tuple[int, ...], drop_channel: bool = False) -> tuple:
+        """Index tuple selecting ``box`` (a start, stop pair per spatial axis) of a plane or volume (in the image, or
+        in the labels with ``drop_channel``)."""
         lead = iter(self.plane_index(plane))
         parts = []
         for a in self.axes:
-            if a == "y":
-                parts.append(slice(box[0], box[1]))
-            elif a == "x":
-                parts.append(slice(box[2], box[3]))
+            if a in self.spatial:
+                i = 2 * self.spatial.index(a)
+                parts.append(slice(box[i], box[i + 1]))
             elif a == "c":
                 if not drop_channel:
                     parts.append(slice(None))
@@ -76,19 +91,29 @@ class Source:
                 parts.append(next(lead))
         return tuple(parts)
 
-    def read(self, plane: int, box: tuple[int, int, int, int]) -> np.ndarray:
-        """Pixels of ``box`` in one plane as (h, w) or (h, w, channels)."""
+    def read(self, plane: int, box: tuple[int, ...]) -> np.ndarray:
+        """Pixels of ``box`` in one plane as (h, w) or (h, w, channels); in one volume as (d, h, w)."""
         array = self.array if self.kind == "array" else _open(self.kind, self.path, self.component)
         data = np.asarray(array[self.index(plane, box)])
-        kept = [a for a in self.axes if a in "yxc"]
+        kept = [a for a in self.axes if a in self.spatial + "c"]
         if "c" in kept:
             data = np.moveaxis(data, kept.index("c"), -1)
             data = data[..., 0] if data.shape[-1] == 1 else data
         return data
 
+    def as_volume(self) -> "Source":
+        """The same source read as (Z,Y,X) volumes (for a 3D model); InputError when it has no z axis or has colour."""
+        if self.volume:
+            return self
+        if "z" not in self.axes:
+            raise InputError(f"a 3D model segments (Z,Y,X) volumes; the image has axes {self.axes!r} and shape {self.shape}")
+        if "c" in self.axes and self.shape[self.axes.index("c")] > 1:
+            raise InputError(f"volumes are read as gray values; the image has {self.shape[self.axes.index('c')]} channels")
+        return replace(self, volume=True)
+
     def without_array(self) -> "Source":
         """A copy that does not carry an in-memory array (sent to workers that read files themselves)."""
-        return Source(self.kind, self.axes, self.shape, self.dtype, self.path, self.component, self.ome)
+        return replace(self, array=None)
 
 
 @functools.lru_cache(maxsize=8)
@@ -209,11 +234,11 @@ def remove_target(target: LabelsTarget) -> None:
             shutil.rmtree(p)
 
 
-def create_local_array(work: Path, planes: int, shape: tuple[int, int], chunk: int):
+def create_local_array(work: Path, planes: int, shape: tuple[int, ...], chunk: tuple[int, ...]):
     """The per-chunk labels before stitching (local ids), one Zarr chunk per core chunk."""
     import zarr
 
-    return zarr.open_array(str(work / "local.zarr"), mode="a", shape=(planes, *shape), chunks=(1, chunk, chunk),
+    return zarr.open_array(str(work / "local.zarr"), mode="a", shape=(planes, *shape), chunks=(1, *chunk),
                            dtype=LABELS_DTYPE, fill_value=0)
 
 
@@ -229,12 +254,12 @@ def zarr_format_of(source: Source) -> int:
     return 3 if str((source.ome or {}).get("version", "0.4")) >= "0.5" else 2
 
 
-def create_labels_array(target: LabelsTarget, source: Source, chunk: int):
+def create_labels_array(target: LabelsTarget, source: Source, chunk: tuple[int, ...]):
     """The final labels array, chunked like the core chunks (each chunk written by one task)."""
     import zarr
 
     shape = source.labels_shape
-    chunks = tuple(chunk if a in "yx" else 1 for a in source.labels_axes)
+    chunks = tuple(chunk[source.spatial.index(a)] if a in source.spatial else 1 for a in source.labels_axes)
     fmt = zarr_format_of(source) if target.ome_root else 3
     names = {"dimension_names": list(source.labels_axes)} if fmt == 3 else {}
     return zarr.open_array(target.array_path, mode="a", shape=shape, chunks=chunks, dtype=LABELS_DTYPE,
