@@ -33,8 +33,9 @@ def painted():
 def test_teacher_then_student_on_a_painted_volume_saves_3d_checkpoints(painted, models3d, tmp_path):
     teacher, student = models3d
     before = {p: p.read_bytes() for p in models3d}
-    plan = plan_finetune([AnnotatedImage("vol", *painted)], FinetuneSettings(steps=2, teacher_steps=2, batch_size=1), *models3d)
-    assert plan.ndim == 3 and plan.crop == SHAPE and plan.scale == (1.0, 1.0, 1.0) and plan.diameter is None
+    settings = FinetuneSettings(steps=2, teacher_steps=2, batch_size=1, volume_crop=(8, 32, 32))
+    plan = plan_finetune([AnnotatedImage("vol", *painted)], settings, *models3d)
+    assert plan.ndim == 3 and plan.crop == (8, 32, 32) and plan.scale == (1.0, 1.0, 1.0) and plan.diameter is None
     records = []
     result = run_finetune(plan, tmp_path / "models", on_progress=records.append)
     assert [p.name for p in result.saved.values()] == ["teacher-finetuned.safetensors", "student-redistilled.safetensors"]
@@ -46,25 +47,28 @@ def test_teacher_then_student_on_a_painted_volume_saves_3d_checkpoints(painted, 
         assert meta["config"]["ndim"] == 3 and meta["voxel_size"] == list(VOXEL) and meta["offsets"] == base["offsets"]
         assert all(meta["decode"][k] in values for k, values in RETUNE_GRID_3D.items())  # re-tuned in voxels, saved
         assert set(meta["finetune"]["heldout_scores"]) == {"before", "after"} == set(result.scores[role])
-        assert meta["finetune"]["settings"]["volume_crop"] == [16, 64, 64] and meta["finetune"]["scale"] == [1.0, 1.0, 1.0]
+        assert meta["finetune"]["settings"]["volume_crop"] == [8, 32, 32] and meta["finetune"]["scale"] == [1.0, 1.0, 1.0]
     assert read_metadata(result.saved["student"])["finetune"]["teacher"]["path"] == str(result.saved["teacher"])
     report = finetune_report(result, plan)
     assert "1 of 3 painted cells of 'vol' held out" in report and "student after" in report
-    assert "training crops 16x48x48 voxels" in report
+    assert "training crops 8x32x32 voxels" in report
 
 
 def test_partly_painted_volume_teaches_only_near_its_cells(painted, models3d):
     volume, labels = painted
     partial = np.where(labels == 2, 0, labels)  # one ellipsoid left unpainted: unknown, never background
-    settings = FinetuneSettings(mode="finetune", margin=2, volume_crop=(8, 32, 32), voxel_size=VOXEL)
+    settings = FinetuneSettings(mode="finetune", margin=2, voxel_size=VOXEL)
     plan = plan_finetune([AnnotatedImage("vol", volume, partial)], settings, *models3d)
     train = plan.train[0].labels
-    assert plan.crop == (8, 32, 32) and plan.voxel_size == VOXEL and plan.train_cells == 1 and plan.painted_cells == 2
+    assert plan.crop == SHAPE  # the default 16x64x64 crop, clipped to the volume
+    assert plan.voxel_size == VOXEL and plan.train_cells == 1 and plan.painted_cells == 2
     assert train.ndim == 3 and min(a >= b for a, b in zip(train.shape, plan.crop))  # the window around the painted voxels
     held = int(np.unique(plan.heldout.cells[plan.heldout.cells > 0])[0])
     kept = ({1, 3} - {held}).pop()
     assert set(np.unique(train).tolist()) == {-1, 0, kept}  # unpainted voxels beyond the margin are unknown (-1)
     assert plan.heldout.annotation.shape == SHAPE and (plan.heldout.annotation == held).sum() == (labels == held).sum()
+    distil = plan_finetune([AnnotatedImage("vol", volume, partial)], FinetuneSettings(mode="distil"), *models3d)
+    assert distil.train[0].labels.shape == SHAPE and (distil.train[0].labels == -1).all()  # whole volume, teacher only
 
 
 def test_the_margin_of_a_volume_is_measured_with_its_voxel_size():

@@ -50,7 +50,8 @@ MIN_HELDOUT_CELLS = 10  # fewer held-out cells than this: the before/after score
 JOB_THREADS = 2  # a fine-tuning job's torch threads where the machine has a CPU more for the viewer
 HELP = ("Paint nuclei in a Labels layer (one id per cell, not all needed). Unpainted pixels within the margin of "
         "a cell are background; so is every unpainted pixel inside the 'Checked' Shapes layer (areas where you "
-        "painted every nucleus); other pixels are ignored. A fifth of the cells are held back for scoring.")
+        "painted every nucleus); other pixels are ignored. A fifth of the cells are held back for scoring. "
+        "3D models fine-tune on a (Z,Y,X) Image layer with a (Z,Y,X) Labels layer.")
 
 
 class LossCurve(QWidget):
@@ -222,7 +223,8 @@ class FinetuneWidget(JobWidget):
         self.remove_row.changed.connect(self._remove_row)
         self.pickers = {"teacher": ModelPicker("teacher", "teacher"), "student": ModelPicker("student", "student")}
         self.diameter = FloatSpinBox(label="Diameter (px)", value=0.0, min=0.0, max=1000.0, step=1.0,
-                                     tooltip="Typical nucleus diameter; 0 = measured from your painted cells")
+                                     tooltip="Typical nucleus diameter; 0 = measured from your painted cells "
+                                             "(volumes: run at the 3D models' own scale)")
         self.diameter.native.setSpecialValueText("measure")  # the spin box shows "measure" at 0
         self.invert = CheckBox(text="Dark nuclei on a bright background")
         self.margin = SpinBox(label="Margin (px)", value=FinetuneSettings.margin, min=0, max=500,
