@@ -14,11 +14,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ...affinity import Offsets
 from ...data import AugmentConfig, Sample
 from ...decode.mws import DecodeSettings
 from ...decode.policy import decode_output
 from ...evaluation import tune_decoder
-from ...affinity import Offsets
 from ...inference import NetworkOutput, network_output
 from ...io.checkpoint import load_checkpoint, save_checkpoint
 from ...models import EmbeddingUNet
