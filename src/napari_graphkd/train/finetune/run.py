@@ -30,7 +30,7 @@ from .plan import FinetunePlan, working_input, working_labels
 from .rules import annotation_scores, heldout_metrics, pseudo_instances
 
 RETUNE_GRID = {"foreground_threshold": (0.4, 0.5, 0.6), "min_size": (20, 40, 80), "attractive_bias": (0.15, 0.3, 0.5)}
-RETUNE_GRID_3D = dict(RETUNE_GRID, min_size=(50, 150, 400))  # min_size in voxels for 3D models
+RETUNE_GRID_3D = dict(RETUNE_GRID, min_size=(100, 1000, 3000))  # 3D models: voxels, the range the 3D benchmark searches
 SCALE_RANGE = (0.8, 1.25)  # the teacher's crops with FinetuneSettings.scale_augment
 MIN_RETUNE_HELDOUT = 10  # fewer held-out cells than this: the decoder is re-tuned on the training cells
 
