@@ -90,15 +90,19 @@ def painted_cell_scores(outputs: list[NetworkOutput], samples: list[Sample], set
 
 
 def retune_decoder(model: EmbeddingUNet, meta: dict[str, Any], samples: list[Sample], offsets: Offsets | None = None) -> DecodeSettings:
-    """Decoder settings (threshold, min size, bias) that best segment the painted cells of ``samples`` (3D: volumes, ``offsets``)."""
+    """Decoder settings (threshold, min size, bias) that best segment the painted cells of ``samples``: the best of the grid
+    for images; for volumes (``offsets``: the model's), each setting in turn, every 3D decode costing seconds."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
         outputs = [network_output(model, s.image, offsets=offsets) for s in samples]
     model.train(was_training)
     base = DecodeSettings(**meta.get("decode", {}))
-    grid = RETUNE_GRID_3D if samples[0].image.ndim == 3 else RETUNE_GRID
-    return tune_decoder(outputs, samples, base, grid, score=painted_cell_scores)[0]
+    if samples[0].image.ndim == 2:
+        return tune_decoder(outputs, samples, base, RETUNE_GRID, score=painted_cell_scores)[0]
+    for key, values in RETUNE_GRID_3D.items():  # volumes: one setting at a time, given the ones before (9 decodes, not 27)
+        base = tune_decoder(outputs, samples, base, {key: values}, score=painted_cell_scores)[0]
+    return base
 
 
 def train_settings(plan: FinetunePlan, role: str = "student") -> TrainSettings:
