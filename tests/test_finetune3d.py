@@ -134,3 +134,28 @@ def test_finetune_command_on_a_folder_of_volumes(models3d, tiny_checkpoint, tmp_
     err = capsys.readouterr().err
     assert "graphkd finetune: error: the models are 2D: the painted (Z,Y,X) labels of 'a.tif' need 3D models" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "2d.safetensors").exists()
+
+
+def test_volume_decoder_is_retuned_one_setting_at_a_time(painted, models3d, monkeypatch):
+    from napari_graphkd.data import Sample
+    from napari_graphkd.decode.mws import DecodeSettings
+    from napari_graphkd.io.checkpoint import load_checkpoint
+    from napari_graphkd.train.finetune import run
+
+    model, meta = load_checkpoint(models3d[0])
+    volume, labels = painted
+    target = {"foreground_threshold": 0.6, "min_size": 1000, "attractive_bias": 0.15}
+    seen = []
+
+    def score(outputs, samples, settings):  # a stand-in for decoding: closer to ``target`` scores higher
+        seen.append(settings)
+        assert outputs[0].embedding.shape[1:] == SHAPE and outputs[0].offsets is not None  # a 3D output, the model's offsets
+        return {"score": -sum(abs(getattr(settings, k) - v) for k, v in target.items())}
+
+    monkeypatch.setattr(run, "painted_cell_scores", score)
+    sample = Sample("vol", volume.astype(np.float32) / 255, labels)
+    best = run.retune_decoder(model, meta, [sample], tuple(tuple(o) for o in meta["offsets"]))
+    assert {k: getattr(best, k) for k in target} == target
+    assert len(seen) == 9  # three values of each of three settings, in turn, instead of 27 combinations
+    assert [s.min_size for s in seen[:3]] == [DecodeSettings().min_size] * 3  # the threshold first, from the model's decoder
+    assert all(s.foreground_threshold == 0.6 for s in seen[3:])  # later settings start from the earlier choices
