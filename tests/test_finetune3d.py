@@ -7,10 +7,13 @@ import tifffile
 from volume_utils import blob_volume, volume_checkpoint
 
 from napari_graphkd.cli import main
-from napari_graphkd.io.checkpoint import read_metadata
+from napari_graphkd.data import Sample
+from napari_graphkd.decode.mws import DecodeSettings
+from napari_graphkd.io.checkpoint import load_checkpoint, read_metadata
 from napari_graphkd.preprocess import InputError
 from napari_graphkd.train.finetune import (AnnotatedImage, FinetuneSettings, annotation_map, finetune_report, plan_finetune,
                                            run_finetune)
+from napari_graphkd.train.finetune import run
 from napari_graphkd.train.finetune.run import RETUNE_GRID_3D
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,11 +140,6 @@ def test_finetune_command_on_a_folder_of_volumes(models3d, tiny_checkpoint, tmp_
 
 
 def test_volume_decoder_is_retuned_one_setting_at_a_time(painted, models3d, monkeypatch):
-    from napari_graphkd.data import Sample
-    from napari_graphkd.decode.mws import DecodeSettings
-    from napari_graphkd.io.checkpoint import load_checkpoint
-    from napari_graphkd.train.finetune import run
-
     model, meta = load_checkpoint(models3d[0])
     volume, labels = painted
     target = {"foreground_threshold": 0.6, "min_size": 1000, "attractive_bias": 0.15}
