@@ -115,7 +115,7 @@ def train_settings(plan: FinetunePlan, role: str = "student") -> TrainSettings:
     scales = SCALE_RANGE if (role == "teacher" and s.scale_augment) else None
     side = plan.crop if isinstance(plan.crop, int) else max(plan.crop[1:])
     return TrainSettings(steps=steps, batch_size=s.batch_size, lr=lr, warmup=min(20, max(1, steps // 10)),
-                         seed=s.seed, save_every=steps, snapshot_every=10**9, validate_every=10**9, bf16=plan.ndim == 2,
+                         seed=s.seed, save_every=steps, snapshot_every=10**9, validate_every=10**9,
                          augment=AugmentConfig(crop=side, scale_range=scales))
 
 
