@@ -72,6 +72,7 @@ def test_partly_painted_volume_teaches_only_near_its_cells(painted, models3d):
     assert plan.heldout.annotation.shape == SHAPE and (plan.heldout.annotation == held).sum() == (labels == held).sum()
     distil = plan_finetune([AnnotatedImage("vol", volume, partial)], FinetuneSettings(mode="distil"), *models3d)
     assert distil.train[0].labels.shape == SHAPE and (distil.train[0].labels == -1).all()  # whole volume, teacher only
+    assert not plan.invert and plan_finetune([AnnotatedImage("dark", 255 - volume, partial)], settings, *models3d).invert
 
 
 def test_the_margin_of_a_volume_is_measured_with_its_voxel_size():
