@@ -1,4 +1,4 @@
-"""The widgets on a (Z,Y,X) layer with 3D models: whole-volume results, progress, cancel, 3D overlays, fine-tune refusal."""
+"""The widgets on a (Z,Y,X) layer with 3D models: whole-volume results, progress, cancel, 3D overlays, fine-tuning."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +7,7 @@ from widget_utils import checkpoints, errors, fresh_cache, network_calls, notes,
 
 from napari_graphkd._widgets import FinetuneWidget, OverlaysWidget, SegmentWidget
 from napari_graphkd._widgets._layers import KEY
+from napari_graphkd.io.checkpoint import read_metadata
 from volume_utils import blob_volume, volume_checkpoint
 
 
@@ -112,19 +113,33 @@ def test_overlays_of_a_volume_have_z_offsets_and_3d_graphs(volume_setup, qtbot, 
     assert viewer.dims.ndisplay == 3
 
 
-def test_finetune_refuses_3d_models_with_a_clear_notification(volume_setup, qtbot, notes):
+def test_finetune_trains_3d_models_on_a_painted_volume_layer(volume_setup, qtbot, tmp_path, checkpoints, notes):
     viewer, widget = volume_setup
     finetune = FinetuneWidget(viewer)
     viewer.window.add_dock_widget(finetune)
-    for role in ("teacher", "student"):
-        finetune.pickers[role].source.value = "file"
-        finetune.pickers[role].path.value = widget.pickers[role].path.value
-    painted = viewer.add_labels(np.zeros((8, 40, 48), np.int32), name="painted", scale=(2.0, 1.0, 1.0))
-    painted.data[3, 8:14, 8:14] = 1
-    finetune.rows[0].image.value = viewer.layers["vol"]
-    finetune.rows[0].painted.value = painted
-    assert finetune.start() is None
-    assert "3D model" in errors(notes)[-1] and "graphkd train" in errors(notes)[-1]
+    painted = viewer.add_labels(viewer.layers["vol gt"].data.copy(), name="painted", scale=(2.0, 1.0, 1.0))
+    finetune.rows[0].image.value, finetune.rows[0].painted.value = viewer.layers["vol"], painted
+    finetune.pickers["teacher"].source.value = finetune.pickers["student"].source.value = "file"
+    finetune.pickers["teacher"].path.value = widget.pickers["teacher"].path.value  # trained at voxel 2:1:1
+    finetune.pickers["student"].path.value = widget.pickers["student"].path.value  # trained at voxel 1:1:1
+    assert finetune.start() is None and "different voxel proportions" in errors(notes)[-1]
+    finetune.pickers["student"].path.value = str(checkpoints[1])  # a 2D student
+    assert finetune.start() is None and "the teacher is a 3D model and the student a 2D one" in errors(notes)[-1]
+    student = volume_checkpoint(tmp_path / "s3d-aniso.safetensors")  # the teacher's voxel size
+    finetune.pickers["student"].path.value = str(student)
+    finetune.mode.value, finetune.steps.value = "finetune", 2
+    finetune.folder.value = str(tmp_path / "models")
+    n_errors = len(errors(notes))
+    assert finetune.start() is not None
+    wait(qtbot, finetune)
+    assert len(errors(notes)) == n_errors
+    new = tmp_path / "models" / "student-finetuned.safetensors"
+    meta = read_metadata(new)
+    assert meta["config"]["ndim"] == 3 and meta["finetune"]["voxel_size"] == [2.0, 1.0, 1.0]  # from the layer's scale
+    assert widget.pickers["student"].path.value == new  # the Segment widget segments with it now
+    assert "volumes at voxel 2:1:1 (z:y:x)" in finetune.report.value and "student after" in finetune.report.value
+    finetune.rows[0].painted.value = viewer.add_labels(np.zeros((40, 48), np.int32), name="plane")
+    assert finetune.start() is None and "the models are 3D" in errors(notes)[-1]
 
 
 def test_a_series_of_volumes_and_its_overlays(volume_setup, qtbot, notes):

@@ -736,7 +736,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .train.finetune import FinetuneSettings, finetune_report, plan_finetune, run_finetune
 
     chosen = {"mode": args.mode, "steps": args.steps, "teacher_steps": args.teacher_steps, "margin": args.margin,
-              "diameter": args.diameter,
+              "diameter": args.diameter, "voxel_size": args.voxel_size,
               "invert": None if args.invert == "auto" else args.invert}
     settings = FinetuneSettings(**{k: v for k, v in chosen.items() if v is not None})  # ValueError: one line, exit 2
     out = Path(args.out)
@@ -927,9 +927,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("finetune", help="fine-tune on a folder of images and painted labels (as the Fine-tune widget)")
+    p = sub.add_parser("finetune", help="fine-tune on a folder of images (or volumes) and painted labels (as the Fine-tune widget)")
     p.add_argument("folder", help="folder with images/*.tif and labels/*.tif (same names; label 0 = not painted); "
-                   "with several images the last one (by name) is held out for the before/after scores")
+                   "with several images the last one (by name) is held out for the before/after scores; "
+                   "3D models (from their checkpoint) take (Z,Y,X) volumes with (Z,Y,X) labels")
     p.add_argument("--model", default="student", help="model trained and written to --out: student, teacher or a checkpoint path")
     p.add_argument("--teacher", default="teacher", help="teacher it learns from: teacher, student or a checkpoint path")
     p.add_argument("--mode", default=None, help="distil, finetune or teacher, as in the Fine-tune widget "
@@ -942,7 +943,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "images) or background (every nucleus is painted)")
     p.add_argument("--margin", type=int, default=None,
                    help="unpainted pixels within this many px of a painted cell are background (default: the widget's)")
-    p.add_argument("--diameter", type=float, default=None, help="nucleus diameter in px (default: measured on the painted cells)")
+    p.add_argument("--diameter", type=float, default=None, help="nucleus diameter in px (default: measured on the painted "
+                   "cells; volumes: run as trained)")
+    p.add_argument("--voxel-size", type=voxel_size_arg, default=None, metavar="Z,Y,X",
+                   help="3D models: the volumes' voxel size (default: the models' own)")
     p.add_argument("--invert", type=invert_arg, default="auto", metavar="auto|yes|no",
                    help="dark nuclei on a bright background (default auto: detected on the images, as segment does)")
     p.add_argument("--out", required=True, help="new checkpoint (.safetensors; never overwritten); mode teacher also "

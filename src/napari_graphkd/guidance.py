@@ -55,7 +55,7 @@ def training_summary(description: dict[str, Any]) -> str:
         base = (finetune.get("base") or {}).get("name") or "a model"
         images = finetune.get("images") or []
         tuned = (f"{finetune.get('mode', 'fine-tuned')} of {base} on {len(images)} image(s) of yours "
-                 f"(nuclei {float(finetune.get('diameter', diameter)):.0f} px, run at {diameter:.0f} px)")
+                 f"(nuclei {float(finetune.get('diameter') or diameter):.0f} px, run at {diameter:.0f} px)")  # 3D: None = as trained
         text = f"{text}; then {tuned}" if text else tuned
     return text
 

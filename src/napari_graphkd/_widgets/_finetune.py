@@ -41,7 +41,7 @@ from ._jobs import JobResult, _guard, relay
 from ._layers import provenance
 from ._layout import compact, wrap
 from ._models import ModelPicker
-from ._segment import SegmentWidget
+from ._segment import SegmentWidget, layer_voxel_size
 from ._state import MODELS
 
 COLOURS = ("#4fc3f7", "#ffb74d", "#aed581")
@@ -50,7 +50,8 @@ MIN_HELDOUT_CELLS = 10  # fewer held-out cells than this: the before/after score
 JOB_THREADS = 2  # a fine-tuning job's torch threads where the machine has a CPU more for the viewer
 HELP = ("Paint nuclei in a Labels layer (one id per cell, not all needed). Unpainted pixels within the margin of "
         "a cell are background; so is every unpainted pixel inside the 'Checked' Shapes layer (areas where you "
-        "painted every nucleus); other pixels are ignored. A fifth of the cells are held back for scoring.")
+        "painted every nucleus); other pixels are ignored. A fifth of the cells are held back for scoring. "
+        "3D models fine-tune on a (Z,Y,X) Image layer with a (Z,Y,X) Labels layer.")
 
 
 class LossCurve(QWidget):
@@ -172,14 +173,14 @@ def _finetune(request: FinetuneRequest, cancel: threading.Event):
 
 
 def same_placement(a: Layer, b: Layer) -> bool:
-    """True when two 2D layers have the same scale and translation (their pixels coincide)."""
+    """True when two layers of one dimensionality have the same scale and translation (their pixels coincide)."""
     return bool(np.allclose(a.scale, b.scale) and np.allclose(a.translate, b.translate))
 
 
-def checked_mask(shapes: Shapes, shape: tuple[int, int]) -> np.ndarray:
-    """Pixels of an image of ``shape`` inside any shape of a 2D Shapes layer."""
-    if shapes.ndim != 2:
-        raise InputError(f"the checked regions {shapes.name!r} must be a 2D Shapes layer")
+def checked_mask(shapes: Shapes, shape: tuple[int, ...]) -> np.ndarray:
+    """Pixels of an image (or voxels of a volume) of ``shape`` inside any shape of a Shapes layer of its dimensionality."""
+    if shapes.ndim != len(shape):
+        raise InputError(f"the checked regions {shapes.name!r} must be a {len(shape)}D Shapes layer")
     if shapes.nshapes == 0:
         raise InputError(f"the Shapes layer {shapes.name!r} has no shapes; draw the regions you checked")
     return shapes.to_masks(mask_shape=shape).any(axis=0)
@@ -190,14 +191,15 @@ def annotated_image(row: AnnotationRow) -> AnnotatedImage:
     image, labels, regions = row.image.value, row.painted.value, row.regions.value
     if image is None:
         raise InputError("choose an Image layer for every row")
-    if image.multiscale or image.ndim != 2:
-        raise InputError(f"{image.name!r}: fine-tuning takes single-scale 2D images (gray or RGB), one per row")
+    if image.multiscale or image.ndim not in (2, 3) or (image.ndim == 3 and image.rgb):
+        raise InputError(f"{image.name!r}: fine-tuning takes single-scale 2D images (gray or RGB) or gray (Z,Y,X) "
+                         "volumes (with 3D models), one per row")
     if labels is None:
         raise InputError(f"choose the Labels layer holding your annotation of {image.name!r}")
     for layer in (labels, regions):
-        if layer is not None and layer.ndim == 2 and not same_placement(image, layer):
+        if layer is not None and layer.ndim == image.ndim and not same_placement(image, layer):
             raise InputError(f"{layer.name!r} is not placed like {image.name!r} (scale or translation differ)")
-    shape = np.shape(image.data)[:2]
+    shape = np.shape(image.data)[:image.ndim]
     checked = None if regions is None else checked_mask(regions, shape)
     return AnnotatedImage(image.name, np.asarray(image.data), np.asarray(labels.data), checked)
 
@@ -221,7 +223,8 @@ class FinetuneWidget(JobWidget):
         self.remove_row.changed.connect(self._remove_row)
         self.pickers = {"teacher": ModelPicker("teacher", "teacher"), "student": ModelPicker("student", "student")}
         self.diameter = FloatSpinBox(label="Diameter (px)", value=0.0, min=0.0, max=1000.0, step=1.0,
-                                     tooltip="Typical nucleus diameter; 0 = measured from your painted cells")
+                                     tooltip="Typical nucleus diameter; 0 = measured from your painted cells "
+                                             "(volumes: run at the 3D models' own scale)")
         self.diameter.native.setSpecialValueText("measure")  # the spin box shows "measure" at 0
         self.invert = CheckBox(text="Dark nuclei on a bright background")
         self.margin = SpinBox(label="Margin (px)", value=FinetuneSettings.margin, min=0, max=500,
@@ -302,11 +305,12 @@ class FinetuneWidget(JobWidget):
         if len(self.rows) > 1:
             self.rows.pop()
 
-    def settings(self) -> FinetuneSettings:
-        """Settings from the controls (diameter 0 = measure; unchecked inversion = the model's default)."""
+    def settings(self, voxel_size: tuple[float, float, float] | None = None) -> FinetuneSettings:
+        """Settings from the controls (diameter 0 = measure, for volumes: as trained; unchecked inversion = the model's
+        default); ``voxel_size`` of volumes (z, y, x) from their layers' scale."""
         return FinetuneSettings(mode=self.mode.value, steps=int(self.steps.value), teacher_steps=int(self.teacher_steps.value),
                                 margin=int(self.margin.value), diameter=self.diameter.value or None,
-                                invert=True if self.invert.value else None)
+                                invert=True if self.invert.value else None, voxel_size=voxel_size)
 
     def _request(self) -> FinetuneRequest:
         rows = list(self.rows)
@@ -318,13 +322,13 @@ class FinetuneWidget(JobWidget):
         if folder.exists() and not folder.is_dir():
             raise InputError(f"{folder} is a file, not a folder: choose where to save the new models")
         models = [self.pickers[role].load() for role in ("teacher", "student")]
-        flat = [m for m in models if m.ndim == 3]
-        if flat:
-            raise InputError(f"{flat[0].name} is a 3D model: fine-tuning on painted volumes is not available here; "
-                             "train 3D models on a folder of volumes with graphkd train (images/*.tif + labels/*.tif)")
+        volume = next((row.image.value for row in rows if row.image.value is not None and row.image.value.ndim == 3), None)
+        if volume is not None and all(m.ndim == 2 for m in models):
+            raise InputError(f"{volume.name!r} is a (Z,Y,X) volume: the models are 2D and fine-tune on 2D images; "
+                             "choose 3D models to fine-tune on volumes")
         images = [annotated_image(row) for row in rows]
         teacher, student = (m.path for m in models)
-        return FinetuneRequest(plan_finetune(images, self.settings(), teacher, student), folder)
+        return FinetuneRequest(plan_finetune(images, self.settings(volume_voxel_size(rows)), teacher, student), folder)
 
     def start(self):
         """Validate the inputs and start training; returns the worker, or None (with a notification) if nothing starts."""
@@ -381,8 +385,9 @@ class FinetuneWidget(JobWidget):
         self.last_result = result
         caution = heldout_caution(plan)
         self.report.value = finetune_report(result, plan) + (f"\ncaution: {caution}" if caution else "")
+        inputs = "" if plan.diameter is None else f", with diameter {plan.diameter:.1f} px"
         show_info("napari-graphkd: saved " + ", ".join(p.name for p in result.saved.values())
-                  + f"; now the current model(s) here and in the Segment widget, with diameter {plan.diameter:.1f} px"
+                  + f"; now the current model(s) here and in the Segment widget{inputs}"
                   + (" and inversion" if plan.invert else ""))
 
     def _segment_widgets(self) -> list[SegmentWidget]:
@@ -394,6 +399,15 @@ class FinetuneWidget(JobWidget):
         for picker in [self.pickers[role]] + [w.pickers[role] for w in self._segment_widgets()]:
             picker.source.value = "file"
             picker.path.value = str(path)
+
+
+def volume_voxel_size(rows: list[AnnotationRow]) -> tuple[float, float, float] | None:
+    """The voxel size (z, y, x) of the rows' volume layers, from their scale (None: 2D images, or as the models were trained);
+    InputError when the volumes differ."""
+    sizes = {layer_voxel_size(row.image.value) for row in rows if row.image.value is not None and row.image.value.ndim == 3}
+    if len(sizes) > 1:
+        raise InputError("the volumes have different voxel sizes (layer scales); fine-tune on volumes of one voxel size")
+    return sizes.pop() if sizes else None
 
 
 def heldout_caution(plan: FinetunePlan) -> str | None:

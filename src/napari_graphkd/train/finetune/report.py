@@ -30,11 +30,21 @@ def no_better_warnings(scores: dict[str, dict[str, dict[str, float]]]) -> list[s
     return lines
 
 
+def scale_line(plan: FinetunePlan) -> str:
+    """How the images (or volumes) were brought to the models' scale."""
+    if plan.ndim == 2:
+        return (f"nuclei of {plan.diameter:.1f} px rescaled to {plan.train_diameter:.1f} px"
+                f" (the Segment widget takes this diameter with the new model)")
+    voxel = "the models' own voxel size" if plan.voxel_size is None else "voxel " + ":".join(f"{v:g}" for v in plan.voxel_size)
+    factors = "x".join(f"{f:.3g}" for f in plan.scale)
+    return (f"volumes at {voxel} (z:y:x), rescaled by {factors} (z, y, x) to the models' scale;"
+            f" training crops {'x'.join(map(str, plan.crop))} voxels")
+
+
 def finetune_report(result: FinetuneResult, plan: FinetunePlan) -> str:
     """What was held out, the before/after table, and where the new checkpoints are."""
-    lines = [f"{MODES[result.mode]}: {plan.train_cells} cells for training; {result.heldout}",
-             f"nuclei of {plan.diameter:.1f} px rescaled to {plan.train_diameter:.1f} px"
-             f" (the Segment widget takes this diameter with the new model)", scores_table(result.scores)]
+    lines = [f"{MODES[result.mode]}: {plan.train_cells} cells for training; {result.heldout}", scale_line(plan),
+             scores_table(result.scores)]
     if result.decode_tuned_on:
         lines.append(f"decoder settings re-tuned on the {result.decode_tuned_on} and saved with the new models"
                      f" (the 'after' rows use them)")

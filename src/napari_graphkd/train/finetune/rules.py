@@ -2,7 +2,9 @@
 
 * every painted id > 0 is one cell;
 * checked background: unpainted pixels within ``margin`` px of a painted cell, and every
-  unpainted pixel inside a checked region (e.g. the user's rectangles);
+  unpainted pixel inside a checked region (e.g. the user's rectangles). In a volume the margin
+  and the band below are distances in y-x pixels, measured with the voxel size (a z step of an
+  anisotropic volume counts as its voxel's z size);
 * every other pixel is not annotated (-1 in the training map): every loss ignores it, it is
   never taught as background. There, the teacher's decoded nuclei that lie wholly in
   unannotated pixels are pseudo-instances for the graph (IGD) terms;
@@ -23,10 +25,15 @@ from ...metrics import aji, match_instances, overlaps
 HELDOUT_FRACTION = 5  # one painted cell in five is held back
 
 
-def annotation_map(labels: np.ndarray, checked: np.ndarray | None = None, margin: int = 8) -> np.ndarray:
-    """Training map of a partial annotation: painted ids, 0 for checked background, -1 elsewhere."""
+def annotation_map(labels: np.ndarray, checked: np.ndarray | None = None, margin: int = 8,
+                   sampling: tuple[float, ...] | None = None) -> np.ndarray:
+    """Training map of a partial annotation: painted ids, 0 for checked background, -1 elsewhere.
+
+    ``sampling``: a volume's voxel size per axis in units of its x pixels (None: 1 on every axis).
+    """
     painted = labels > 0
-    background = ndi.distance_transform_edt(~painted) <= margin if painted.any() else np.zeros_like(painted)
+    background = (ndi.distance_transform_edt(~painted, sampling=sampling) <= margin if painted.any()
+                  else np.zeros_like(painted))
     if checked is not None:
         background |= checked
     out = np.where(background, 0, -1).astype(np.int32)
@@ -41,9 +48,10 @@ def split_cells(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     return np.setdiff1d(ids, held), np.sort(held)
 
 
-def exclude_cells(train_map: np.ndarray, cells: np.ndarray, band: int) -> np.ndarray:
-    """``train_map`` with ``cells`` (a mask) and a band of ``band`` px around them set to -1 (not annotated)."""
-    near = ndi.distance_transform_edt(~cells) <= band if cells.any() else cells
+def exclude_cells(train_map: np.ndarray, cells: np.ndarray, band: int, sampling: tuple[float, ...] | None = None) -> np.ndarray:
+    """``train_map`` with ``cells`` (a mask) and a band of ``band`` px around them set to -1 (not annotated); ``sampling``
+    as in :func:`annotation_map`."""
+    near = ndi.distance_transform_edt(~cells, sampling=sampling) <= band if cells.any() else cells
     return np.where(near, -1, train_map).astype(np.int32)
 
 
