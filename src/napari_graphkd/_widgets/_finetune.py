@@ -226,7 +226,8 @@ class FinetuneWidget(JobWidget):
                                      tooltip="Typical nucleus diameter; 0 = measured from your painted cells "
                                              "(volumes: run at the 3D models' own scale)")
         self.diameter.native.setSpecialValueText("measure")  # the spin box shows "measure" at 0
-        self.invert = CheckBox(text="Dark nuclei on a bright background")
+        self.invert = CheckBox(text="Dark nuclei on a bright background",
+                               tooltip="Ticked: invert the images; unticked: detected on the images, as Segment does")
         self.margin = SpinBox(label="Margin (px)", value=FinetuneSettings.margin, min=0, max=500,
                               tooltip="Unpainted pixels this close to a painted cell are background; "
                                       "other unpainted pixels (outside checked regions) are ignored")
