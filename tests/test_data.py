@@ -53,3 +53,21 @@ def test_augmentation_keeps_image_and_labels_aligned(crop):
 def test_batches_have_the_requested_shape(folder):
     images, labels = make_batch(load_folder(folder), 3, AugmentConfig(crop=64), np.random.default_rng(0))
     assert images.shape == (3, 1, 64, 64) and labels.shape == (3, 64, 64)
+
+
+def test_training_images_are_inverted_as_segment_will_invert_them(folder):
+    """Dark nuclei on a bright background are inverted when loaded for training (the automatic rule of segment), so a
+    model trained on bright-field receives its input at segment time the way it learnt it; a stated value wins."""
+    from pathlib import Path
+
+    from napari_graphkd.inference import working_image
+
+    crops = Path(__file__).parents[1] / "examples" / "data" / "brightfield" / "train"
+    path = sorted((crops / "images").glob("*.tif"))[0]
+    tifffile.imwrite(folder / "images" / "bf.tif", tifffile.imread(path))
+    tifffile.imwrite(folder / "labels" / "bf.tif", tifffile.imread(crops / "labels" / path.name))
+    auto = {s.name: s.image for s in load_folder(folder)}
+    raw = tifffile.imread(path)
+    np.testing.assert_allclose(auto["bf"], working_image(raw, invert=True))
+    np.testing.assert_allclose(auto["im0"], working_image(tifffile.imread(folder / "images" / "im0.tif"), invert=False))
+    np.testing.assert_allclose(load_folder(folder, names=["bf"], invert=False)[0].image, working_image(raw, invert=False))

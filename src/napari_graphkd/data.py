@@ -11,7 +11,7 @@ from scipy import ndimage as ndi
 
 from .inference import TRAIN_DIAMETER, working_image, working_volume
 from .planes import plane_layout
-from .preprocess import normalize
+from .preprocess import channel_image, detect_polarity, normalize
 
 SPLIT_DIR = Path(__file__).parent / "splits"  # bundled split lists: <name>_{train,tune,val}.txt
 MAX_RESCALE = 4.0  # training images are rescaled by at most this factor (or its inverse)
@@ -53,11 +53,19 @@ def folder_ndim(root: str | Path) -> int:
     return 3 if is_volume_shape(shape) else 2
 
 
-def load_folder(root: str | Path, names: list[str] | None = None, invert: bool = False) -> list[Sample]:
+def image_polarity(raw: np.ndarray) -> bool:
+    """Whether a training image (gray or RGB, or a (Z,Y,X) volume: its middle plane) shows dark nuclei on a bright
+    background: the automatic rule of ``graphkd segment``, so models learn their input as they will receive it."""
+    plane = raw[raw.shape[0] // 2] if is_volume_shape(raw.shape) else raw
+    return detect_polarity(channel_image(plane, "luminance"))
+
+
+def load_folder(root: str | Path, names: list[str] | None = None, invert: bool | None = None) -> list[Sample]:
     """Load ``root/images/*.tif`` with the same-named ``root/labels/*.tif``; ``names`` selects stems.
 
     (Z,Y,X) volumes are normalised as a whole (:func:`~napari_graphkd.inference.working_volume`);
-    a folder holds images or volumes, not both.
+    a folder holds images or volumes, not both. ``invert`` None: each image is inverted when it shows
+    dark nuclei on a bright background (:func:`image_polarity`), as ``graphkd segment`` will give it to the model.
     """
     root = Path(root)
     image_dir, label_dir = root / "images", root / "labels"
@@ -75,7 +83,8 @@ def load_folder(root: str | Path, names: list[str] | None = None, invert: bool =
         if not label_path.exists():
             raise ValueError(f"missing label file {label_path} for image {path.name}")
         raw = read_tiff(path)
-        image = working_volume(raw, invert=invert) if is_volume_shape(raw.shape) else working_image(raw, invert=invert)
+        flip = image_polarity(raw) if invert is None else invert
+        image = working_volume(raw, invert=flip) if is_volume_shape(raw.shape) else working_image(raw, invert=flip)
         labels = read_tiff(label_path).astype(np.int32)
         if labels.shape != image.shape:
             raise ValueError(f"{path.name}: image shape {image.shape} != label shape {labels.shape}")
