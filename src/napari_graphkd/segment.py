@@ -22,6 +22,7 @@ from typing import Any, Callable, Hashable, Protocol, Sequence
 import numpy as np
 
 from .affinity import offsets_for
+from .data import image_polarity
 from .decode.classical import ClassicalSettings, segment_classical
 from .decode.mws import DecodeSettings
 from .decode.policy import decode_output
@@ -264,7 +265,7 @@ def _decide_volume(segmenter: Segmenter, volume: Any, diameter: float | str | No
                          f"(more than {MAX_WORKING_VOXELS:,}); check the voxel size and diameter, segment a crop, or segment "
                          "it in 3D chunks (graphkd segment --chunked; napari_graphkd.large.segment_large)")
     if invert == AUTO:
-        invert = detect_polarity(np.asarray(volume[shape[0] // 2]))
+        invert = image_polarity(volume)
         estimated.append("invert")
     invert = segmenter.invert if invert is None else invert
     return InputDecision(size, invert, "luminance", tuple(estimated), voxel)

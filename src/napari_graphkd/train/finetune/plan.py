@@ -15,10 +15,10 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ...affinity import Offsets, offsets_from_metadata
-from ...data import Sample, median_diameter
+from ...data import Sample, image_polarity, median_diameter
 from ...inference import MIN_PLANES, MIN_SIDE, TRAIN_DIAMETER, working_image, working_shape, working_volume
 from ...io.checkpoint import read_metadata
-from ...preprocess import InputError, detect_polarity, to_grayscale
+from ...preprocess import InputError, to_grayscale
 from ...segment import VoxelSize, check_voxel_size, volume_scale
 from ..distill import ALIGN
 from .rules import annotation_map, exclude_cells, split_cells
@@ -196,7 +196,7 @@ def detect_invert(grays: list[np.ndarray]) -> bool:
     """Inversion for a set of images: dark nuclei on a bright background in most of them (the rule `graphkd segment`
     applies per image; a volume's middle plane, as segment does), so a model fine-tuned without a stated polarity sees
     its input as segment will give it."""
-    return 2 * sum(detect_polarity(g[len(g) // 2] if g.ndim == 3 else g) for g in grays) > len(grays)
+    return 2 * sum(image_polarity(g) for g in grays) > len(grays)
 
 
 def working_labels(labels: np.ndarray, scale: float | tuple[float, ...]) -> np.ndarray:
