@@ -82,3 +82,25 @@ def test_teacher_targets_on_disk_round_trip_and_refuse_other_images(sample, tmp_
     assert load_teacher_targets(path, ["a", "b"], with_features=False)[1].features == []
     assert load_teacher_targets(path, ["a", "c"], with_features=False) is None
     assert load_teacher_targets(tmp_path / "missing.safetensors", ["a", "b"], with_features=False) is None
+
+
+def test_distillation_continues_a_trained_student_and_refuses_one_of_other_dimensions(folder, teacher_path, tmp_path):
+    """``init_checkpoint``: the student starts from the given weights (recorded), of the teacher's dimensionality."""
+    torch.manual_seed(5)
+    start = build_model("halfres-student")
+    init = save_checkpoint(tmp_path / "student.safetensors", start, {"name": "s"})
+    settings = TrainSettings(steps=1, batch_size=1, lr=0.0, warmup=1, augment=AugmentConfig(crop=64))
+    distill = DistillSettings(method="grd", weights=method_weights("grd"), memory_size=2, memory_samples=1)
+    distill_student(teacher_path, folder, tmp_path / "run", "halfres-student", settings, distill, n_tune=1,
+                    init_checkpoint=init)
+    meta = read_metadata(tmp_path / "run" / "last.safetensors")
+    assert meta["init_checkpoint"] == str(init)
+    from napari_graphkd.io.checkpoint import load_checkpoint
+
+    continued, _ = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    first = next(iter(start.state_dict()))  # lr 0: one step leaves the initial weights (up to fp rounding)
+    torch.testing.assert_close(continued.state_dict()[first], start.state_dict()[first], atol=1e-3, rtol=0)
+    other = save_checkpoint(tmp_path / "other.safetensors", build_model("unet3d-student"), {"name": "o"})
+    with pytest.raises(ValueError, match="is a 3D network and the teacher is 2D"):
+        distill_student(teacher_path, folder, tmp_path / "run2", "halfres-student", settings, distill, n_tune=1,
+                        init_checkpoint=other)

@@ -482,14 +482,14 @@ def distill_volume_command(args: argparse.Namespace, teacher, sources, settings,
     if args.unlabelled or args.source_weights:
         raise CLIError("--unlabelled and --source-weights apply to 2D distillation; 3D distillation uses the --data volumes")
     train, tune = volume_sets(sources)
-    print(f"distilling {args.student} from {teacher.path} with {args.method} on {len(train)} volume(s) "
+    print(f"distilling {args.init or args.student} from {teacher.path} with {args.method} on {len(train)} volume(s) "
           f"({len(tune)} to tune): {distill.weights.active() or 'no KD terms'}", file=sys.stderr)
     bar = TrainingBar("distill")
     record = distill_volume_student(teacher.path, train, args.out, args.student,
                                     settings, distill,
                                     crop=args.volume_crop, command="graphkd " + shlex.join(args.argv),
                                     validate=volume_validator(tune, teacher.offsets), on_progress=bar.update,
-                                    on_status=lambda m: print(m, file=sys.stderr, flush=True))
+                                    on_status=lambda m: print(m, file=sys.stderr, flush=True), init_checkpoint=args.init)
     bar.close()
     print(f"finished at step {record['step']}; best on tune volumes: {record.get('best')}")
     return 0
@@ -552,20 +552,25 @@ def cmd_distill(args: argparse.Namespace) -> int:
     for u in unlabelled if distributed.is_main() else ():
         print(f"unlabelled {u.name}: {u.folder} ({'all' if u.stems is None else len(u.stems)} images, weight {u.weight:g})",
               file=sys.stderr)
-    student_ndim = arch_ndim(args.student)
+    init = load_segmenter(args.init) if args.init else None  # a bundled name or a checkpoint file (never runs code)
+    if init is not None and init.kind != "network":
+        raise CLIError("--init must be a network checkpoint")
+    student_ndim = init.ndim if init is not None else arch_ndim(args.student)
     if student_ndim != teacher.ndim:
         raise CLIError(f"the teacher is {teacher.ndim}D and --student {args.student} is {student_ndim}D; "
                        f"choose a {teacher.ndim}D student ({', '.join(n for n, d in _named_by_ndim().items() if d == teacher.ndim)})")
-    check_data_ndim("--student", args.student, student_ndim, [s.folder for s in sources])
+    check_data_ndim("--init" if init is not None else "--student", args.init or args.student, student_ndim,
+                    [s.folder for s in sources])
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              validate_every=args.validate_every, snapshot_every=args.validate_every,
                              augment=AugmentConfig(crop=args.crop, acquisition_prob=args.acquisition_aug))
     distill = DistillSettings(method=args.method, weights=weights, memory_size=args.memory_size,
                               memory_samples=args.memory_samples)
+    args.init = str(init.path) if init is not None else None
     if student_ndim == 3:
         return distill_volume_command(args, teacher, sources, settings, distill)
     if distributed.is_main():
-        print(f"distilling {args.student} from {teacher.path} with {args.method}: {weights.active() or 'no KD terms'}",
+        print(f"distilling {args.init or args.student} from {teacher.path} with {args.method}: {weights.active() or 'no KD terms'}",
               file=sys.stderr)
     bar = TrainingBar("distill")
     as_is = len(args.data) == 1 and "@" not in args.data[0]  # one plain folder: as the bundled student was distilled
@@ -573,7 +578,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
                              unlabelled=unlabelled, n_tune=args.n_tune, command="graphkd " + shlex.join(args.argv),
                              validate_factory=lambda tune: sources_validator(tune if isinstance(tune, dict) else {"tune": tune}),
                              on_progress=bar.update,
-                             on_status=lambda m: distributed.is_main() and print(m, file=sys.stderr, flush=True))
+                             on_status=lambda m: distributed.is_main() and print(m, file=sys.stderr, flush=True),
+                             init_checkpoint=args.init)
     bar.close()
     if distributed.is_main():
         print(f"finished at step {record['step']}; best on tune split: {record['best']}")
@@ -900,6 +906,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "distillation terms (method pseudo: the segmentation loss's targets)")
     p.add_argument("--student", default="halfres-student", help="named student architecture (a 3D teacher needs a 3D "
                    "student, e.g. unet3d-student, and --data of (Z,Y,X) volumes)")
+    p.add_argument("--init", default=None, help="continue this trained student (a checkpoint or a bundled name, e.g. "
+                   "student) instead of a new --student network: e.g. with a new teacher or new images")
     p.add_argument("--method", default="grd", help="grd, grd-intra, none, pseudo (the teacher's labels of the "
                    "--unlabelled images as targets, no distillation terms), mimic, at, skd or cwd")
     p.add_argument("--weight", action="append", metavar="TERM=VALUE",

@@ -306,6 +306,20 @@ def student_provenance(teacher_checkpoint: str | Path, teacher_meta: dict[str, A
     }
 
 
+def student_model(student_architecture: str, teacher: EmbeddingUNet, teacher_meta: dict[str, Any],
+                  init_checkpoint: str | Path | None = None) -> EmbeddingUNet:
+    """A new ``student_architecture`` network, or the student of ``init_checkpoint`` to distil further (e.g. with a new
+    teacher or new images); ValueError when that student cannot learn from this teacher (dimensions, offsets)."""
+    if init_checkpoint is None:
+        return build_model(student_architecture)
+    student, meta = load_checkpoint(init_checkpoint)
+    if student.config.ndim != teacher.config.ndim:
+        raise ValueError(f"{init_checkpoint} is a {student.config.ndim}D network and the teacher is {teacher.config.ndim}D")
+    if offsets_from_metadata(meta) != offsets_from_metadata(teacher_meta):
+        raise ValueError(f"{init_checkpoint} predicts affinities at other offsets than the teacher")
+    return student
+
+
 def distill_volume_student(
     teacher_checkpoint: str | Path,
     train: list[Sample],
@@ -321,14 +335,16 @@ def distill_volume_student(
     on_status: Callable[[str], None] = lambda message: None,
     should_stop: Callable[[], bool] = lambda: False,
     targets_dir: Path | None = None,
+    init_checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Distil a 3D ``student_architecture`` from a 3D teacher checkpoint on volume samples (Z,Y,X).
 
-    The student uses the teacher's offsets and records its voxel size; ``targets_dir`` as in :func:`distill_student`.
+    The student uses the teacher's offsets and records its voxel size; ``targets_dir`` and ``init_checkpoint`` as in
+    :func:`distill_student`.
     """
     teacher, teacher_meta = load_checkpoint(teacher_checkpoint)
     torch.manual_seed(settings.seed)
-    student = build_model(student_architecture)
+    student = student_model(student_architecture, teacher, teacher_meta, init_checkpoint)
     metadata = {
         **student_provenance(teacher_checkpoint, teacher_meta, student_architecture, distill),
         "training_data": {"volumes": [s.name for s in train], "crop": list(crop)},
@@ -357,6 +373,7 @@ def distill_student(
     on_status: Callable[[str], None] = lambda message: None,
     should_stop: Callable[[], bool] = lambda: False,
     targets_dir: Path | None = None,
+    init_checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Distil ``student_architecture`` from a teacher checkpoint on labelled data and optional unlabelled images.
 
@@ -366,7 +383,8 @@ def distill_student(
     tune samples per source). ``unlabelled`` images carry the teacher's decoded instances
     (:func:`unlabelled_samples`). Every labelled source and unlabelled source is one source of the
     balanced sampling. ``targets_dir`` keeps the teacher's outputs and decoded instances on disk
-    between runs (one file each per teacher, redone for other images).
+    between runs (one file each per teacher, redone for other images). ``init_checkpoint`` starts from a trained
+    student instead of a new ``student_architecture`` network (its architecture is used).
     """
     teacher, teacher_meta = load_checkpoint(teacher_checkpoint)
     train_diameter = teacher_meta.get("train_diameter", TRAIN_DIAMETER)
@@ -392,9 +410,10 @@ def distill_student(
             {"name": u.name, "folder": str(u.folder), "images": len(d), "weight": u.weight,
              "used_as": "labels" if distill.method == PSEUDO else "graph nodes"} for u, d in zip(unlabelled, decoded)]
     torch.manual_seed(settings.seed)
-    student = build_model(student_architecture)
+    student = student_model(student_architecture, teacher, teacher_meta, init_checkpoint)
     metadata = {
         **student_provenance(teacher_checkpoint, teacher_meta, student_architecture, distill),
+        "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,
         "training_data": training_data,
         "command": command,
         "train_diameter": train_diameter,
