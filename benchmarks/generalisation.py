@@ -7,9 +7,10 @@ provenance line (version, git commit, command), to benchmarks/results/generalisa
 
     python benchmarks/generalisation.py --data DATA [--model teacher --model student ...] [--set NAME=DIR[@LIST]]
 
-``--data DATA`` uses the standard test sets found under DATA: BBBC039 val (``bbbc039/val``) and the
+``--data DATA`` uses the standard test sets found under DATA: BBBC039 val (``bbbc039/val``), the
 DSB2018 fluorescence val split (the images of ``dsb2018_fluo_val.txt`` in ``dsb2018_fluo`` or
-``dsb2018_fluo/val``). ``--set`` adds any folder with images/ and labels/, optionally limited to
+``dsb2018_fluo/val``) and the DSB2018 bright-field val split (the 8 whole 1024 x 1024 images of
+``dsb2018_brightfield_val.txt``, those the example's crops are cut from). ``--set`` adds any folder with images/ and labels/, optionally limited to
 the stems of a split list (a bundled split name such as ``dsb2018_fluo_val``, or a .txt file).
 
 ``--brightfield [DIR]`` (default DIR: the bright-field example's shipped crops) adds the
@@ -61,6 +62,7 @@ TABLE_HEAD = ["| test set | model | parameters | ms per image | F1@0.5 | AJI |",
 STANDARD_SETS = [
     ("BBBC039 val", ("bbbc039/val", "bbbc039_val"), "bbbc039_val"),
     ("DSB2018 fluorescence val", ("dsb2018_fluo/val", "dsb2018_fluo_val", "dsb2018_fluo"), "dsb2018_fluo_val"),
+    ("DSB2018 bright-field val, whole images", ("dsb2018_brightfield",), "dsb2018_brightfield_val"),
 ]
 
 

@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from napari_graphkd.io.checkpoint import METADATA_KEY, atomic_save_tensors
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "napari_graphkd" / "weights"
-DATA_PREFIX = re.compile(r"[^\s\"'=]*/(?=bbbc039|dsb2018)")  # any folder path in front of a dataset name
-RUNS_PREFIX = re.compile(r"/[^\s\"']*?/runs/")
+DATA_PREFIX = re.compile(r"[^\s\"'=@]*/(?=bbbc039|dsb2018)")  # any folder path in front of a dataset name
+RUNS_PREFIX = re.compile(r"/[^\s\"'@]*?/runs/")
 PACKAGE_PREFIX = re.compile(r"[^\s\"'=]*/(?=src/napari_graphkd/)")  # a checkout's path in front of the package
 
 

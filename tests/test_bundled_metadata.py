@@ -8,6 +8,7 @@ import pytest
 
 import napari_graphkd
 from napari_graphkd.io.checkpoint import read_metadata
+from napari_graphkd.segment import BUNDLED
 
 WEIGHTS = Path(napari_graphkd.__file__).parent / "weights"
 
@@ -23,23 +24,23 @@ def strings(value):
     return [value] if isinstance(value, str) else []
 
 
-@pytest.mark.parametrize("name", ["teacher", "student", "teacher-bbbc039", "student-generalist"])
+@pytest.mark.parametrize("name", list(BUNDLED))
 def test_bundled_metadata_holds_no_machine_path(name):
     meta = read_metadata(WEIGHTS / f"{name}.safetensors")
     found = [s for s in strings(meta) if PATH_START.search(s)]
     assert found == []
     assert meta["name"] == name
     data = meta["training_data"]
-    if name in ("student", "teacher-bbbc039"):  # trained on BBBC039 only
+    if name.endswith("-bbbc039"):  # the specialists: trained on BBBC039 only
         assert data["folder"] == "bbbc039/train"  # relative to the folder laid out by `graphkd data`
         assert "--data DATA/bbbc039" in meta["command"]
-    else:  # the generalists: both sources, relative folders
-        assert [(s["name"], s["folder"]) for s in data["sources"]] == [("bbbc039", "bbbc039/train"),
-                                                                     ("dsb2018_fluo", "dsb2018_fluo")]
-        assert "--data DATA/bbbc039/train@bbbc039 --data DATA/dsb2018_fluo@dsb2018_fluo" in meta["command"]
+    else:  # the generalists: three sources, relative folders, the bundled split lists
+        assert [s["folder"] for s in data["sources"]] == ["bbbc039/train", "dsb2018_fluo", "dsb2018_brightfield"]
+        assert ("--data DATA/bbbc039/train@bbbc039 --data DATA/dsb2018_fluo@dsb2018_fluo "
+                "--data DATA/dsb2018_brightfield@dsb2018_brightfield") in meta["command"]
 
 
-@pytest.mark.parametrize("student, teacher", [("student-generalist", "teacher"), ("student", "teacher-bbbc039")])
+@pytest.mark.parametrize("student, teacher", [("student", "teacher"), ("student-bbbc039", "teacher-bbbc039")])
 def test_bundled_students_record_their_bundled_teacher(student, teacher):
     import hashlib
 

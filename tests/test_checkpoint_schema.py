@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from napari_graphkd.io.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from napari_graphkd.models import UNetConfig, build_model
-from napari_graphkd.segment import bundled_path, load_segmenter
+from napari_graphkd.segment import BUNDLED, bundled_path, load_segmenter
 
 
 def doctored(tmp_path, edit, tensors=None):
@@ -77,7 +77,7 @@ def test_segmenters_of_doctored_checkpoints_never_get_built(tmp_path):
         load_segmenter(str(path))
 
 
-@pytest.mark.parametrize("name", ["teacher", "student", "teacher-bbbc039", "student-generalist"])
+@pytest.mark.parametrize("name", list(BUNDLED))
 def test_bundled_checkpoints_pass_the_schema(name):
     model, meta = load_checkpoint(bundled_path(name))
     assert meta["decode"]["resolution"] in ("full", "half") and all(torch.isfinite(p).all() for p in model.parameters())

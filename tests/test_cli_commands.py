@@ -14,7 +14,7 @@ from napari_graphkd.evaluation import network_outputs, score_by_source, score_ou
 from napari_graphkd.io.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from napari_graphkd.models import UNetConfig, build_model
 from napari_graphkd.preprocess import normalize
-from napari_graphkd.segment import bundled_path
+from napari_graphkd.segment import BUNDLED, bundled_path
 
 TINY_RUN = ["--steps", "2", "--crop", "64", "--batch-size", "1", "--n-tune", "1", "--validate-every", "2"]
 
@@ -76,11 +76,11 @@ def test_export_refuses_to_tune_without_tune_images_in_the_metadata(tiny_checkpo
 def test_demo_prints_one_row_per_model_with_good_scores(capsys):
     assert main(["demo", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    names = ("teacher", "student", "teacher-bbbc039", "student-generalist", "classical")
+    names = (*BUNDLED, "classical")
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in names}
     assert set(rows) == set(names)
     f1 = {name: float(row[-4]) for name, row in rows.items()}
-    assert min(f1[name] for name in names[:4]) > 0.9 and f1["classical"] > 0.5
+    assert min(f1[name] for name in BUNDLED) > 0.9 and f1["classical"] > 0.5
 
 
 def test_parse_weights_reads_a_config_then_applies_overrides(tmp_path):

@@ -47,7 +47,7 @@ def test_wheel_holds_weights_samples_manifest_and_split_lists(wheel):
     shipped = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*") if p.is_file()]
     data = [f for f in shipped if any(fnmatch.fnmatch(f, g) for g in package_data_globs())]
     assert {"napari.yaml", "weights/student.safetensors", "weights/teacher.safetensors",
-            "weights/student-generalist.safetensors", "weights/teacher-bbbc039.safetensors",
+            "weights/student-bbbc039.safetensors", "weights/teacher-bbbc039.safetensors",
             "samples/bbbc039_A15_s5.tif", "samples/bbbc039_A15_s5_labels.tif"} <= set(data)
     missing = sorted(f for f in data if f"napari_graphkd/{f}" not in names)
     assert not missing, f"data files missing from the wheel: {missing}"

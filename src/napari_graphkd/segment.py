@@ -35,10 +35,10 @@ from .planes import plane_layout
 from .preprocess import AUTO, CHANNEL_MODES, InputError, channel_image, detect_polarity, is_stained_rgb
 from .sizing import BOUNDS, MAX_PASSES, estimate_diameter
 
-# teacher: the generalist (BBBC039 + DSB2018 fluorescence); student: distilled from teacher-bbbc039 (the BBBC039
-# specialist); student-generalist: distilled from the generalist. The defaults won on the tune images (README).
+# teacher: the generalist (BBBC039 + DSB2018 fluorescence + DSB2018 bright-field); student: distilled from it (GRD).
+# teacher-bbbc039 / student-bbbc039: the BBBC039 specialists, best on BBBC039-like images (README).
 BUNDLED = {"teacher": "teacher.safetensors", "student": "student.safetensors",
-           "teacher-bbbc039": "teacher-bbbc039.safetensors", "student-generalist": "student-generalist.safetensors"}
+           "teacher-bbbc039": "teacher-bbbc039.safetensors", "student-bbbc039": "student-bbbc039.safetensors"}
 
 Diameter = float | str | None  # px, AUTO, or None (as trained)
 Invert = bool | str | None  # AUTO, or None (the model's default)

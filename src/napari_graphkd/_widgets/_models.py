@@ -12,7 +12,7 @@ from ._state import MODELS
 
 SOURCES = [("bundled teacher", "teacher"), ("bundled student", "student"),
            ("bundled teacher, BBBC039 specialist", "teacher-bbbc039"),
-           ("bundled student distilled from the generalist", "student-generalist"), ("checkpoint file...", "file")]
+           ("bundled student, BBBC039 specialist", "student-bbbc039"), ("checkpoint file...", "file")]
 
 
 def describe_model(description: dict) -> str:
