@@ -1,8 +1,9 @@
 """Fine-tune on a new modality (bright-field, dark nuclei) from a few annotated crops.
 
-The bundled models were trained on fluorescence. This script fine-tunes them with the library's
-default mode (fine-tune the teacher, then re-distil the student) on four annotated bright-field
-crops (the last of them is held out by the library to report held-out scores) and then scores the
+The bundled models learnt bright-field nuclei from 6 whole images of this set; the crops here
+come from 8 others, which no bundled model trained on. This script fine-tunes the models with
+the library's default mode (fine-tune the teacher, then re-distil the student) on four annotated
+bright-field crops (the last of them is held out by the library to report held-out scores) and then scores the
 classical pipeline and the models before and after on four crops of OTHER images of the same set,
 which the fine-tuning never saw. The crops ship in ``examples/data/brightfield/``
 (Kaggle DSB 2018, CC0; see the README there).

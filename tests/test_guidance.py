@@ -24,7 +24,8 @@ def student():
 
 def test_training_summary_names_data_image_type_and_diameter(student):
     text = training_summary(student.describe())
-    assert "BBBC039" in text and "fluorescence" in text and "90 images" in text and "28 px" in text
+    assert text.startswith("trained on BBBC039 fluorescence") and "DSB2018 fluorescence" in text
+    assert "DSB2018 bright-field" in text and "328 images" in text and "28 px" in text
     assert "/" not in text  # never a machine path
     tuned = {"mode": "finetune", "images": ["mine"], "diameter": 21.7, "base": {"name": "student"}}
     assert training_summary(dict(student.describe(), finetune=tuned)).endswith(

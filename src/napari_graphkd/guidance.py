@@ -27,6 +27,7 @@ SAMPLE_PIXELS = 1_000_000  # background level measured on at most this many pixe
 
 KNOWN_DATASETS = {"bbbc039": "BBBC039 fluorescence (bright nuclei, dark background)",
                   "dsb2018_fluo": "DSB2018 fluorescence (several labs and magnifications)",
+                  "dsb2018_brightfield": "DSB2018 bright-field (dark nuclei, bright background)",
                   "bbbc038": "BBBC038 / Data Science Bowl 2018 (mixed modalities)"}
 
 
@@ -46,7 +47,7 @@ def training_summary(description: dict[str, Any]) -> str:
     if data or not finetune:
         sources = data.get("sources") or []
         if len(sources) > 1:
-            name = " + ".join(data_name(str(s.get("name") or s.get("folder") or "")) or "unknown data" for s in sources)
+            name = " + ".join(data_name(str(s.get("folder") or s.get("name") or "")) or "unknown data" for s in sources)
         else:
             name = data_name(str(data.get("folder") or ""))
         parts = [name or "unknown data"] + ([f"{data['train_images']} images"] if data.get("train_images") else [])
