@@ -57,7 +57,7 @@ def test_estimate_stops_when_consistent_and_clamps_to_bounds(sample):
     est = estimate_diameter(segment_at, 28.0)  # measured within 15 % of the training diameter: no rescaling
     assert calls == [START * 28.0, 28.0] and est.diameter == 28.0
     est = estimate_diameter(lambda d: np.zeros((8, 8), np.int32), 28.0)  # nothing found: as trained (None)
-    assert est.diameter is None and est.passes == [(START * 28.0, None), (28.0, None)]
+    assert est.diameter is None and est.passes == [(START * 28.0, None), (28.0, None), (28.0, None)]
     huge = np.zeros((400, 400), np.int32)
     huge[50:350, 50:350] = 1  # one 338-px object: beyond 5x the training size
     est = estimate_diameter(lambda d: huge, 28.0)

@@ -123,8 +123,7 @@ def estimate_diameter(segment_at: Callable[[float | None], T], train_diameter: f
         diameter = float(np.clip(measured, lo, hi))
         if abs(np.log(diameter / train_diameter)) <= agree:
             diameter = float(train_diameter)
-    if passes[-1] != (float(train_diameter), None):  # else the last pass was already as trained
-        result = segment_at(None)
-        passes.append((float(train_diameter), typical_diameter(_labels(result))))
+    result = segment_at(None)  # as trained (a cache keyed by the decision then holds this very pass)
+    passes.append((float(train_diameter), typical_diameter(_labels(result))))
     return SizeEstimate(None, result, passes)
 
