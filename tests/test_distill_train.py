@@ -94,7 +94,7 @@ def test_distillation_continues_a_trained_student_and_refuses_one_of_other_dimen
     distill_student(teacher_path, folder, tmp_path / "run", "halfres-student", settings, distill, n_tune=1,
                     init_checkpoint=init)
     meta = read_metadata(tmp_path / "run" / "last.safetensors")
-    assert meta["init_checkpoint"] == str(init)
+    assert meta["init_checkpoint"] == str(init) and meta["name"] == "student, continued, distilled (grd)"
     from napari_graphkd.io.checkpoint import load_checkpoint
 
     continued, _ = load_checkpoint(tmp_path / "run" / "last.safetensors")

@@ -296,13 +296,16 @@ def teacher_digest(teacher_checkpoint: str | Path) -> str:
 
 
 def student_provenance(teacher_checkpoint: str | Path, teacher_meta: dict[str, Any], student_architecture: str,
-                       distill: DistillSettings) -> dict[str, Any]:
-    """Metadata every distilled student records: its name, its teacher (path, digest, name) and the settings."""
+                       distill: DistillSettings, init_checkpoint: str | Path | None = None) -> dict[str, Any]:
+    """Metadata every distilled student records: its name, its teacher (path, digest, name), the settings and the
+    trained student it continues (``init_checkpoint``, None for a new network)."""
+    start = student_architecture if init_checkpoint is None else f"{Path(init_checkpoint).stem}, continued,"
     return {
-        "name": f"{student_architecture} distilled ({distill.method})",
+        "name": f"{start} distilled ({distill.method})",
         "teacher": {"path": str(teacher_checkpoint), "sha256_16": teacher_digest(teacher_checkpoint),
                     "name": teacher_meta.get("name")},
         "distillation": distill.to_dict(),
+        "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,
     }
 
 
@@ -346,7 +349,7 @@ def distill_volume_student(
     torch.manual_seed(settings.seed)
     student = student_model(student_architecture, teacher, teacher_meta, init_checkpoint)
     metadata = {
-        **student_provenance(teacher_checkpoint, teacher_meta, student_architecture, distill),
+        **student_provenance(teacher_checkpoint, teacher_meta, student_architecture, distill, init_checkpoint),
         "training_data": {"volumes": [s.name for s in train], "crop": list(crop)},
         "command": command,
         **({"voxel_size": teacher_meta["voxel_size"]} if "voxel_size" in teacher_meta else {}),
@@ -412,8 +415,7 @@ def distill_student(
     torch.manual_seed(settings.seed)
     student = student_model(student_architecture, teacher, teacher_meta, init_checkpoint)
     metadata = {
-        **student_provenance(teacher_checkpoint, teacher_meta, student_architecture, distill),
-        "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,
+        **student_provenance(teacher_checkpoint, teacher_meta, student_architecture, distill, init_checkpoint),
         "training_data": training_data,
         "command": command,
         "train_diameter": train_diameter,
